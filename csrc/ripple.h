@@ -1,0 +1,93 @@
+/* ripple-gguf control API: the only symbols Python binds (through cffi, ABI mode).
+ *
+ * The Python side reads and validates the ripple-packed GGUF metadata and hands the runtime one
+ * descriptor per FFN layer; the C side never parses ripple.* keys itself (one source of truth:
+ * ripple_gguf/constants.py). This header is parsed by cffi: no preprocessor logic below the
+ * RIPPLE_CDEF_BEGIN marker except the include guard lines the binding strips.
+ */
+#ifndef RIPPLE_H
+#define RIPPLE_H
+#include <stddef.h>
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+#pragma GCC visibility push(default)
+/* RIPPLE_CDEF_BEGIN */
+
+typedef struct ripple_layer_desc {
+    int32_t  block;          /* N of blk.N.ffn_* */
+    int32_t  n_ff;           /* neurons (bundles) in the layer */
+    int32_t  n_embd;         /* model width: length of every bundle part */
+    int32_t  gate_type;      /* ggml type of the gate row, -1 for an ungated FFN */
+    int32_t  up_type;        /* ggml type of the up row */
+    int32_t  down_type;      /* ggml type of the down column (row of the transposed down) */
+    uint64_t bundles_offset; /* absolute file offset of the bundle at position 0 */
+    uint64_t bundle_size;    /* bytes per bundle: gate | up | down */
+    const int32_t * order;   /* n_ff entries: neuron id stored at each position */
+    uint64_t gate_offset;    /* absolute file offsets of the standard tensors (gate: 0 if none) */
+    uint64_t up_offset;
+    uint64_t down_offset;
+    int32_t  down_src_type;  /* ggml type of the standard ffn_down tensor */
+} ripple_layer_desc;
+
+typedef struct ripple_stats {
+    uint64_t ffn_matmuls;      /* MUL_MATs computed by the backend */
+    uint64_t neurons_computed; /* bundle rows computed, summed over matmuls and tokens */
+    uint64_t neurons_total;    /* rows a dense FFN would have computed */
+    uint64_t read_ops;         /* read requests issued to the file */
+    uint64_t bytes_read;       /* bytes those requests returned */
+    uint64_t cache_hits;       /* bundles served from the neuron cache */
+    uint64_t cache_misses;     /* bundles that had to be read */
+    uint64_t fallback_reads;   /* weight tensors read whole through get_tensor */
+    uint64_t cache_bytes;      /* bytes held by the neuron caches now */
+    uint64_t cache_capacity;   /* byte budget of the neuron caches now */
+    double   io_seconds;       /* wall time spent in reads */
+    double   compute_seconds;  /* wall time spent in FFN kernels */
+} ripple_stats;
+
+/* Versions of the ggml this library was compiled against (recorded at build time). */
+const char * ripple_built_ggml_version(void);
+const char * ripple_built_ggml_commit(void);
+
+/* Register the RIPPLE device into the ggml instance already loaded in the process. Idempotent.
+ * Returns 0, or -1 with a message in err. */
+int ripple_register(char * err, size_t err_len);
+
+/* Load hook: drop MAP_POPULATE / WILLNEED prefetch of ripple files inside libllama.
+ * Returns 0 when installed, -1 with the reason in err when it cannot apply. */
+int ripple_loadhook_install(char * err, size_t err_len);
+int ripple_loadhook_active(void);
+
+/* Announce a ripple-packed file that llama.cpp is about to load. Until ripple_model_end_load,
+ * the backend claims the blk.N.ffn_{gate,up,down}.weight tensors described by `layers`.
+ * Returns a model handle (> 0), or -1 with a message in err. */
+int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_layers,
+                            const ripple_layer_desc * layers, char * err, size_t err_len);
+/* Close the load window. `ok` = 0 when llama.cpp failed to load the model. */
+void ripple_model_end_load(int handle, int ok);
+/* Number of weight tensors the backend bound to the handle (gate+up+down over all layers). */
+int ripple_model_bound_tensors(int handle);
+
+/* Settings. cache_bytes applies to every model's neuron cache (existing caches shrink/grow). */
+void ripple_set_cache_bytes(int64_t cache_bytes);
+int64_t ripple_get_cache_bytes(void);
+
+void ripple_get_stats(ripple_stats * out);
+void ripple_reset_stats(void);
+
+/* Message of the last failure inside graph compute or I/O ("" if none); cleared by reading. */
+int ripple_take_last_error(char * buf, size_t buf_len);
+
+/* ggml's own row conversions, for the converter: rows of n_per_row values. */
+size_t ripple_row_size(int32_t type, int64_t n_per_row);
+int64_t ripple_block_size(int32_t type);
+int ripple_dequantize_rows(int32_t type, const void * src, float * dst, int64_t nrows, int64_t n_per_row);
+size_t ripple_quantize_rows(int32_t type, const float * src, void * dst, int64_t nrows, int64_t n_per_row);
+
+/* RIPPLE_CDEF_END */
+#pragma GCC visibility pop
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,483 @@
+/* The RIPPLE ggml backend: an ACCEL device with its own buffer type that owns the FFN weights
+ * of ripple-packed files and computes their MUL_MATs from neuron bundles read from the file.
+ * Layout after ggml-blas: backend interface, device interface, registry interface. */
+#define _GNU_SOURCE
+#include "ripple_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "ggml-backend-impl.h"
+#include "ggml-cpu.h"
+
+#ifndef RIPPLE_GGML_VERSION
+#define RIPPLE_GGML_VERSION "unknown"
+#endif
+#ifndef RIPPLE_GGML_COMMIT
+#define RIPPLE_GGML_COMMIT "unknown"
+#endif
+
+#define RIPPLE_NAME "RIPPLE"
+
+const char * ripple_built_ggml_version(void) { return RIPPLE_GGML_VERSION; }
+const char * ripple_built_ggml_commit(void) { return RIPPLE_GGML_COMMIT; }
+
+static struct ggml_backend_buffer_type g_buft;
+
+/* ---- buffer ---- */
+
+typedef struct {
+    void *         base;
+    size_t         size;
+    ripple_model * model; /* set for weight buffers allocated inside a model's load window */
+} ripple_buffer_ctx;
+
+static void ggml_backend_ripple_buffer_free_buffer(ggml_backend_buffer_t buffer) {
+    ripple_buffer_ctx * ctx = buffer->context;
+    munmap(ctx->base, ctx->size);
+    if (ctx->model) {
+        ripple_store_buffer_unref(ctx->model);
+    }
+    free(ctx);
+}
+
+static void * ggml_backend_ripple_buffer_get_base(ggml_backend_buffer_t buffer) {
+    return ((ripple_buffer_ctx *) buffer->context)->base;
+}
+
+static const ripple_binding * binding_of(const struct ggml_tensor * t) {
+    if (!t || !t->buffer || t->buffer->buft != &g_buft) {
+        return NULL;
+    }
+    return t->extra;
+}
+
+static enum ggml_status ggml_backend_ripple_buffer_init_tensor(ggml_backend_buffer_t buffer, struct ggml_tensor * tensor) {
+    ripple_buffer_ctx * ctx = buffer->context;
+    if (ctx->model && tensor->view_src == NULL) {
+        const ripple_binding * b = ripple_store_claim(ctx->model, tensor);
+        if (b) {
+            tensor->extra = (void *) b;
+            __atomic_fetch_add(&ctx->model->n_bound, 1, __ATOMIC_RELAXED);
+        }
+    }
+    return GGML_STATUS_SUCCESS;
+}
+
+static void ggml_backend_ripple_buffer_memset_tensor(ggml_backend_buffer_t buffer, struct ggml_tensor * tensor,
+                                                      uint8_t value, size_t offset, size_t size) {
+    (void) buffer;
+    if (binding_of(tensor)) {
+        return; /* weights live in the file */
+    }
+    memset((char *) tensor->data + offset, value, size);
+}
+
+static void ggml_backend_ripple_buffer_set_tensor(ggml_backend_buffer_t buffer, struct ggml_tensor * tensor,
+                                                   const void * data, size_t offset, size_t size) {
+    (void) buffer;
+    if (binding_of(tensor)) {
+        return; /* the bundles in the file are the weights: nothing to copy (llama.cpp's mapping is never touched) */
+    }
+    memcpy((char *) tensor->data + offset, data, size);
+}
+
+static void ggml_backend_ripple_buffer_get_tensor(ggml_backend_buffer_t buffer, const struct ggml_tensor * tensor,
+                                                   void * data, size_t offset, size_t size) {
+    (void) buffer;
+    const ripple_binding * b = binding_of(tensor);
+    if (b) {
+        /* a scheduler fallback wants the weight itself: read the standard tensor's bytes */
+        if (ripple_store_read_tensor(b, data, offset, size) != 0) {
+            GGML_ABORT("ripple: cannot read weight %s from %s", tensor->name, b->model->path);
+        }
+        return;
+    }
+    memcpy(data, (const char *) tensor->data + offset, size);
+}
+
+static void ggml_backend_ripple_buffer_clear(ggml_backend_buffer_t buffer, uint8_t value) {
+    ripple_buffer_ctx * ctx = buffer->context;
+    if (ctx->model) {
+        return; /* weight buffer: clearing would commit every page for nothing */
+    }
+    memset(ctx->base, value, ctx->size);
+}
+
+static const struct ggml_backend_buffer_i ggml_backend_ripple_buffer_i = {
+    /* .free_buffer   = */ ggml_backend_ripple_buffer_free_buffer,
+    /* .get_base      = */ ggml_backend_ripple_buffer_get_base,
+    /* .init_tensor   = */ ggml_backend_ripple_buffer_init_tensor,
+    /* .memset_tensor = */ ggml_backend_ripple_buffer_memset_tensor,
+    /* .set_tensor    = */ ggml_backend_ripple_buffer_set_tensor,
+    /* .get_tensor    = */ ggml_backend_ripple_buffer_get_tensor,
+    /* .set_tensor_2d = */ NULL,
+    /* .get_tensor_2d = */ NULL,
+    /* .cpy_tensor    = */ NULL,
+    /* .clear         = */ ggml_backend_ripple_buffer_clear,
+    /* .reset         = */ NULL,
+};
+
+/* ---- buffer type ---- */
+
+static const char * ggml_backend_ripple_buffer_type_get_name(ggml_backend_buffer_type_t buft) {
+    (void) buft;
+    return RIPPLE_NAME;
+}
+
+static ggml_backend_buffer_t ggml_backend_ripple_buffer_type_alloc_buffer(ggml_backend_buffer_type_t buft, size_t size) {
+    ripple_buffer_ctx * ctx = calloc(1, sizeof(*ctx));
+    if (!ctx) {
+        return NULL;
+    }
+    /* untouched pages cost nothing: weight buffers are never written */
+    ctx->size = size ? size : 1;
+    ctx->base = mmap(NULL, ctx->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (ctx->base == MAP_FAILED) {
+        free(ctx);
+        return NULL;
+    }
+    ctx->model = ripple_store_loading();
+    if (ctx->model) {
+        ripple_store_buffer_ref(ctx->model);
+    }
+    return ggml_backend_buffer_init(buft, ggml_backend_ripple_buffer_i, ctx, size);
+}
+
+static size_t ggml_backend_ripple_buffer_type_get_alignment(ggml_backend_buffer_type_t buft) {
+    (void) buft;
+    return 64;
+}
+
+static bool ggml_backend_ripple_buffer_type_is_host(ggml_backend_buffer_type_t buft) {
+    (void) buft;
+    return false; /* see llama-cpp-integration.md: host weights would be read or computed on directly */
+}
+
+static struct ggml_backend_buffer_type g_buft = {
+    /* .iface = */ {
+        /* .get_name       = */ ggml_backend_ripple_buffer_type_get_name,
+        /* .alloc_buffer   = */ ggml_backend_ripple_buffer_type_alloc_buffer,
+        /* .get_alignment  = */ ggml_backend_ripple_buffer_type_get_alignment,
+        /* .get_max_size   = */ NULL,
+        /* .get_alloc_size = */ NULL,
+        /* .is_host        = */ ggml_backend_ripple_buffer_type_is_host,
+    },
+    /* .device  = */ NULL, /* set at registration */
+    /* .context = */ NULL,
+};
+
+/* ---- backend interface ---- */
+
+typedef struct {
+    int           n_threads;
+    ripple_pool * pool;
+    /* the layer whose bundles sit in ws: filled by its gate/up matmul, consumed by its down */
+    ripple_model * ws_model;
+    int            ws_layer;
+    int            ws_valid;
+    uint8_t *      ws;
+    size_t         ws_cap;
+} ripple_backend_ctx;
+
+static const char * ggml_backend_ripple_get_name(ggml_backend_t backend) {
+    (void) backend;
+    return RIPPLE_NAME;
+}
+
+static void ggml_backend_ripple_free(ggml_backend_t backend) {
+    ripple_backend_ctx * ctx = backend->context;
+    ripple_pool_free(ctx->pool);
+    free(ctx->ws);
+    free(ctx);
+    free(backend);
+}
+
+static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, int for_down) {
+    ripple_model * m = b->model;
+    const ripple_layer * L = &m->layers[b->layer];
+    if (ctx->ws_valid && ctx->ws_model == m && ctx->ws_layer == b->layer) {
+        if (for_down) {
+            ctx->ws_valid = 0; /* the down matmul ends this token's use of the layer */
+        }
+        return 0;
+    }
+    size_t need = (size_t) L->d.n_ff * L->d.bundle_size;
+    if (need > ctx->ws_cap) {
+        free(ctx->ws);
+        ctx->ws = malloc(need);
+        ctx->ws_cap = ctx->ws ? need : 0;
+        if (!ctx->ws) {
+            ripple_set_error("out of memory for a %zu-byte layer working set", need);
+            return -1;
+        }
+    }
+    ctx->ws_valid = 0;
+    if (ripple_store_fetch_layer(m, b->layer, NULL, ctx->ws) != 0) {
+        return -1;
+    }
+    ctx->ws_model = m;
+    ctx->ws_layer = b->layer;
+    ctx->ws_valid = !for_down;
+    return 0;
+}
+
+static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node) {
+    const struct ggml_tensor * src0 = node->src[0];
+    const struct ggml_tensor * src1 = node->src[1];
+    const ripple_binding * b = binding_of(src0);
+    const ripple_layer * L = &b->model->layers[b->layer];
+    if (ensure_layer(ctx, b, b->kind == RIPPLE_DOWN) != 0) {
+        return -1;
+    }
+    uint64_t t0 = ripple_now_ns();
+    int rc = b->kind == RIPPLE_DOWN
+        ? ripple_kernel_down(ctx->pool, ctx->n_threads, L, ctx->ws, src1, node)
+        : ripple_kernel_up(ctx->pool, ctx->n_threads, L, b->kind, ctx->ws, src1, node);
+    RIPPLE_COUNT(compute_ns, ripple_now_ns() - t0);
+    RIPPLE_COUNT(ffn_matmuls, 1);
+    RIPPLE_COUNT(neurons_computed, (uint64_t) L->d.n_ff * (uint64_t) src1->ne[1]);
+    RIPPLE_COUNT(neurons_total, (uint64_t) L->d.n_ff * (uint64_t) src1->ne[1]);
+    return rc;
+}
+
+static bool op_is_empty(enum ggml_op op) {
+    return op == GGML_OP_NONE || op == GGML_OP_RESHAPE || op == GGML_OP_TRANSPOSE || op == GGML_OP_VIEW ||
+           op == GGML_OP_PERMUTE;
+}
+
+static enum ggml_status ggml_backend_ripple_graph_compute(ggml_backend_t backend, struct ggml_cgraph * cgraph) {
+    ripple_backend_ctx * ctx = backend->context;
+    for (int i = 0; i < ggml_graph_n_nodes(cgraph); i++) {
+        struct ggml_tensor * node = ggml_graph_node(cgraph, i);
+        if (op_is_empty(node->op) || (node->flags & GGML_TENSOR_FLAG_COMPUTE) == 0) {
+            continue;
+        }
+        if (node->op != GGML_OP_MUL_MAT || !binding_of(node->src[0])) {
+            ripple_set_error("graph node %s (%s) was not claimed by the ripple backend", node->name, ggml_op_desc(node));
+            return GGML_STATUS_FAILED;
+        }
+        if (ripple_mul_mat(ctx, node) != 0) {
+            ctx->ws_valid = 0;
+            return GGML_STATUS_FAILED;
+        }
+    }
+    return GGML_STATUS_SUCCESS;
+}
+
+static const struct ggml_backend_i ggml_backend_ripple_i = {
+    /* .get_name            = */ ggml_backend_ripple_get_name,
+    /* .free                = */ ggml_backend_ripple_free,
+    /* .set_tensor_async    = */ NULL,
+    /* .get_tensor_async    = */ NULL,
+    /* .set_tensor_2d_async = */ NULL,
+    /* .get_tensor_2d_async = */ NULL,
+    /* .cpy_tensor_async    = */ NULL,
+    /* .synchronize         = */ NULL,
+    /* .graph_plan_create   = */ NULL,
+    /* .graph_plan_free     = */ NULL,
+    /* .graph_plan_update   = */ NULL,
+    /* .graph_plan_compute  = */ NULL,
+    /* .graph_compute       = */ ggml_backend_ripple_graph_compute,
+    /* .event_record        = */ NULL,
+    /* .event_wait          = */ NULL,
+    /* .graph_optimize      = */ NULL,
+};
+
+static ggml_guid_t ggml_backend_ripple_guid(void) {
+    static ggml_guid guid = { 0x72, 0x69, 0x70, 0x70, 0x6c, 0x65, 0x2d, 0x67, 0x67, 0x75, 0x66, 0x2d, 0x66, 0x66, 0x6e, 0x01 };
+    return &guid;
+}
+
+static void ggml_backend_ripple_set_n_threads(ggml_backend_t backend, int n_threads) {
+    ripple_backend_ctx * ctx = backend->context;
+    ctx->n_threads = n_threads > 0 ? n_threads : 1;
+}
+
+/* ---- device interface ---- */
+
+static const char * ggml_backend_ripple_device_get_name(ggml_backend_dev_t dev) {
+    (void) dev;
+    return RIPPLE_NAME;
+}
+
+static const char * ggml_backend_ripple_device_get_description(ggml_backend_dev_t dev) {
+    (void) dev;
+    return "ripple-gguf: FFN weights served from flash as neuron bundles";
+}
+
+static void ggml_backend_ripple_device_get_memory(ggml_backend_dev_t dev, size_t * free_mem, size_t * total) {
+    (void) dev;
+    *free_mem = 0;
+    *total = 0;
+}
+
+static enum ggml_backend_dev_type ggml_backend_ripple_device_get_type(ggml_backend_dev_t dev) {
+    (void) dev;
+    return GGML_BACKEND_DEVICE_TYPE_ACCEL;
+}
+
+static void ggml_backend_ripple_device_get_props(ggml_backend_dev_t dev, struct ggml_backend_dev_props * props) {
+    props->name = ggml_backend_ripple_device_get_name(dev);
+    props->description = ggml_backend_ripple_device_get_description(dev);
+    props->type = ggml_backend_ripple_device_get_type(dev);
+    props->device_id = NULL;
+    ggml_backend_ripple_device_get_memory(dev, &props->memory_free, &props->memory_total);
+    props->caps = (struct ggml_backend_dev_caps){
+        /* .async                = */ false,
+        /* .host_buffer          = */ false,
+        /* .buffer_from_host_ptr = */ false,
+        /* .events               = */ false,
+        /* .mmap_support         = */ true,
+    };
+}
+
+static ggml_backend_t ggml_backend_ripple_device_init_backend(ggml_backend_dev_t dev, const char * params) {
+    (void) params;
+    ripple_backend_ctx * ctx = calloc(1, sizeof(*ctx));
+    ggml_backend_t backend = calloc(1, sizeof(*backend));
+    if (!ctx || !backend) {
+        free(ctx);
+        free(backend);
+        return NULL;
+    }
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    ctx->n_threads = n > 0 ? (int) n : 1;
+    ctx->pool = ripple_pool_new();
+    ctx->ws_layer = -1;
+    *backend = (struct ggml_backend){
+        /* .guid    = */ ggml_backend_ripple_guid(),
+        /* .iface   = */ ggml_backend_ripple_i,
+        /* .device  = */ dev,
+        /* .context = */ ctx,
+    };
+    return backend;
+}
+
+static ggml_backend_buffer_type_t ggml_backend_ripple_device_get_buffer_type(ggml_backend_dev_t dev) {
+    (void) dev;
+    return &g_buft;
+}
+
+static bool ggml_backend_ripple_device_supports_op(ggml_backend_dev_t dev, const struct ggml_tensor * op) {
+    (void) dev;
+    if (op->op != GGML_OP_MUL_MAT) {
+        return false;
+    }
+    const struct ggml_tensor * src0 = op->src[0];
+    const struct ggml_tensor * src1 = op->src[1];
+    if (!src0 || !src1 || !src0->buffer || src0->buffer->buft != &g_buft) {
+        return false;
+    }
+    if (src1->type != GGML_TYPE_F32 || op->type != GGML_TYPE_F32 || src1->ne[2] != 1 || src1->ne[3] != 1 ||
+        src1->nb[0] != sizeof(float) || op->nb[0] != sizeof(float)) {
+        return false;
+    }
+    if (src0->extra) {
+        return true; /* a bound weight: src0->extra was set by init_tensor */
+    }
+    /* llama.cpp's weight_buft_supported probe: a named weight in a 0-size buffer of our type */
+    ripple_model * m = ripple_store_loading();
+    return m && src0->buffer->size == 0 && ripple_store_claim(m, src0) != NULL;
+}
+
+static bool ggml_backend_ripple_device_supports_buft(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft) {
+    (void) dev;
+    return buft == &g_buft || ggml_backend_buft_is_host(buft);
+}
+
+static const struct ggml_backend_device_i ggml_backend_ripple_device_i = {
+    /* .get_name             = */ ggml_backend_ripple_device_get_name,
+    /* .get_description      = */ ggml_backend_ripple_device_get_description,
+    /* .get_memory           = */ ggml_backend_ripple_device_get_memory,
+    /* .get_type             = */ ggml_backend_ripple_device_get_type,
+    /* .get_props            = */ ggml_backend_ripple_device_get_props,
+    /* .init_backend         = */ ggml_backend_ripple_device_init_backend,
+    /* .get_buffer_type      = */ ggml_backend_ripple_device_get_buffer_type,
+    /* .get_host_buffer_type = */ NULL,
+    /* .buffer_from_host_ptr = */ NULL,
+    /* .supports_op          = */ ggml_backend_ripple_device_supports_op,
+    /* .supports_buft        = */ ggml_backend_ripple_device_supports_buft,
+    /* .offload_op           = */ NULL,
+    /* .event_new            = */ NULL,
+    /* .event_free           = */ NULL,
+    /* .event_synchronize    = */ NULL,
+};
+
+/* ---- registry interface ---- */
+
+static const char * ggml_backend_ripple_reg_get_name(ggml_backend_reg_t reg) {
+    (void) reg;
+    return RIPPLE_NAME;
+}
+
+static size_t ggml_backend_ripple_reg_get_device_count(ggml_backend_reg_t reg) {
+    (void) reg;
+    return 1;
+}
+
+static struct ggml_backend_device g_device;
+
+static ggml_backend_dev_t ggml_backend_ripple_reg_get_device(ggml_backend_reg_t reg, size_t index) {
+    (void) reg;
+    GGML_ASSERT(index == 0);
+    return &g_device;
+}
+
+static void * ggml_backend_ripple_get_proc_address(ggml_backend_reg_t reg, const char * name) {
+    (void) reg;
+    if (strcmp(name, "ggml_backend_set_n_threads") == 0) {
+        return (void *) ggml_backend_ripple_set_n_threads;
+    }
+    return NULL;
+}
+
+static const struct ggml_backend_reg_i ggml_backend_ripple_reg_i = {
+    /* .get_name         = */ ggml_backend_ripple_reg_get_name,
+    /* .get_device_count = */ ggml_backend_ripple_reg_get_device_count,
+    /* .get_device       = */ ggml_backend_ripple_reg_get_device,
+    /* .get_proc_address = */ ggml_backend_ripple_get_proc_address,
+};
+
+static struct ggml_backend_reg g_reg = {
+    /* .api_version = */ GGML_BACKEND_API_VERSION,
+    /* .iface       = */ ggml_backend_ripple_reg_i,
+    /* .context     = */ NULL,
+};
+
+ggml_backend_reg_t ggml_backend_ripple_reg(void) {
+    g_device = (struct ggml_backend_device){
+        /* .iface   = */ ggml_backend_ripple_device_i,
+        /* .reg     = */ &g_reg,
+        /* .context = */ NULL,
+    };
+    g_buft.device = &g_device;
+    return &g_reg;
+}
+
+int ripple_register(char * err, size_t err_len) {
+    static int registered = 0;
+    if (registered) {
+        return 0;
+    }
+    if (strcmp(ggml_version(), RIPPLE_GGML_VERSION) != 0) {
+        snprintf(err, err_len, "ggml %s is loaded but this library was built against ggml %s",
+                 ggml_version(), RIPPLE_GGML_VERSION);
+        return -1;
+    }
+    for (size_t i = 0; i < ggml_backend_reg_count(); i++) {
+        if (strcmp(ggml_backend_reg_name(ggml_backend_reg_get(i)), RIPPLE_NAME) == 0) {
+            registered = 1; /* another copy of this library registered already */
+            return 0;
+        }
+    }
+    ggml_cpu_init();
+    ggml_backend_register(ggml_backend_ripple_reg());
+    registered = 1;
+    return 0;
+}
+
+GGML_BACKEND_DL_IMPL(ggml_backend_ripple_reg)

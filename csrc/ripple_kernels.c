@@ -1,0 +1,315 @@
+/* FFN kernels computed from bundles, with ggml's own type traits for every weight type,
+ * and the small thread pool that runs them (the CPU backend's pool is idle meanwhile). */
+#define _GNU_SOURCE
+#include "ripple_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "ggml-cpu.h"
+
+/* ---- thread pool: workers 1..n-1, the caller is thread 0 ---- */
+
+#define RIPPLE_MAX_THREADS 256
+
+struct ripple_pool {
+    pthread_mutex_t mu;
+    pthread_cond_t  start, done;
+    pthread_t       threads[RIPPLE_MAX_THREADS];
+    int             n_workers; /* started so far */
+    int             n_active;  /* workers taking part in the current job */
+    uint64_t        generation;
+    int             pending;
+    int             quit;
+    ripple_task_fn  fn;
+    void *          arg;
+    int             nth;
+};
+
+typedef struct { ripple_pool * p; int ith; } worker_arg;
+
+static void * worker_main(void * v) {
+    worker_arg a = *(worker_arg *) v;
+    free(v);
+    ripple_pool * p = a.p;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->quit && p->generation == seen) {
+            pthread_cond_wait(&p->start, &p->mu);
+        }
+        if (p->quit) {
+            break;
+        }
+        seen = p->generation;
+        if (a.ith >= p->n_active) {
+            continue;
+        }
+        ripple_task_fn fn = p->fn;
+        void * arg = p->arg;
+        int nth = p->nth;
+        pthread_mutex_unlock(&p->mu);
+        fn(arg, a.ith, nth);
+        pthread_mutex_lock(&p->mu);
+        if (--p->pending == 0) {
+            pthread_cond_signal(&p->done);
+        }
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+ripple_pool * ripple_pool_new(void) {
+    ripple_pool * p = calloc(1, sizeof(*p));
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->start, NULL);
+    pthread_cond_init(&p->done, NULL);
+    p->n_workers = 1; /* index 0 is the caller */
+    return p;
+}
+
+void ripple_pool_free(ripple_pool * p) {
+    if (!p) {
+        return;
+    }
+    pthread_mutex_lock(&p->mu);
+    p->quit = 1;
+    pthread_cond_broadcast(&p->start);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 1; i < p->n_workers; i++) {
+        pthread_join(p->threads[i], NULL);
+    }
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->start);
+    pthread_cond_destroy(&p->done);
+    free(p);
+}
+
+void ripple_pool_run(ripple_pool * p, int n_threads, ripple_task_fn fn, void * arg) {
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > RIPPLE_MAX_THREADS) n_threads = RIPPLE_MAX_THREADS;
+    if (n_threads == 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    pthread_mutex_lock(&p->mu);
+    while (p->n_workers < n_threads) {
+        worker_arg * a = malloc(sizeof(*a));
+        a->p = p;
+        a->ith = p->n_workers;
+        if (pthread_create(&p->threads[p->n_workers], NULL, worker_main, a) != 0) {
+            free(a);
+            break;
+        }
+        p->n_workers++;
+    }
+    if (n_threads > p->n_workers) {
+        n_threads = p->n_workers;
+    }
+    p->fn = fn;
+    p->arg = arg;
+    p->nth = n_threads;
+    p->n_active = n_threads;
+    p->pending = n_threads - 1;
+    p->generation++;
+    pthread_cond_broadcast(&p->start);
+    pthread_mutex_unlock(&p->mu);
+
+    fn(arg, 0, n_threads);
+
+    pthread_mutex_lock(&p->mu);
+    while (p->pending > 0) {
+        pthread_cond_wait(&p->done, &p->mu);
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* ---- gate / up: one vec_dot per (neuron, token) on the byte-exact rows ---- */
+
+typedef struct {
+    const ripple_layer * L;
+    const uint8_t *      ws;
+    size_t               part_off;  /* byte offset of the part inside a bundle */
+    const uint8_t *      xq;        /* tokens converted to the vec_dot type */
+    size_t               xq_stride;
+    int64_t              n_tokens;
+    struct ggml_tensor * dst;
+    ggml_vec_dot_t       vec_dot;
+} up_job;
+
+static void up_task(void * v, int ith, int nth) {
+    up_job * j = v;
+    const int64_t n_ff = j->L->d.n_ff;
+    const int n_embd = j->L->d.n_embd;
+    const size_t bs = j->L->d.bundle_size;
+    const int64_t per = (n_ff + nth - 1) / nth;
+    const int64_t i0 = per * ith;
+    const int64_t i1 = i0 + per < n_ff ? i0 + per : n_ff;
+    for (int64_t i = i0; i < i1; i++) {
+        const uint8_t * row = j->ws + (size_t) j->L->pos_of[i] * bs + j->part_off;
+        for (int64_t t = 0; t < j->n_tokens; t++) {
+            float * out = (float *) ((char *) j->dst->data + i * j->dst->nb[0] + t * j->dst->nb[1]);
+            j->vec_dot(n_embd, out, 0, row, 0, j->xq + t * j->xq_stride, 0, 1);
+        }
+    }
+}
+
+int ripple_kernel_up(ripple_pool * pool, int n_threads, const ripple_layer * L, int kind,
+                     const uint8_t * ws, const struct ggml_tensor * src1, struct ggml_tensor * dst) {
+    const enum ggml_type wt = (enum ggml_type) (kind == RIPPLE_GATE ? L->d.gate_type : L->d.up_type);
+    const struct ggml_type_traits_cpu * tc = ggml_get_type_traits_cpu(wt);
+    const enum ggml_type vt = tc->vec_dot_type;
+    const int64_t n_tokens = src1->ne[1];
+    const int n_embd = L->d.n_embd;
+    const size_t xq_stride = ggml_row_size(vt, n_embd);
+    uint8_t * xq = malloc(xq_stride * (size_t) n_tokens);
+    if (!xq || !tc->vec_dot) {
+        free(xq);
+        ripple_set_error("no vec_dot for type %s", ggml_type_name(wt));
+        return -1;
+    }
+    for (int64_t t = 0; t < n_tokens; t++) {
+        const float * x = (const float *) ((const char *) src1->data + t * src1->nb[1]);
+        if (vt == GGML_TYPE_F32) {
+            memcpy(xq + t * xq_stride, x, sizeof(float) * (size_t) n_embd);
+        } else {
+            ggml_get_type_traits_cpu(vt)->from_float(x, xq + t * xq_stride, n_embd);
+        }
+    }
+    up_job j = {
+        /* .L         = */ L,
+        /* .ws        = */ ws,
+        /* .part_off  = */ kind == RIPPLE_GATE ? 0 : L->gate_row,
+        /* .xq        = */ xq,
+        /* .xq_stride = */ xq_stride,
+        /* .n_tokens  = */ n_tokens,
+        /* .dst       = */ dst,
+        /* .vec_dot   = */ tc->vec_dot,
+    };
+    ripple_pool_run(pool, n_threads, up_task, &j);
+    free(xq);
+    return 0;
+}
+
+/* ---- down: out[:, t] = sum_i h[i, t] * column_i, per-thread partial sums then a reduction ---- */
+
+typedef struct {
+    const ripple_layer *       L;
+    const uint8_t *            ws;
+    const struct ggml_tensor * src1;
+    int64_t                    n_tokens;
+    float *                    acc;  /* nth * n_tokens * n_embd */
+    ggml_to_float_t            to_float;
+    struct ggml_tensor *       dst;
+} down_job;
+
+static void down_task(void * v, int ith, int nth) {
+    down_job * j = v;
+    const int64_t n_ff = j->L->d.n_ff;
+    const int64_t n_embd = j->L->d.n_embd;
+    const size_t bs = j->L->d.bundle_size;
+    const size_t off = j->L->gate_row + j->L->up_row;
+    float * acc = j->acc + (size_t) ith * (size_t) (j->n_tokens * n_embd);
+    float * col = malloc(sizeof(float) * (size_t) n_embd);
+    memset(acc, 0, sizeof(float) * (size_t) (j->n_tokens * n_embd));
+    /* neurons in position order: consecutive bundles are adjacent in memory */
+    const int64_t per = (n_ff + nth - 1) / nth;
+    const int64_t p0 = per * ith;
+    const int64_t p1 = p0 + per < n_ff ? p0 + per : n_ff;
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t i = j->L->order[p];
+        j->to_float(j->ws + (size_t) p * bs + off, col, n_embd);
+        for (int64_t t = 0; t < j->n_tokens; t++) {
+            const float h = *(const float *) ((const char *) j->src1->data + i * j->src1->nb[0] + t * j->src1->nb[1]);
+            if (h == 0.0f) {
+                continue;
+            }
+            float * a = acc + t * n_embd;
+            for (int64_t k = 0; k < n_embd; k++) {
+                a[k] += h * col[k];
+            }
+        }
+    }
+    free(col);
+}
+
+typedef struct { down_job * j; int nth_acc; } reduce_job;
+
+static void reduce_task(void * v, int ith, int nth) {
+    reduce_job * r = v;
+    down_job * j = r->j;
+    const int64_t n_embd = j->L->d.n_embd;
+    const int64_t total = j->n_tokens * n_embd;
+    const int64_t per = (total + nth - 1) / nth;
+    const int64_t e0 = per * ith;
+    const int64_t e1 = e0 + per < total ? e0 + per : total;
+    for (int64_t e = e0; e < e1; e++) {
+        float s = 0.0f;
+        for (int a = 0; a < r->nth_acc; a++) {
+            s += j->acc[(size_t) a * (size_t) total + (size_t) e];
+        }
+        const int64_t t = e / n_embd, k = e % n_embd;
+        *(float *) ((char *) j->dst->data + k * j->dst->nb[0] + t * j->dst->nb[1]) = s;
+    }
+}
+
+int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L,
+                       const uint8_t * ws, const struct ggml_tensor * src1, struct ggml_tensor * dst) {
+    const struct ggml_type_traits * tt = ggml_get_type_traits((enum ggml_type) L->d.down_type);
+    if (!tt->to_float) {
+        ripple_set_error("no to_float for type %s", ggml_type_name((enum ggml_type) L->d.down_type));
+        return -1;
+    }
+    if (n_threads < 1) n_threads = 1;
+    const int64_t n_tokens = src1->ne[1];
+    float * acc = malloc(sizeof(float) * (size_t) n_threads * (size_t) (n_tokens * L->d.n_embd));
+    if (!acc) {
+        ripple_set_error("out of memory for the down projection accumulators");
+        return -1;
+    }
+    down_job j = { L, ws, src1, n_tokens, acc, tt->to_float, dst };
+    ripple_pool_run(pool, n_threads, down_task, &j);
+    reduce_job r = { &j, n_threads };
+    ripple_pool_run(pool, n_threads, reduce_task, &r);
+    free(acc);
+    return 0;
+}
+
+/* ---- ggml's row conversions for the converter ---- */
+
+size_t ripple_row_size(int32_t type, int64_t n_per_row) {
+    if (type < 0 || type >= GGML_TYPE_COUNT || n_per_row % ggml_blck_size((enum ggml_type) type) != 0) {
+        return 0;
+    }
+    return ggml_row_size((enum ggml_type) type, n_per_row);
+}
+
+int64_t ripple_block_size(int32_t type) {
+    if (type < 0 || type >= GGML_TYPE_COUNT) {
+        return 0;
+    }
+    return ggml_blck_size((enum ggml_type) type);
+}
+
+int ripple_dequantize_rows(int32_t type, const void * src, float * dst, int64_t nrows, int64_t n_per_row) {
+    if (!ripple_row_size(type, n_per_row)) {
+        return -1;
+    }
+    const struct ggml_type_traits * tt = ggml_get_type_traits((enum ggml_type) type);
+    if (!tt->to_float) {
+        return -1;
+    }
+    const size_t rs = ggml_row_size((enum ggml_type) type, n_per_row);
+    for (int64_t r = 0; r < nrows; r++) {
+        tt->to_float((const char *) src + r * rs, dst + r * n_per_row, n_per_row);
+    }
+    return 0;
+}
+
+size_t ripple_quantize_rows(int32_t type, const float * src, void * dst, int64_t nrows, int64_t n_per_row) {
+    if (!ripple_row_size(type, n_per_row) || ggml_quantize_requires_imatrix((enum ggml_type) type)) {
+        return 0;
+    }
+    ggml_quantize_init((enum ggml_type) type);
+    return ggml_quantize_chunk((enum ggml_type) type, src, dst, 0, nrows, n_per_row, NULL);
+}

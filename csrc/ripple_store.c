@@ -1,0 +1,463 @@
+/* Flash store: the ripple-packed files llama.cpp has loaded, bundle lookup, run formation and
+ * reads, plus the process-wide counters and error slot the control API exposes. */
+#define _GNU_SOURCE
+#include "ripple_internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+ripple_counters g_ripple_counters;
+
+static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER; /* models list, error slot */
+static ripple_model *  g_models;
+static ripple_model *  g_loading;
+static int             g_next_handle = 1;
+static int64_t         g_cache_bytes = 0;
+static char            g_error[1024];
+
+uint64_t ripple_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t) ts.tv_sec * 1000000000ull + (uint64_t) ts.tv_nsec;
+}
+
+void ripple_set_error(const char * fmt, ...) {
+    char msg[sizeof(g_error)];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    pthread_mutex_lock(&g_mu);
+    memcpy(g_error, msg, sizeof(g_error));
+    pthread_mutex_unlock(&g_mu);
+    fprintf(stderr, "ripple: error: %s\n", msg);
+}
+
+int ripple_take_last_error(char * buf, size_t buf_len) {
+    pthread_mutex_lock(&g_mu);
+    int had = g_error[0] != 0;
+    if (buf_len) {
+        snprintf(buf, buf_len, "%s", g_error);
+    }
+    g_error[0] = 0;
+    pthread_mutex_unlock(&g_mu);
+    return had;
+}
+
+static void set_err(char * err, size_t err_len, const char * fmt, ...) __attribute__((format(printf, 3, 4)));
+static void set_err(char * err, size_t err_len, const char * fmt, ...) {
+    if (!err || !err_len) {
+        return;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, err_len, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- models ---- */
+
+static void model_free(ripple_model * m) {
+    ripple_cache_free(&m->cache);
+    for (int l = 0; l < m->n_layers; l++) {
+        free(m->layers[l].order);
+        free(m->layers[l].pos_of);
+    }
+    free(m->layers);
+    free(m->layer_of_block);
+    free(m->bindings);
+    if (m->fd >= 0) {
+        close(m->fd);
+    }
+    pthread_mutex_destroy(&m->mu);
+    free(m->path);
+    free(m);
+}
+
+/* unlink and free when nothing references it any more; g_mu held */
+static void model_maybe_release(ripple_model * m) {
+    if (m->loading || m->n_buffers > 0) {
+        return;
+    }
+    for (ripple_model ** p = &g_models; *p; p = &(*p)->next) {
+        if (*p == m) {
+            *p = m->next;
+            break;
+        }
+    }
+    model_free(m);
+}
+
+int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_layers,
+                            const ripple_layer_desc * layers, char * err, size_t err_len) {
+    if (n_layers <= 0 || !layers) {
+        set_err(err, err_len, "%s: no FFN layers described", path);
+        return -1;
+    }
+    ripple_model * m = calloc(1, sizeof(*m));
+    if (!m) {
+        set_err(err, err_len, "out of memory");
+        return -1;
+    }
+    pthread_mutex_init(&m->mu, NULL);
+    m->fd = open(path, O_RDONLY | O_CLOEXEC);
+    m->path = strdup(path);
+    if (m->fd < 0) {
+        set_err(err, err_len, "%s: cannot open: %s", path, strerror(errno));
+        model_free(m);
+        return -1;
+    }
+    struct stat st;
+    if (fstat(m->fd, &st) != 0 || (uint64_t) st.st_size != file_size) {
+        set_err(err, err_len, "%s: file size %lld does not match the %llu bytes recorded at conversion",
+                path, (long long) st.st_size, (unsigned long long) file_size);
+        model_free(m);
+        return -1;
+    }
+    m->dev = st.st_dev;
+    m->ino = st.st_ino;
+    m->file_size = file_size;
+    m->n_layers = n_layers;
+    m->layers = calloc((size_t) n_layers, sizeof(ripple_layer));
+    m->bindings = calloc((size_t) n_layers * 3, sizeof(ripple_binding));
+    m->max_block = -1;
+    for (int l = 0; l < n_layers; l++) {
+        const ripple_layer_desc * d = &layers[l];
+        ripple_layer * L = &m->layers[l];
+        L->d = *d;
+        L->d.order = NULL;
+        if (d->n_ff <= 0 || d->n_embd <= 0 || d->up_type < 0 || d->up_type >= GGML_TYPE_COUNT ||
+            d->down_type < 0 || d->down_type >= GGML_TYPE_COUNT || d->gate_type >= GGML_TYPE_COUNT ||
+            d->down_src_type < 0 || d->down_src_type >= GGML_TYPE_COUNT) {
+            set_err(err, err_len, "%s: layer %d: invalid descriptor", path, d->block);
+            model_free(m);
+            return -1;
+        }
+        L->gate_row = d->gate_type >= 0 ? ggml_row_size((enum ggml_type) d->gate_type, d->n_embd) : 0;
+        L->up_row = ggml_row_size((enum ggml_type) d->up_type, d->n_embd);
+        L->down_row = ggml_row_size((enum ggml_type) d->down_type, d->n_embd);
+        if (L->gate_row + L->up_row + L->down_row != d->bundle_size) {
+            set_err(err, err_len, "%s: layer %d: bundle size %llu does not match its parts (%zu+%zu+%zu)",
+                    path, d->block, (unsigned long long) d->bundle_size, L->gate_row, L->up_row, L->down_row);
+            model_free(m);
+            return -1;
+        }
+        uint64_t end = d->bundles_offset + (uint64_t) d->n_ff * d->bundle_size;
+        if (end > file_size || end < d->bundles_offset) {
+            set_err(err, err_len, "%s: layer %d: bundles end at %llu, past the end of the file (%llu bytes)",
+                    path, d->block, (unsigned long long) end, (unsigned long long) file_size);
+            model_free(m);
+            return -1;
+        }
+        L->order = malloc(sizeof(int32_t) * (size_t) d->n_ff);
+        L->pos_of = malloc(sizeof(int32_t) * (size_t) d->n_ff);
+        for (int32_t i = 0; i < d->n_ff; i++) {
+            L->pos_of[i] = -1;
+        }
+        for (int32_t p = 0; p < d->n_ff; p++) {
+            int32_t n = d->order ? d->order[p] : p;
+            if (n < 0 || n >= d->n_ff || L->pos_of[n] != -1) {
+                set_err(err, err_len, "%s: layer %d: placement order is not a permutation", path, d->block);
+                model_free(m);
+                return -1;
+            }
+            L->order[p] = n;
+            L->pos_of[n] = p;
+        }
+        if (d->block > m->max_block) {
+            m->max_block = d->block;
+        }
+        for (int k = 0; k < 3; k++) {
+            m->bindings[l * 3 + k] = (ripple_binding){ m, l, k };
+        }
+    }
+    m->layer_of_block = malloc(sizeof(int) * (size_t) (m->max_block + 1));
+    for (int b = 0; b <= m->max_block; b++) {
+        m->layer_of_block[b] = -1;
+    }
+    for (int l = 0; l < n_layers; l++) {
+        if (m->layers[l].d.block < 0 || m->layer_of_block[m->layers[l].d.block] != -1) {
+            set_err(err, err_len, "%s: duplicate or negative block index %d", path, m->layers[l].d.block);
+            model_free(m);
+            return -1;
+        }
+        m->layer_of_block[m->layers[l].d.block] = l;
+    }
+
+    pthread_mutex_lock(&g_mu);
+    if (g_loading) {
+        pthread_mutex_unlock(&g_mu);
+        set_err(err, err_len, "%s: another ripple model (%s) is still loading", path, g_loading->path);
+        model_free(m);
+        return -1;
+    }
+    ripple_cache_init(&m->cache, m->n_layers, m->layers, (size_t) (g_cache_bytes > 0 ? g_cache_bytes : 0));
+    m->handle = g_next_handle++;
+    m->loading = 1;
+    m->next = g_models;
+    g_models = m;
+    g_loading = m;
+    pthread_mutex_unlock(&g_mu);
+    return m->handle;
+}
+
+static ripple_model * find_handle(int handle) {
+    for (ripple_model * m = g_models; m; m = m->next) {
+        if (m->handle == handle) {
+            return m;
+        }
+    }
+    return NULL;
+}
+
+void ripple_model_end_load(int handle, int ok) {
+    pthread_mutex_lock(&g_mu);
+    ripple_model * m = find_handle(handle);
+    if (m) {
+        if (g_loading == m) {
+            g_loading = NULL;
+        }
+        m->loading = 0;
+        if (!ok) {
+            m->closed = 1;
+        }
+        model_maybe_release(m);
+    }
+    pthread_mutex_unlock(&g_mu);
+    ripple_loadhook_end_load();
+}
+
+int ripple_model_bound_tensors(int handle) {
+    pthread_mutex_lock(&g_mu);
+    ripple_model * m = find_handle(handle);
+    int n = m ? m->n_bound : -1;
+    pthread_mutex_unlock(&g_mu);
+    return n;
+}
+
+ripple_model * ripple_store_loading(void) {
+    pthread_mutex_lock(&g_mu);
+    ripple_model * m = g_loading;
+    pthread_mutex_unlock(&g_mu);
+    return m;
+}
+
+void ripple_store_buffer_ref(ripple_model * m) {
+    pthread_mutex_lock(&g_mu);
+    m->n_buffers++;
+    pthread_mutex_unlock(&g_mu);
+}
+
+void ripple_store_buffer_unref(ripple_model * m) {
+    pthread_mutex_lock(&g_mu);
+    m->n_buffers--;
+    model_maybe_release(m);
+    pthread_mutex_unlock(&g_mu);
+}
+
+bool ripple_store_is_ripple_fd(int fd) {
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        return false;
+    }
+    bool found = false;
+    pthread_mutex_lock(&g_mu);
+    if (g_loading && g_loading->dev == st.st_dev && g_loading->ino == st.st_ino) {
+        found = true;
+    }
+    pthread_mutex_unlock(&g_mu);
+    return found;
+}
+
+/* Parse "blk.N.ffn_KIND.weight"; returns the kind or -1. */
+static int parse_ffn_name(const char * name, int * block) {
+    int n = 0, len = 0;
+    char kind[8] = { 0 };
+    if (sscanf(name, "blk.%d.ffn_%7[a-z].weight%n", &n, kind, &len) != 2 || name[len] != 0) {
+        return -1;
+    }
+    *block = n;
+    if (!strcmp(kind, "gate")) return RIPPLE_GATE;
+    if (!strcmp(kind, "up")) return RIPPLE_UP;
+    if (!strcmp(kind, "down")) return RIPPLE_DOWN;
+    return -1;
+}
+
+/* The binding for a weight of the loading model, after checking it is the tensor described. */
+const ripple_binding * ripple_store_claim(ripple_model * m, const struct ggml_tensor * t) {
+    int block = -1;
+    int kind = parse_ffn_name(t->name, &block);
+    if (!m || kind < 0 || block > m->max_block || m->layer_of_block[block] < 0) {
+        return NULL;
+    }
+    int l = m->layer_of_block[block];
+    const ripple_layer_desc * d = &m->layers[l].d;
+    if (t->ne[2] != 1 || t->ne[3] != 1) {
+        return NULL;
+    }
+    switch (kind) {
+        case RIPPLE_GATE:
+            if (d->gate_type < 0 || (int) t->type != d->gate_type || t->ne[0] != d->n_embd || t->ne[1] != d->n_ff) return NULL;
+            break;
+        case RIPPLE_UP:
+            if ((int) t->type != d->up_type || t->ne[0] != d->n_embd || t->ne[1] != d->n_ff) return NULL;
+            break;
+        default:
+            if ((int) t->type != d->down_src_type || t->ne[0] != d->n_ff || t->ne[1] != d->n_embd) return NULL;
+            break;
+    }
+    return &m->bindings[l * 3 + kind];
+}
+
+/* ---- reads ---- */
+
+int ripple_pread_full(int fd, void * dst, size_t size, uint64_t offset, const char * path) {
+    uint8_t * p = dst;
+    size_t done = 0;
+    while (done < size) {
+        ssize_t r = pread(fd, p + done, size - done, (off_t) (offset + done));
+        if (r < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            ripple_set_error("%s: read of %zu bytes at offset %llu failed: %s", path, size,
+                             (unsigned long long) offset, strerror(errno));
+            return -1;
+        }
+        if (r == 0) {
+            ripple_set_error("%s: read of %zu bytes at offset %llu hit the end of the file after %zu bytes "
+                             "(file truncated or modified after loading?)",
+                             path, size, (unsigned long long) offset, done);
+            return -1;
+        }
+        done += (size_t) r;
+    }
+    return 0;
+}
+
+int ripple_store_fetch_layer(ripple_model * m, int layer, const uint8_t * need, uint8_t * dst) {
+    const ripple_layer * L = &m->layers[layer];
+    const size_t bs = L->d.bundle_size;
+    const int64_t n = L->d.n_ff;
+    uint8_t * missing = malloc((size_t) n);
+    if (!missing) {
+        ripple_set_error("out of memory");
+        return -1;
+    }
+    uint64_t hits = 0, misses = 0;
+    pthread_mutex_lock(&m->mu);
+    for (int64_t p = 0; p < n; p++) {
+        missing[p] = 0;
+        if (need && !need[p]) {
+            continue;
+        }
+        const uint8_t * c = ripple_cache_get(&m->cache, layer, p);
+        if (c) {
+            memcpy(dst + p * bs, c, bs);
+            hits++;
+        } else {
+            missing[p] = 1;
+            misses++;
+        }
+    }
+    pthread_mutex_unlock(&m->mu);
+
+    /* runs of consecutive missing positions are contiguous on disk: one read each */
+    int rc = 0;
+    uint64_t ops = 0, bytes = 0, t0 = ripple_now_ns();
+    for (int64_t p = 0; p < n && rc == 0;) {
+        if (!missing[p]) {
+            p++;
+            continue;
+        }
+        int64_t q = p;
+        while (q < n && missing[q]) {
+            q++;
+        }
+        size_t len = (size_t) (q - p) * bs;
+        rc = ripple_pread_full(m->fd, dst + p * bs, len, L->d.bundles_offset + (uint64_t) p * bs, m->path);
+        ops++;
+        bytes += len;
+        p = q;
+    }
+    RIPPLE_COUNT(io_ns, ripple_now_ns() - t0);
+    RIPPLE_COUNT(read_ops, ops);
+    RIPPLE_COUNT(bytes_read, bytes);
+    RIPPLE_COUNT(cache_hits, hits);
+    RIPPLE_COUNT(cache_misses, misses);
+
+    if (rc == 0 && m->cache.n_slots > 0) {
+        pthread_mutex_lock(&m->mu);
+        for (int64_t p = 0; p < n; p++) {
+            if (missing[p]) {
+                ripple_cache_put(&m->cache, layer, p, dst + p * bs, bs);
+            }
+        }
+        pthread_mutex_unlock(&m->mu);
+    }
+    free(missing);
+    return rc;
+}
+
+int ripple_store_read_tensor(const ripple_binding * b, void * dst, size_t offset, size_t size) {
+    const ripple_layer_desc * d = &b->model->layers[b->layer].d;
+    uint64_t base = b->kind == RIPPLE_GATE ? d->gate_offset : b->kind == RIPPLE_UP ? d->up_offset : d->down_offset;
+    RIPPLE_COUNT(fallback_reads, 1);
+    return ripple_pread_full(b->model->fd, dst, size, base + offset, b->model->path);
+}
+
+/* ---- settings and counters ---- */
+
+void ripple_set_cache_bytes(int64_t cache_bytes) {
+    pthread_mutex_lock(&g_mu);
+    g_cache_bytes = cache_bytes > 0 ? cache_bytes : 0;
+    for (ripple_model * m = g_models; m; m = m->next) {
+        pthread_mutex_lock(&m->mu);
+        ripple_cache_free(&m->cache);
+        ripple_cache_init(&m->cache, m->n_layers, m->layers, (size_t) g_cache_bytes);
+        pthread_mutex_unlock(&m->mu);
+    }
+    pthread_mutex_unlock(&g_mu);
+}
+
+int64_t ripple_get_cache_bytes(void) {
+    pthread_mutex_lock(&g_mu);
+    int64_t v = g_cache_bytes;
+    pthread_mutex_unlock(&g_mu);
+    return v;
+}
+
+#define LOAD(field) __atomic_load_n(&g_ripple_counters.field, __ATOMIC_RELAXED)
+
+void ripple_get_stats(ripple_stats * out) {
+    memset(out, 0, sizeof(*out));
+    out->ffn_matmuls = LOAD(ffn_matmuls);
+    out->neurons_computed = LOAD(neurons_computed);
+    out->neurons_total = LOAD(neurons_total);
+    out->read_ops = LOAD(read_ops);
+    out->bytes_read = LOAD(bytes_read);
+    out->cache_hits = LOAD(cache_hits);
+    out->cache_misses = LOAD(cache_misses);
+    out->fallback_reads = LOAD(fallback_reads);
+    out->io_seconds = (double) LOAD(io_ns) * 1e-9;
+    out->compute_seconds = (double) LOAD(compute_ns) * 1e-9;
+    pthread_mutex_lock(&g_mu);
+    for (ripple_model * m = g_models; m; m = m->next) {
+        pthread_mutex_lock(&m->mu);
+        out->cache_bytes += (uint64_t) m->cache.n_used * m->cache.slot_size;
+        out->cache_capacity += (uint64_t) m->cache.n_slots * m->cache.slot_size;
+        pthread_mutex_unlock(&m->mu);
+    }
+    pthread_mutex_unlock(&g_mu);
+}
+
+void ripple_reset_stats(void) {
+    memset(&g_ripple_counters, 0, sizeof(g_ripple_counters));
+}

@@ -1,0 +1,12 @@
+"""ripple-gguf: llama.cpp with FFN weights served from flash as co-activation-ordered neuron bundles.
+
+``import ripple_gguf`` registers the RIPPLE ggml backend into the llama.cpp that llama-cpp-python
+loaded; after that, ``llama_cpp.Llama(model_path="m.ripple.gguf")`` runs the FFN of a ripple-packed
+file through the backend, and any other GGUF file as before.
+"""
+from .constants import TOOL_VERSION as __version__
+from .runtime import configure, last_error, last_load, register, reset_stats, settings, stats
+
+register()
+
+__all__ = ["__version__", "configure", "last_error", "last_load", "register", "reset_stats", "settings", "stats"]

@@ -1,0 +1,75 @@
+"""Every ``ripple.*`` metadata key, pinned version and format constant, in one place.
+
+The writer (:mod:`ripple_gguf.format`), the reader and the native runtime (through the
+descriptors :mod:`ripple_gguf.runtime` hands to C) all take their names from here.
+"""
+from __future__ import annotations
+
+TOOL_NAME = "ripple-gguf"
+TOOL_VERSION = "0.1.0"
+
+# The C backend is compiled against the internal ggml headers of exactly this release.
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+LLAMA_CPP_SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+LLAMA_CPP_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+GGML_COMMIT_PREFIX = "0c1e570"  # llama.cpp commit vendored by the pinned release
+
+FORMAT_VERSION = 1
+ALIGNMENT = 4096  # every layer's bundle block starts on this boundary (direct I/O)
+
+REGION_MAGIC = b"RIPPLE01"  # first 8 bytes of the ripple region header
+FOOTER_MAGIC = b"RPLEND01"  # first 8 bytes of the 64-byte footer closing the region
+HEADER_SIZE = ALIGNMENT
+FOOTER_SIZE = 64
+
+# Bundle layout: one record per FFN neuron, the three parts back to back.
+BUNDLE_PARTS = ("gate", "up", "down")
+NO_GATE = -1  # gate_type value of layers without ffn_gate
+
+
+class Keys:
+    """Metadata keys of a ripple-packed GGUF (docs/FORMAT.md describes each)."""
+
+    FORMAT_VERSION = "ripple.format_version"
+    TOOL_VERSION = "ripple.tool_version"
+
+    class Source:
+        NAME = "ripple.source.name"
+        SHA256 = "ripple.source.sha256"
+        SIZE = "ripple.source.size"
+
+    class Region:
+        OFFSET = "ripple.region.offset"  # absolute file offset of the region header
+        SIZE = "ripple.region.size"  # header + layers + footer, bytes
+        SHA256 = "ripple.region.sha256"  # of the whole region, checked by `verify`
+        ID = "ripple.region.id"  # also in the region header and footer
+        FILE_SIZE = "ripple.file_size"  # size of the complete file
+        ALIGNMENT = "ripple.alignment"
+
+    class Layout:
+        N_LAYERS = "ripple.n_layers"
+        N_EMBD = "ripple.n_embd"
+        LAYER_INDEX = "ripple.layer.index"  # block number N of blk.N.*
+        N_FF = "ripple.layer.n_ff"
+        OFFSET = "ripple.layer.offset"  # of the layer's first bundle, from the region start
+        BUNDLE_SIZE = "ripple.layer.bundle_size"
+        GATE_TYPE = "ripple.layer.gate_type"  # ggml type, NO_GATE when the FFN is ungated
+        UP_TYPE = "ripple.layer.up_type"
+        DOWN_TYPE = "ripple.layer.down_type"
+
+    class Placement:
+        METHOD = "ripple.placement.method"
+        # flat: layer l's slice [sum(n_ff[:l]), sum(n_ff[:l+1])) lists the neuron id at each position
+        ORDER = "ripple.placement.order"
+
+    class Predictor:
+        # reserved for predictor weights and sparsity parameters (filled by the offline stage)
+        OFFSET = "ripple.predictor.offset"
+        SIZE = "ripple.predictor.size"
+
+
+FFN_KINDS = ("gate", "up", "down")
+
+
+def ffn_tensor_name(layer: int, kind: str) -> str:
+    return f"blk.{layer}.ffn_{kind}.weight"

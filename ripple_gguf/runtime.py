@@ -1,0 +1,192 @@
+"""Registration of the RIPPLE backend into llama.cpp's ggml, settings and counters.
+
+Importing :mod:`ripple_gguf` calls :func:`register`: the backend device is added to the ggml
+registry that ``libllama.so`` uses, the load hook is installed, and
+``llama_cpp.llama_cpp.llama_model_load_from_file`` is wrapped so that, when the file is
+ripple-packed, the backend is told which FFN tensors are about to be loaded (and where their
+bundles lie) for exactly the duration of that load. Other GGUF files load untouched.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from typing import Dict, Optional
+
+import numpy as np
+
+from . import _native
+from .format import RippleFile
+
+DEFAULT_CACHE_MB = 64
+
+_lock = threading.Lock()
+_state = {"registered": False, "load_hook": None, "load_hook_error": None, "orig_load": None}
+_last_load: Dict[str, object] = {}
+
+
+class RippleLoadError(RuntimeError):
+    """The backend could not take over a ripple-packed file."""
+
+
+def _err_buf():
+    return _native.ffi.new("char[]", 512)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def register() -> None:
+    """Register the backend (idempotent). Called by ``import ripple_gguf``."""
+    with _lock:
+        if _state["registered"]:
+            return
+        err = _err_buf()
+        if _native.lib.ripple_register(err, 512) != 0:
+            raise ImportError(f"ripple-gguf cannot register its ggml backend: {_native.error_text(err)}")
+        if _env_flag("RIPPLE_NO_LOAD_HOOK"):
+            _state["load_hook"] = False
+            _state["load_hook_error"] = "disabled by RIPPLE_NO_LOAD_HOOK"
+        else:
+            err = _err_buf()
+            if _native.lib.ripple_loadhook_install(err, 512) == 0:
+                _state["load_hook"] = True
+            else:
+                _state["load_hook"] = False
+                _state["load_hook_error"] = _native.error_text(err)
+                warnings.warn(
+                    "ripple-gguf: load hook unavailable, llama.cpp will read whole ripple files at load: "
+                    + _state["load_hook_error"],
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        _configure_from_env()
+        _wrap_model_loader()
+        _state["registered"] = True
+
+
+def _wrap_model_loader() -> None:
+    import llama_cpp.llama_cpp as raw
+
+    if getattr(raw.llama_model_load_from_file, "_ripple_wrapped", False):
+        return
+    orig = raw.llama_model_load_from_file
+
+    def llama_model_load_from_file(path_model: bytes, params, /):
+        path = os.fsdecode(path_model)
+        if not RippleFile.is_ripple(path):
+            return orig(path_model, params)
+        rf = RippleFile.open(path)
+        rf.check_quick()
+        handle = _begin_load(rf)
+        model = None
+        try:
+            model = orig(path_model, params)
+        finally:
+            bound = _native.lib.ripple_model_bound_tensors(handle)
+            _native.lib.ripple_model_end_load(handle, 1 if model else 0)
+        expected = sum(3 if layer.gate_type >= 0 else 2 for layer in rf.layers)
+        _last_load.clear()
+        _last_load.update(path=path, handle=handle, bound_tensors=bound, expected_tensors=expected)
+        if model and bound != expected:
+            warnings.warn(
+                f"ripple-gguf: {path}: the backend took {bound} of {expected} FFN tensors; the others run "
+                "on llama.cpp's own devices (GPU offload or tensor overrides route them elsewhere)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return model
+
+    llama_model_load_from_file._ripple_wrapped = True
+    llama_model_load_from_file._ripple_orig = orig
+    raw.llama_model_load_from_file = llama_model_load_from_file
+
+
+def _begin_load(rf: RippleFile) -> int:
+    ffi = _native.ffi
+    descs = ffi.new("ripple_layer_desc[]", len(rf.layers))
+    keep = []
+    for d, layer in zip(descs, rf.layers):
+        order = np.ascontiguousarray(layer.order, dtype=np.int32)
+        keep.append(order)
+        d.block = layer.block
+        d.n_ff = layer.n_ff
+        d.n_embd = layer.n_embd
+        d.gate_type = layer.gate_type
+        d.up_type = layer.up_type
+        d.down_type = layer.down_type
+        d.bundles_offset = layer.bundles_offset
+        d.bundle_size = layer.bundle_size
+        d.order = ffi.from_buffer("int32_t[]", order)
+        d.gate_offset = layer.gate_offset
+        d.up_offset = layer.up_offset
+        d.down_offset = layer.down_offset
+        d.down_src_type = layer.down_src_type
+    err = _err_buf()
+    handle = _native.lib.ripple_model_begin_load(
+        os.fsencode(rf.path), rf.file_size, len(rf.layers), descs, err, 512
+    )
+    if handle < 0:
+        raise RippleLoadError(_native.error_text(err))
+    return handle
+
+
+def _configure_from_env() -> None:
+    mb = os.environ.get("RIPPLE_CACHE_MB")
+    if mb is None:
+        configure(cache_mb=DEFAULT_CACHE_MB)
+        return
+    try:
+        value = float(mb)
+    except ValueError:
+        raise ValueError(f"RIPPLE_CACHE_MB must be a number of MiB, got {mb!r}") from None
+    configure(cache_mb=value)
+
+
+def configure(*, cache_mb: Optional[float] = None) -> Dict[str, object]:
+    """Change runtime settings; returns the settings in force.
+
+    cache_mb: byte budget of the DRAM neuron cache of each loaded ripple model, in MiB
+    (0 disables the cache). Also set by the ``RIPPLE_CACHE_MB`` environment variable.
+    """
+    if cache_mb is not None:
+        if cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
+        _native.lib.ripple_set_cache_bytes(int(cache_mb * 1024 * 1024))
+    return settings()
+
+
+def settings() -> Dict[str, object]:
+    return {
+        "cache_mb": _native.lib.ripple_get_cache_bytes() / (1024 * 1024),
+        "load_hook": bool(_native.lib.ripple_loadhook_active()),
+        "load_hook_error": _state["load_hook_error"],
+        "library": str(_native.library_path),
+    }
+
+
+def stats() -> Dict[str, float]:
+    """Process-wide counters of the backend since start or the last :func:`reset_stats`."""
+    s = _native.ffi.new("ripple_stats *")
+    _native.lib.ripple_get_stats(s)
+    out = {name: getattr(s, name) for name, _ in _native.ffi.typeof("ripple_stats").fields}
+    lookups = out["cache_hits"] + out["cache_misses"]
+    out["cache_hit_rate"] = out["cache_hits"] / lookups if lookups else 0.0
+    return out
+
+
+def reset_stats() -> None:
+    _native.lib.ripple_reset_stats()
+
+
+def last_error() -> str:
+    """The last error the backend met during compute or I/O ("" if none); clears it."""
+    buf = _native.ffi.new("char[]", 1024)
+    _native.lib.ripple_take_last_error(buf, 1024)
+    return _native.error_text(buf)
+
+
+def last_load() -> Dict[str, object]:
+    """What the backend took over in the most recent ripple-file load."""
+    return dict(_last_load)

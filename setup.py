@@ -1,0 +1,34 @@
+"""Build: CMake compiles csrc/ into the shared library ripple_gguf/_libripple*.so (a ggml backend
+plus the control API, bound from Python through cffi in ABI mode) and copies the public header
+next to it for the binding."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cfg = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"]
+        if os.environ.get("RIPPLE_NATIVE") == "0":
+            cfg.append("-DRIPPLE_NATIVE=OFF")
+        subprocess.run(cfg, check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1)], check=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(build_dir / "libripple.so", out)
+        shutil.copy2(ROOT / "csrc" / "ripple.h", out.parent / "_ripple.h")
+
+
+setup(
+    ext_modules=[Extension("ripple_gguf._libripple", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
+)

@@ -364,6 +364,11 @@ static ggml_backend_buffer_type_t ggml_backend_ripple_device_get_buffer_type(ggm
 
 static bool ggml_backend_ripple_device_supports_op(ggml_backend_dev_t dev, const struct ggml_tensor * op) {
     (void) dev;
+    if (op_is_empty(op->op)) {
+        /* the weight leaves themselves (op NONE) and views of them: nothing to compute */
+        const struct ggml_tensor * t = op->view_src ? op->view_src : op;
+        return t->buffer && t->buffer->buft == &g_buft;
+    }
     if (op->op != GGML_OP_MUL_MAT) {
         return false;
     }

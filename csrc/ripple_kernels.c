@@ -191,12 +191,65 @@ int ripple_kernel_up(ripple_pool * pool, int n_threads, const ripple_layer * L, 
     return 0;
 }
 
+static void f32_to_float(const void * x, float * y, int64_t n) {
+    memcpy(y, x, sizeof(float) * (size_t) n);
+}
+
+/* ggml leaves F32's to_float empty (identity) */
+static ggml_to_float_t to_float_of(enum ggml_type type) {
+    return type == GGML_TYPE_F32 ? f32_to_float : ggml_get_type_traits(type)->to_float;
+}
+
+/* Stock llama.cpp multiplies the down projection with the activations converted to the weight's
+ * vec_dot type (Q8_0/Q8_1/Q8_K/F16...). Rounding them the same way first makes the sum of
+ * products below equal to stock's dot products up to the order of additions. */
+static void dequant_vec_dot_type(enum ggml_type vt, const void * src, float * dst, int64_t n) {
+    if (vt == GGML_TYPE_Q8_1) { /* { ggml_half d, s; int8_t qs[32]; } */
+        const uint8_t * b = src;
+        for (int64_t i = 0; i < n; i += 32, b += 36) {
+            ggml_fp16_t d;
+            memcpy(&d, b, sizeof(d));
+            const float df = ggml_fp16_to_fp32(d);
+            for (int k = 0; k < 32; k++) dst[i + k] = df * (float) (int8_t) b[4 + k];
+        }
+    } else if (vt == GGML_TYPE_Q8_K) { /* { float d; int8_t qs[256]; int16_t bsums[16]; } */
+        const uint8_t * b = src;
+        for (int64_t i = 0; i < n; i += 256, b += 4 + 256 + 32) {
+            float d;
+            memcpy(&d, b, sizeof(d));
+            for (int k = 0; k < 256; k++) dst[i + k] = d * (float) (int8_t) b[4 + k];
+        }
+    } else {
+        to_float_of(vt)(src, dst, n);
+    }
+}
+
+static int round_like_stock(enum ggml_type weight_type, const struct ggml_tensor * src1, float * out) {
+    const int64_t n = src1->ne[0];
+    const enum ggml_type vt = ggml_get_type_traits_cpu(weight_type)->vec_dot_type;
+    void * tmp = vt == GGML_TYPE_F32 ? NULL : malloc(ggml_row_size(vt, n));
+    if (vt != GGML_TYPE_F32 && !tmp) {
+        return -1;
+    }
+    for (int64_t t = 0; t < src1->ne[1]; t++) {
+        const float * h = (const float *) ((const char *) src1->data + t * src1->nb[1]);
+        if (vt == GGML_TYPE_F32 || n % ggml_blck_size(vt) != 0) {
+            memcpy(out + t * n, h, sizeof(float) * (size_t) n);
+        } else {
+            ggml_get_type_traits_cpu(vt)->from_float(h, tmp, n);
+            dequant_vec_dot_type(vt, tmp, out + t * n, n);
+        }
+    }
+    free(tmp);
+    return 0;
+}
+
 /* ---- down: out[:, t] = sum_i h[i, t] * column_i, per-thread partial sums then a reduction ---- */
 
 typedef struct {
     const ripple_layer *       L;
     const uint8_t *            ws;
-    const struct ggml_tensor * src1;
+    const float *              h;    /* n_tokens x n_ff activations, rounded like stock */
     int64_t                    n_tokens;
     float *                    acc;  /* nth * n_tokens * n_embd */
     ggml_to_float_t            to_float;
@@ -220,7 +273,7 @@ static void down_task(void * v, int ith, int nth) {
         const int64_t i = j->L->order[p];
         j->to_float(j->ws + (size_t) p * bs + off, col, n_embd);
         for (int64_t t = 0; t < j->n_tokens; t++) {
-            const float h = *(const float *) ((const char *) j->src1->data + i * j->src1->nb[0] + t * j->src1->nb[1]);
+            const float h = j->h[t * n_ff + i];
             if (h == 0.0f) {
                 continue;
             }
@@ -255,23 +308,27 @@ static void reduce_task(void * v, int ith, int nth) {
 
 int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L,
                        const uint8_t * ws, const struct ggml_tensor * src1, struct ggml_tensor * dst) {
-    const struct ggml_type_traits * tt = ggml_get_type_traits((enum ggml_type) L->d.down_type);
-    if (!tt->to_float) {
+    ggml_to_float_t to_float = to_float_of((enum ggml_type) L->d.down_type);
+    if (!to_float) {
         ripple_set_error("no to_float for type %s", ggml_type_name((enum ggml_type) L->d.down_type));
         return -1;
     }
     if (n_threads < 1) n_threads = 1;
     const int64_t n_tokens = src1->ne[1];
     float * acc = malloc(sizeof(float) * (size_t) n_threads * (size_t) (n_tokens * L->d.n_embd));
-    if (!acc) {
-        ripple_set_error("out of memory for the down projection accumulators");
+    float * h = malloc(sizeof(float) * (size_t) (n_tokens * L->d.n_ff));
+    if (!acc || !h || round_like_stock((enum ggml_type) L->d.down_src_type, src1, h) != 0) {
+        free(acc);
+        free(h);
+        ripple_set_error("out of memory for the down projection");
         return -1;
     }
-    down_job j = { L, ws, src1, n_tokens, acc, tt->to_float, dst };
+    down_job j = { L, ws, h, n_tokens, acc, to_float, dst };
     ripple_pool_run(pool, n_threads, down_task, &j);
     reduce_job r = { &j, n_threads };
     ripple_pool_run(pool, n_threads, reduce_task, &r);
     free(acc);
+    free(h);
     return 0;
 }
 
@@ -295,13 +352,13 @@ int ripple_dequantize_rows(int32_t type, const void * src, float * dst, int64_t 
     if (!ripple_row_size(type, n_per_row)) {
         return -1;
     }
-    const struct ggml_type_traits * tt = ggml_get_type_traits((enum ggml_type) type);
-    if (!tt->to_float) {
+    ggml_to_float_t to_float = to_float_of((enum ggml_type) type);
+    if (!to_float) {
         return -1;
     }
     const size_t rs = ggml_row_size((enum ggml_type) type, n_per_row);
     for (int64_t r = 0; r < nrows; r++) {
-        tt->to_float((const char *) src + r * rs, dst + r * n_per_row, n_per_row);
+        to_float((const char *) src + r * rs, dst + r * n_per_row, n_per_row);
     }
     return 0;
 }

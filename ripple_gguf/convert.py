@@ -1,0 +1,245 @@
+"""Convert a GGUF model into a ripple-packed GGUF (docs/FORMAT.md).
+
+The converter validates the source, plans one :class:`~ripple_gguf.format.RippleLayer` per FFN
+layer (types, placement order) and hands :func:`ripple_gguf.format.write_ripple_gguf` a function
+that builds one layer's bundles at a time from the source memmap. :func:`make_layer_bundles` is
+also what ``verify`` uses to re-derive the region from a packed file's own standard tensors.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType as T
+
+from ripple_gguf import constants as C
+from ripple_gguf.format import (FLOAT_TYPES, SUPPORTED_FFN_TYPES, GGUFHeader, RippleFile,
+                                RippleFormatError, RippleLayer, SourceInfo, block_size, ffn_layers_of,
+                                read_gguf_header, row_size, type_name, write_ripple_gguf)
+
+DOWN_TYPES = {"same": None, "f16": T.F16, "f32": T.F32, "q8_0": T.Q8_0}
+PLACEMENTS = ("original",)
+
+# llama.cpp's fallback (llama-quant.cpp) when a row is not a whole number of 256-value super-blocks.
+_K_FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+
+
+# --- row conversions: ggml's own (through ripple_gguf._native once it is built) ---------------
+
+class _DevRows:
+    """Development stand-in for ``ripple_gguf._native`` (same API).
+
+    Dequantizes with gguf-py (tested bit-exact against ggml) and quantizes with ggml's own
+    ``ggml_quantize_chunk`` from llama-cpp-python's libggml-base, since gguf-py has no K-quant or
+    IQ4_NL quantizer.
+    """
+
+    def __init__(self) -> None:
+        self._lib = None
+
+    def _ggml(self):
+        if self._lib is None:
+            spec = importlib.util.find_spec("llama_cpp")
+            if spec is None or not spec.submodule_search_locations:
+                raise RuntimeError("quantizing needs ripple_gguf._native or llama-cpp-python")
+            libdir = Path(list(spec.submodule_search_locations)[0]) / "lib"
+            path = next((p for p in (libdir / "libggml-base.so.0", libdir / "libggml-base.so",
+                                     libdir / "libggml-base.dylib") if p.exists()), None)
+            if path is None:
+                raise RuntimeError(f"libggml-base not found in {libdir}")
+            lib = ctypes.CDLL(str(path))
+            lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+            self._lib = lib
+        return self._lib
+
+    @staticmethod
+    def row_size(ggml_type: int, n_per_row: int) -> int:
+        return row_size(ggml_type, n_per_row)
+
+    @staticmethod
+    def dequantize(ggml_type: int, raw: np.ndarray, nrows: int, n_per_row: int) -> np.ndarray:
+        import gguf.quants
+        rows = np.asarray(raw, dtype=np.uint8).reshape(nrows, row_size(ggml_type, n_per_row))
+        return gguf.quants.dequantize(rows, T(ggml_type)).astype(np.float32, copy=False).reshape(nrows, n_per_row)
+
+    def quantize(self, ggml_type: int, values: np.ndarray) -> np.ndarray:
+        src = np.ascontiguousarray(values, dtype=np.float32)
+        nrows, n_per_row = src.shape
+        dst = np.empty((nrows, row_size(ggml_type, n_per_row)), dtype=np.uint8)
+        n = self._ggml().ggml_quantize_chunk(int(ggml_type), src.ctypes.data, dst.ctypes.data, 0,
+                                             nrows, n_per_row, None)
+        assert n == dst.nbytes, (n, dst.nbytes)
+        return dst
+
+
+try:
+    from ripple_gguf import _native as rows  # type: ignore[attr-defined]
+    ROWS_BACKEND = "native"
+except (ImportError, OSError):
+    rows = _DevRows()
+    ROWS_BACKEND = "dev (gguf-py dequantize + libggml-base ggml_quantize_chunk)"
+
+
+def to_f32(ggml_type: int, raw: np.ndarray, nrows: int, n_per_row: int) -> np.ndarray:
+    if ggml_type == T.F32:
+        return raw.view("<f4").reshape(nrows, n_per_row)
+    if ggml_type == T.F16:
+        return raw.view("<f2").astype(np.float32).reshape(nrows, n_per_row)
+    if ggml_type == T.BF16:
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(nrows, n_per_row)
+    return rows.dequantize(int(ggml_type), np.ascontiguousarray(raw).reshape(-1), nrows, n_per_row)
+
+
+def from_f32(ggml_type: int, values: np.ndarray) -> np.ndarray:
+    if ggml_type == T.F32:
+        v = np.ascontiguousarray(values, dtype="<f4")
+        return v.view(np.uint8).reshape(v.shape[0], -1)
+    return rows.quantize(int(ggml_type), values)
+
+
+def down_columns(raw: np.ndarray, src_type: int, dst_type: int, n_ff: int, n_embd: int) -> np.ndarray:
+    """Rows of the transposed ffn_down (uint8, n_ff x row_size(dst_type, n_embd)).
+
+    ``raw`` is the ffn_down data: n_embd rows of n_ff values. Float columns that keep their type are
+    transposed element by element (exact); everything else goes dequantize -> transpose -> quantize.
+    """
+    if src_type == dst_type and src_type in FLOAT_TYPES:
+        elem = "<f4" if src_type == T.F32 else "<u2"
+        t = np.ascontiguousarray(raw.view(elem).reshape(n_embd, n_ff).T)
+        return t.view(np.uint8).reshape(n_ff, -1)
+    return from_f32(dst_type, np.ascontiguousarray(to_f32(src_type, raw, n_embd, n_ff).T))
+
+
+def make_layer_bundles(data: np.ndarray, layer: RippleLayer,
+                       offsets: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Bundles of one layer in neuron-id order (uint8, n_ff x bundle_size).
+
+    ``data`` maps a whole file; ``offsets`` = absolute (gate, up, down) data offsets in it
+    (default: the layer's own, i.e. the packed file's standard tensors).
+    """
+    go, uo, do = offsets if offsets is not None else (layer.gate_offset, layer.up_offset, layer.down_offset)
+    n_ff, g, u = layer.n_ff, layer.gate_row_size, layer.up_row_size
+    out = np.empty((n_ff, layer.bundle_size), dtype=np.uint8)
+    if layer.gated:
+        out[:, :g] = data[go:go + n_ff * g].reshape(n_ff, g)
+    out[:, g:g + u] = data[uo:uo + n_ff * u].reshape(n_ff, u)
+    down = data[do:do + layer.n_embd * layer.down_src_row_size]
+    out[:, g + u:] = down_columns(down, layer.down_src_type, layer.down_type, n_ff, layer.n_embd)
+    return out
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+def resolve_down_type(requested: str, down_src_type: int, n_embd: int) -> int:
+    if requested not in DOWN_TYPES:
+        raise ValueError(f"unknown down type {requested!r} (choose from {', '.join(DOWN_TYPES)})")
+    t = T(down_src_type) if DOWN_TYPES[requested] is None else DOWN_TYPES[requested]
+    if n_embd % block_size(t):
+        t = _K_FALLBACK.get(t, t)
+        if n_embd % block_size(t):
+            t = T.F16
+    return int(t)
+
+
+def validate_source(hdr: GGUFHeader) -> list[int]:
+    """Raise RippleFormatError unless ``hdr`` is a dense-FFN GGUF we can pack; return its FFN blocks."""
+    p = hdr.path
+    if C.Keys.FORMAT_VERSION in hdr.kv:
+        raise RippleFormatError(p, "already ripple-packed (has ripple.format_version); convert the original GGUF")
+    exps = [t.name for t in hdr.tensors if t.name.startswith("blk.") and "_exps" in t.name]
+    if exps:
+        raise RippleFormatError(p, f"mixture-of-experts tensors ({exps[0]}, ...) are not supported")
+    blocks = ffn_layers_of(hdr)
+    if not blocks:
+        raise RippleFormatError(p, "no FFN layers (no blk.N.ffn_up/ffn_down.weight tensors)")
+    n_embd = None
+    for b in blocks:
+        ts = {k: hdr.tensor(C.ffn_tensor_name(b, k)) for k in C.FFN_KINDS}
+        for k in ("up", "down"):
+            if ts[k] is None:
+                raise RippleFormatError(p, f"layer {b}: missing {C.ffn_tensor_name(b, k)}")
+        for k, t in ts.items():
+            if t is not None and t.type not in SUPPORTED_FFN_TYPES:
+                raise RippleFormatError(p, f"{t.name}: tensor type {type_name(t.type)} is not supported "
+                                           f"(supported: {', '.join(type_name(x) for x in sorted(SUPPORTED_FFN_TYPES))})")
+        up, down = ts["up"], ts["down"]
+        if len(up.shape) != 2 or len(down.shape) != 2 or down.shape != up.shape[::-1] or \
+                (ts["gate"] is not None and ts["gate"].shape != up.shape):
+            raise RippleFormatError(p, f"layer {b}: inconsistent FFN shapes gate={ts['gate'] and list(ts['gate'].shape)} "
+                                       f"up={list(up.shape)} down={list(down.shape)}")
+        if n_embd is not None and up.shape[0] != n_embd:
+            raise RippleFormatError(p, f"layer {b}: n_embd {up.shape[0]} differs from {n_embd} of earlier layers")
+        n_embd = up.shape[0]
+    return blocks
+
+
+def plan_layers(hdr: GGUFHeader, blocks: list[int], *, down_type: str,
+                orders: Mapping[int, np.ndarray] | None) -> list[RippleLayer]:
+    layers = []
+    for b in blocks:
+        gate = hdr.tensor(C.ffn_tensor_name(b, "gate"))
+        up, down = hdr.tensor(C.ffn_tensor_name(b, "up")), hdr.tensor(C.ffn_tensor_name(b, "down"))
+        n_embd, n_ff = up.shape
+        order = np.arange(n_ff, dtype=np.int32) if orders is None or b not in orders else \
+            np.asarray(orders[b], dtype=np.int32)
+        if order.shape != (n_ff,) or not np.array_equal(np.sort(order), np.arange(n_ff)):
+            raise ValueError(f"placement order of layer {b} is not a permutation of {n_ff} neurons")
+        layers.append(RippleLayer(
+            block=b, n_ff=n_ff, n_embd=n_embd, gate_type=gate.type if gate else C.NO_GATE, up_type=up.type,
+            down_type=resolve_down_type(down_type, down.type, n_embd), down_src_type=down.type, order=order))
+    return layers
+
+
+def sha256_file(path: str, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = "original",
+            orders: Mapping[int, np.ndarray] | None = None, down_type: str = "same",
+            quiet: bool = False) -> RippleFile:
+    """Pack ``src`` into ``dst``. ``orders`` maps block -> permutation (default: identity)."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if placement not in PLACEMENTS and orders is None:
+        raise ValueError(f"unknown placement {placement!r} (choose from {', '.join(PLACEMENTS)})")
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise ValueError(f"{dst}: destination is the source file")
+    hdr = read_gguf_header(src)
+    blocks = validate_source(hdr)
+    layers = plan_layers(hdr, blocks, down_type=down_type, orders=orders)
+    source = SourceInfo(os.path.basename(src), sha256_file(src), hdr.file_size)
+    src_offsets = {}
+    for l in layers:
+        t = [hdr.tensor(C.ffn_tensor_name(l.block, k)) for k in C.FFN_KINDS]
+        src_offsets[l.block] = tuple(hdr.data_offset + x.offset if x is not None else 0 for x in t)
+
+    def progress(it):
+        from tqdm import tqdm
+        return tqdm(it, desc="ripple", unit="layer", disable=quiet or not sys.stderr.isatty())
+
+    tmp = dst + ".tmp"
+    data = np.memmap(src, dtype=np.uint8, mode="r")
+    try:
+        write_ripple_gguf(tmp, hdr, layers, source=source, placement_method=placement, progress=progress,
+                          make_bundles=lambda l: make_layer_bundles(data, l, src_offsets[l.block]))
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        del data
+    return RippleFile.open(dst)

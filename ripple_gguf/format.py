@@ -1,0 +1,671 @@
+"""The ripple-packed GGUF format (v1): the one writer and the one reader.
+
+A ripple-packed file is a GGUF that stock llama.cpp loads (standard tensors byte-identical to the
+source, FFN tensors last) followed by the ripple region: a 4096-byte header, one 4096-aligned block
+of neuron bundles per FFN layer, and a 64-byte footer. docs/FORMAT.md is the specification; every
+metadata key name comes from :mod:`ripple_gguf.constants`.
+
+The reader parses only the GGUF header (metadata and tensor infos) with plain reads; it never maps
+or reads tensor data unless asked to check it (:meth:`RippleFile.check_quick`,
+:meth:`RippleFile.verify_full`).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType as V
+
+from ripple_gguf import constants as C
+from ripple_gguf.constants import Keys
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSION = 3
+GGUF_DEFAULT_ALIGNMENT = 32
+GGUF_ALIGNMENT_KEY = "general.alignment"
+
+# FFN tensor types the converter understands (dequantize/transpose/re-quantize of down columns).
+SUPPORTED_FFN_TYPES = frozenset({
+    T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
+    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+})
+FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
+
+_REGION_HEADER = struct.Struct("<8sIIQ32s")  # magic, format version, n_layers, region size, id
+_FOOTER = struct.Struct("<8sQ32s")  # magic, region size, id
+
+_SCALAR_FMT = {
+    V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
+    V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d",
+}
+_ARRAY_DTYPE = {t: np.dtype(f) for t, f in _SCALAR_FMT.items()}
+
+
+class RippleFormatError(ValueError):
+    """A file is not what it claims to be; the message names the file and the problem."""
+
+    def __init__(self, path: os.PathLike | str, problem: str):
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def type_name(ggml_type: int) -> str:
+    if ggml_type == C.NO_GATE:
+        return "none"
+    try:
+        return T(ggml_type).name
+    except ValueError:
+        return f"type {ggml_type}"
+
+
+def block_size(ggml_type: int) -> int:
+    return GGML_QUANT_SIZES[T(ggml_type)][0]
+
+
+def row_size(ggml_type: int, n_per_row: int) -> int:
+    """Bytes of one row of ``n_per_row`` values (ggml_row_size); 0 for an absent gate."""
+    if ggml_type == C.NO_GATE:
+        return 0
+    blck, size = GGML_QUANT_SIZES[T(ggml_type)]
+    if n_per_row % blck:
+        raise ValueError(f"{n_per_row} values do not fill whole {T(ggml_type).name} blocks of {blck}")
+    return n_per_row // blck * size
+
+
+def align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+# --- GGUF header parsing ----------------------------------------------------------------------
+
+@dataclass
+class GGUFValue:
+    type: int  # GGUFValueType of the value (ARRAY for arrays)
+    value: Any  # python scalar / str, numpy array for numeric arrays, list[str] for string arrays
+    sub_type: int | None = None  # element type of an array
+    span: tuple[int, int] = (0, 0)  # [start, end) of the serialized key/value record in the file
+
+
+@dataclass
+class GGUFTensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: ne0 first
+    type: int
+    offset: int  # relative to the data section
+    nbytes: int
+
+    @property
+    def n_rows(self) -> int:
+        n = 1
+        for d in self.shape[1:]:
+            n *= d
+        return n
+
+
+@dataclass
+class GGUFHeader:
+    path: str
+    version: int
+    kv: dict[str, GGUFValue]
+    tensors: list[GGUFTensorInfo]
+    alignment: int
+    header_end: int  # end of the tensor infos
+    data_offset: int  # absolute start of the tensor data section
+    file_size: int
+
+    def tensor(self, name: str) -> GGUFTensorInfo | None:
+        return self._by_name.get(name)
+
+    def __post_init__(self) -> None:
+        self._by_name = {t.name: t for t in self.tensors}
+
+    @property
+    def data_end(self) -> int:
+        """Absolute end of the last tensor's data."""
+        return self.data_offset + max((t.offset + t.nbytes for t in self.tensors), default=0)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        v = self.kv.get(key)
+        return default if v is None else v.value
+
+
+class _Cursor:
+    def __init__(self, f: io.BufferedReader, path: str, size: int):
+        self.f, self.path, self.size, self.pos = f, path, size, 0
+
+    def read(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.size:
+            raise RippleFormatError(self.path, f"truncated GGUF header (needs {n} bytes at offset "
+                                               f"{self.pos}, file has {self.size})")
+        b = self.f.read(n)
+        if len(b) != n:
+            raise RippleFormatError(self.path, f"short read at offset {self.pos}")
+        self.pos += n
+        return b
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if n > self.size:
+            raise RippleFormatError(self.path, f"corrupt GGUF header: string of {n} bytes at offset {self.pos}")
+        return self.read(n).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == V.STRING:
+            return self.string()
+        fmt = _SCALAR_FMT.get(vtype)
+        if fmt is None:
+            raise RippleFormatError(self.path, f"corrupt GGUF header: value type {vtype} at offset {self.pos}")
+        return self.unpack(fmt)
+
+
+def read_gguf_header(path: os.PathLike | str) -> GGUFHeader:
+    """Parse a GGUF file's metadata and tensor infos (no tensor data is read)."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        raise RippleFormatError(path, f"cannot open: {e.strerror or e}") from e
+    with f:
+        cur = _Cursor(f, path, size)
+        if size < 24 or cur.read(4) != GGUF_MAGIC:
+            raise RippleFormatError(path, "not a GGUF file (bad magic)")
+        version = cur.unpack("<I")
+        if version not in (2, 3):
+            raise RippleFormatError(path, f"unsupported GGUF version {version}")
+        n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+        if n_tensors > size // 24 or n_kv > size // 12:
+            raise RippleFormatError(path, f"corrupt GGUF header: {n_tensors} tensors, {n_kv} keys")
+        kv: dict[str, GGUFValue] = {}
+        for _ in range(n_kv):
+            start = cur.pos
+            key = cur.string()
+            vtype = cur.unpack("<I")
+            if vtype == V.ARRAY:
+                sub, count = cur.unpack("<I"), cur.unpack("<Q")
+                if sub == V.STRING:
+                    if count > size:
+                        raise RippleFormatError(path, f"corrupt GGUF header: array of {count} at key {key!r}")
+                    val: Any = [cur.string() for _ in range(count)]
+                elif sub in _ARRAY_DTYPE:
+                    dt = _ARRAY_DTYPE[sub]
+                    val = np.frombuffer(cur.read(count * dt.itemsize), dtype=dt)
+                else:
+                    raise RippleFormatError(path, f"corrupt GGUF header: array type {sub} at key {key!r}")
+                kv[key] = GGUFValue(V.ARRAY, val, sub, (start, cur.pos))
+            else:
+                kv[key] = GGUFValue(vtype, cur.value(vtype), None, (start, cur.pos))
+        tensors = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.unpack("<I")
+            if not 1 <= n_dims <= 4:
+                raise RippleFormatError(path, f"corrupt GGUF header: tensor {name!r} has {n_dims} dims")
+            shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
+            ttype, offset = cur.unpack("<I"), cur.unpack("<Q")
+            try:
+                nbytes = row_size(ttype, shape[0]) * int(np.prod(shape[1:], dtype=np.int64))
+            except (ValueError, KeyError):
+                raise RippleFormatError(path, f"tensor {name!r}: unknown ggml type {ttype} or bad "
+                                              f"shape {list(shape)}") from None
+            tensors.append(GGUFTensorInfo(name, shape, ttype, offset, nbytes))
+        alignment = kv[GGUF_ALIGNMENT_KEY].value if GGUF_ALIGNMENT_KEY in kv else GGUF_DEFAULT_ALIGNMENT
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise RippleFormatError(path, f"corrupt GGUF header: alignment {alignment!r}")
+        hdr = GGUFHeader(path, version, kv, tensors, alignment, cur.pos, align(cur.pos, alignment), size)
+    if hdr.data_end > size:
+        raise RippleFormatError(path, f"truncated: tensor data ends at {hdr.data_end}, file has {size} bytes")
+    return hdr
+
+
+# --- GGUF serialization -----------------------------------------------------------------------
+
+def _pack_str(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def pack_kv(key: str, vtype: int, value: Any, sub_type: int | None = None) -> bytes:
+    out = _pack_str(key) + struct.pack("<I", vtype)
+    if vtype == V.ARRAY:
+        assert sub_type is not None
+        out += struct.pack("<IQ", sub_type, len(value))
+        if sub_type == V.STRING:
+            return out + b"".join(_pack_str(s) for s in value)
+        return out + np.ascontiguousarray(value, dtype=_ARRAY_DTYPE[sub_type]).tobytes()
+    if vtype == V.STRING:
+        return out + _pack_str(value)
+    return out + struct.pack(_SCALAR_FMT[vtype], value)
+
+
+def _pack_tensor_info(t: GGUFTensorInfo, offset: int) -> bytes:
+    return (_pack_str(t.name) + struct.pack("<I", len(t.shape))
+            + struct.pack(f"<{len(t.shape)}Q", *t.shape) + struct.pack("<IQ", t.type, offset))
+
+
+# --- layout -----------------------------------------------------------------------------------
+
+@dataclass
+class RippleLayer:
+    """One FFN layer; fields mirror ``ripple_layer_desc`` in csrc/ripple.h."""
+
+    block: int
+    n_ff: int
+    n_embd: int
+    gate_type: int  # C.NO_GATE when ungated
+    up_type: int
+    down_type: int
+    down_src_type: int
+    order: np.ndarray  # int32[n_ff]: neuron id stored at each position
+    bundles_offset: int = 0  # absolute
+    gate_offset: int = 0  # absolute offsets of the standard tensors' data (gate: 0 if none)
+    up_offset: int = 0
+    down_offset: int = 0
+
+    @property
+    def gate_row_size(self) -> int:
+        return row_size(self.gate_type, self.n_embd)
+
+    @property
+    def up_row_size(self) -> int:
+        return row_size(self.up_type, self.n_embd)
+
+    @property
+    def down_row_size(self) -> int:
+        return row_size(self.down_type, self.n_embd)
+
+    @property
+    def down_src_row_size(self) -> int:
+        return row_size(self.down_src_type, self.n_ff)
+
+    @property
+    def bundle_size(self) -> int:
+        return self.gate_row_size + self.up_row_size + self.down_row_size
+
+    @property
+    def block_bytes(self) -> int:
+        return self.n_ff * self.bundle_size
+
+    @property
+    def gated(self) -> bool:
+        return self.gate_type != C.NO_GATE
+
+
+def ffn_layers_of(hdr: GGUFHeader) -> list[int]:
+    """Blocks that carry FFN weight tensors, ascending."""
+    blocks = set()
+    for t in hdr.tensors:
+        parts = t.name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and \
+                parts[2] in ("ffn_gate", "ffn_up", "ffn_down") and parts[1].isdigit():
+            blocks.add(int(parts[1]))
+    return sorted(blocks)
+
+
+def is_ffn_tensor(name: str) -> bool:
+    parts = name.split(".")
+    return (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight"
+            and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"))
+
+
+def region_id_for(source_sha256: str, layers: Sequence[RippleLayer]) -> bytes:
+    """Deterministic 32-byte region id: a hash of the source and of the region's layout."""
+    h = hashlib.sha256(b"ripple-gguf region\0")
+    h.update(struct.pack("<I", C.FORMAT_VERSION))
+    h.update(bytes.fromhex(source_sha256))
+    for l in layers:
+        h.update(struct.pack("<7i", l.block, l.n_ff, l.n_embd, l.gate_type, l.up_type, l.down_type,
+                             l.down_src_type))
+        h.update(np.ascontiguousarray(l.order, dtype="<i4").tobytes())
+    return h.digest()
+
+
+@dataclass
+class SourceInfo:
+    name: str
+    sha256: str
+    size: int
+
+
+# --- writer -----------------------------------------------------------------------------------
+
+BundleMaker = Callable[[RippleLayer], np.ndarray]  # -> uint8 (n_ff, bundle_size), neuron-id order
+
+
+def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[RippleLayer], *,
+                      source: SourceInfo, placement_method: str, make_bundles: BundleMaker,
+                      progress: Callable[[Iterable], Iterable] = lambda it: it) -> None:
+    """Write the ripple-packed file to ``dst`` (the caller owns temp-file and rename handling).
+
+    Fills the absolute offsets of ``layers``. Holds one layer's bundles in memory at a time.
+    """
+    ffn_names = {C.ffn_tensor_name(l.block, k) for l in layers for k in C.FFN_KINDS}
+    rest = [t for t in src.tensors if t.name not in ffn_names]
+    ffn = [src.tensor(C.ffn_tensor_name(l.block, k)) for l in layers for k in C.FFN_KINDS]
+    ordered = rest + [t for t in ffn if t is not None]
+    a = src.alignment
+
+    offsets, pos = [], 0
+    for t in ordered:
+        offsets.append(pos)
+        pos = align(pos + t.nbytes, a)
+    data_size = pos
+
+    region_id = region_id_for(source.sha256, layers)
+    rel = C.HEADER_SIZE
+    for l in layers:
+        l.bundles_offset = rel  # relative for now
+        rel = align(rel + l.block_bytes, C.ALIGNMENT)
+    region_size = rel + C.FOOTER_SIZE
+
+    def ripple_kvs(region_offset: int, file_size: int, region_sha: str) -> list[bytes]:
+        I32, U64 = V.INT32, V.UINT64
+        arr = lambda key, sub, vals: pack_kv(key, V.ARRAY, vals, sub)
+        return [
+            pack_kv(Keys.FORMAT_VERSION, V.UINT32, C.FORMAT_VERSION),
+            pack_kv(Keys.TOOL_VERSION, V.STRING, f"{C.TOOL_NAME} {C.TOOL_VERSION}"),
+            pack_kv(Keys.Source.NAME, V.STRING, source.name),
+            pack_kv(Keys.Source.SHA256, V.STRING, source.sha256),
+            pack_kv(Keys.Source.SIZE, U64, source.size),
+            pack_kv(Keys.Region.OFFSET, U64, region_offset),
+            pack_kv(Keys.Region.SIZE, U64, region_size),
+            pack_kv(Keys.Region.ID, V.STRING, region_id.hex()),
+            pack_kv(Keys.Region.FILE_SIZE, U64, file_size),
+            pack_kv(Keys.Region.ALIGNMENT, V.UINT32, C.ALIGNMENT),
+            pack_kv(Keys.Layout.N_LAYERS, V.UINT32, len(layers)),
+            pack_kv(Keys.Layout.N_EMBD, V.UINT32, layers[0].n_embd),
+            arr(Keys.Layout.LAYER_INDEX, I32, [l.block for l in layers]),
+            arr(Keys.Layout.N_FF, I32, [l.n_ff for l in layers]),
+            arr(Keys.Layout.OFFSET, U64, [l.bundles_offset for l in layers]),
+            arr(Keys.Layout.BUNDLE_SIZE, U64, [l.bundle_size for l in layers]),
+            arr(Keys.Layout.GATE_TYPE, I32, [l.gate_type for l in layers]),
+            arr(Keys.Layout.UP_TYPE, I32, [l.up_type for l in layers]),
+            arr(Keys.Layout.DOWN_TYPE, I32, [l.down_type for l in layers]),
+            pack_kv(Keys.Placement.METHOD, V.STRING, placement_method),
+            arr(Keys.Placement.ORDER, I32, np.concatenate([l.order for l in layers])),
+            # Last, so the checksum (patched once the region is written) sits at a known place.
+            pack_kv(Keys.Region.SHA256, V.STRING, region_sha),
+        ]
+
+    src_kvs = list(src.kv.values())
+
+    def header_bytes(region_offset: int, file_size: int, region_sha: str) -> tuple[bytes, int]:
+        with open(src.path, "rb") as f:
+            raw = []
+            for v in sorted(src_kvs, key=lambda v: v.span[0]):
+                f.seek(v.span[0])
+                raw.append(f.read(v.span[1] - v.span[0]))
+        rk = ripple_kvs(region_offset, file_size, region_sha)
+        head = struct.pack("<4sIQQ", GGUF_MAGIC, GGUF_VERSION, len(ordered), len(raw) + len(rk))
+        kv_bytes = b"".join(raw) + b"".join(rk)
+        sha_pos = len(head) + len(kv_bytes) - 64  # the sha256 hex string ends the metadata
+        infos = b"".join(_pack_tensor_info(t, o) for t, o in zip(ordered, offsets))
+        return head + kv_bytes + infos, sha_pos
+
+    placeholder = "0" * 64
+    probe, _ = header_bytes(0, 0, placeholder)
+    data_start = align(len(probe), a)
+    region_offset = align(data_start + data_size, C.ALIGNMENT)
+    file_size = region_offset + region_size
+    header, sha_pos = header_bytes(region_offset, file_size, placeholder)
+    assert len(header) == len(probe)
+
+    new_abs = {t.name: data_start + o for t, o in zip(ordered, offsets)}
+    for l in layers:
+        l.bundles_offset += region_offset
+        l.gate_offset = new_abs[C.ffn_tensor_name(l.block, "gate")] if l.gated else 0
+        l.up_offset = new_abs[C.ffn_tensor_name(l.block, "up")]
+        l.down_offset = new_abs[C.ffn_tensor_name(l.block, "down")]
+
+    region_hash = hashlib.sha256()
+    with open(src.path, "rb") as fin, open(dst, "wb") as fout:
+        fout.write(header)
+        _pad_to(fout, data_start)
+        for t, o in zip(ordered, offsets):
+            _pad_to(fout, data_start + o)
+            _copy_range(fin, src.data_offset + t.offset, t.nbytes, fout)
+        _pad_to(fout, region_offset)
+
+        def emit(b: bytes | memoryview) -> None:
+            fout.write(b)
+            region_hash.update(b)
+
+        emit(_REGION_HEADER.pack(C.REGION_MAGIC, C.FORMAT_VERSION, len(layers), region_size, region_id)
+             .ljust(C.HEADER_SIZE, b"\0"))
+        for l in progress(layers):
+            bundles = make_bundles(l)
+            assert bundles.shape == (l.n_ff, l.bundle_size) and bundles.dtype == np.uint8
+            emit(memoryview(np.ascontiguousarray(bundles[l.order])).cast("B"))
+            del bundles
+            end = l.bundles_offset - region_offset + l.block_bytes
+            emit(bytes(align(end, C.ALIGNMENT) - end))
+        emit(_FOOTER.pack(C.FOOTER_MAGIC, region_size, region_id).ljust(C.FOOTER_SIZE, b"\0"))
+        assert fout.tell() == file_size, (fout.tell(), file_size)
+        fout.seek(sha_pos)
+        fout.write(region_hash.hexdigest().encode("ascii"))
+
+
+def _pad_to(f, pos: int) -> None:
+    cur = f.tell()
+    assert cur <= pos, (cur, pos)
+    if pos > cur:
+        f.write(bytes(pos - cur))
+
+
+def _copy_range(fin, offset: int, n: int, fout, chunk: int = 8 << 20) -> None:
+    fin.seek(offset)
+    while n:
+        b = fin.read(min(chunk, n))
+        if not b:
+            raise RippleFormatError(fin.name, f"truncated while copying tensor data at {offset}")
+        fout.write(b)
+        n -= len(b)
+
+
+# --- reader -----------------------------------------------------------------------------------
+
+def _pread(path: str, fd: int, offset: int, n: int) -> bytes:
+    b = os.pread(fd, n, offset)
+    if len(b) != n:
+        raise RippleFormatError(path, f"truncated: wanted {n} bytes at offset {offset}, got {len(b)}")
+    return b
+
+
+@dataclass
+class RippleFile:
+    path: str
+    file_size: int
+    n_layers: int
+    n_embd: int
+    metadata: dict[str, Any]  # every ripple.* key
+    source: SourceInfo
+    region_offset: int
+    region_size: int
+    region_id: str  # hex
+    placement_method: str
+    layers: list[RippleLayer]
+    gguf: GGUFHeader = field(repr=False)
+
+    @staticmethod
+    def is_ripple(path: os.PathLike | str) -> bool:
+        try:
+            return Keys.FORMAT_VERSION in read_gguf_header(path).kv
+        except RippleFormatError:
+            return False
+
+    @classmethod
+    def open(cls, path: os.PathLike | str) -> "RippleFile":
+        hdr = read_gguf_header(path)
+        p = hdr.path
+        md = {k: v.value for k, v in hdr.kv.items() if k.startswith("ripple.")}
+        if Keys.FORMAT_VERSION not in md:
+            raise RippleFormatError(p, "not a ripple-packed GGUF (no ripple.format_version key)")
+        if md[Keys.FORMAT_VERSION] != C.FORMAT_VERSION:
+            raise RippleFormatError(p, f"ripple format version {md[Keys.FORMAT_VERSION]} is not "
+                                       f"supported (this tool reads {C.FORMAT_VERSION})")
+
+        def need(key: str) -> Any:
+            if key not in md:
+                raise RippleFormatError(p, f"missing metadata key {key}")
+            return md[key]
+
+        n_layers, n_embd = int(need(Keys.Layout.N_LAYERS)), int(need(Keys.Layout.N_EMBD))
+        arrays = {}
+        for key in (Keys.Layout.LAYER_INDEX, Keys.Layout.N_FF, Keys.Layout.OFFSET, Keys.Layout.BUNDLE_SIZE,
+                    Keys.Layout.GATE_TYPE, Keys.Layout.UP_TYPE, Keys.Layout.DOWN_TYPE):
+            arr = np.asarray(need(key))
+            if arr.shape != (n_layers,):
+                raise RippleFormatError(p, f"{key} has {arr.size} entries, expected {n_layers}")
+            arrays[key] = [int(x) for x in arr]
+        order = np.asarray(need(Keys.Placement.ORDER)).astype(np.int32)
+        n_ffs = arrays[Keys.Layout.N_FF]
+        if order.size != sum(n_ffs):
+            raise RippleFormatError(p, f"{Keys.Placement.ORDER} has {order.size} entries, expected {sum(n_ffs)}")
+        region_offset, region_size = int(need(Keys.Region.OFFSET)), int(need(Keys.Region.SIZE))
+        if region_offset < hdr.data_end or region_offset % C.ALIGNMENT:
+            raise RippleFormatError(p, f"region offset {region_offset} overlaps the tensor data or is unaligned")
+        layers, start = [], 0
+        for i in range(n_layers):
+            g = lambda key: arrays[key][i]
+            blk, n_ff = g(Keys.Layout.LAYER_INDEX), g(Keys.Layout.N_FF)
+            tensors = {k: hdr.tensor(C.ffn_tensor_name(blk, k)) for k in C.FFN_KINDS}
+            if tensors["up"] is None or tensors["down"] is None:
+                raise RippleFormatError(p, f"layer {blk}: standard FFN tensors missing")
+            gate_type = g(Keys.Layout.GATE_TYPE)
+            if (tensors["gate"] is None) != (gate_type == C.NO_GATE) or \
+                    (tensors["gate"] is not None and tensors["gate"].type != gate_type) or \
+                    tensors["up"].type != g(Keys.Layout.UP_TYPE):
+                raise RippleFormatError(p, f"layer {blk}: ripple gate/up types disagree with the tensors")
+            lorder = order[start:start + n_ff]
+            start += n_ff
+            if lorder.size and (lorder.min() < 0 or lorder.max() >= n_ff or
+                                not np.all(np.bincount(lorder, minlength=n_ff) == 1)):
+                raise RippleFormatError(p, f"layer {blk}: placement order is not a permutation of {n_ff}")
+            layer = RippleLayer(
+                block=blk, n_ff=n_ff, n_embd=n_embd, gate_type=gate_type, up_type=g(Keys.Layout.UP_TYPE),
+                down_type=g(Keys.Layout.DOWN_TYPE), down_src_type=tensors["down"].type, order=lorder,
+                bundles_offset=region_offset + g(Keys.Layout.OFFSET),
+                gate_offset=hdr.data_offset + tensors["gate"].offset if tensors["gate"] else 0,
+                up_offset=hdr.data_offset + tensors["up"].offset,
+                down_offset=hdr.data_offset + tensors["down"].offset)
+            if tensors["up"].shape != (n_embd, n_ff) or tensors["down"].shape != (n_ff, n_embd):
+                raise RippleFormatError(p, f"layer {blk}: FFN tensor shapes disagree with n_ff={n_ff}, n_embd={n_embd}")
+            try:
+                bs = layer.bundle_size
+            except (ValueError, KeyError):
+                raise RippleFormatError(p, f"layer {blk}: bad bundle types") from None
+            if bs != g(Keys.Layout.BUNDLE_SIZE):
+                raise RippleFormatError(p, f"layer {blk}: bundle size {g(Keys.Layout.BUNDLE_SIZE)} != {bs}")
+            if g(Keys.Layout.OFFSET) % C.ALIGNMENT or \
+                    layer.bundles_offset + layer.block_bytes > region_offset + region_size - C.FOOTER_SIZE:
+                raise RippleFormatError(p, f"layer {blk}: bundle block outside the region")
+            layers.append(layer)
+        src = SourceInfo(str(md.get(Keys.Source.NAME, "")), str(md.get(Keys.Source.SHA256, "")),
+                         int(md.get(Keys.Source.SIZE, 0)))
+        return cls(path=p, file_size=int(need(Keys.Region.FILE_SIZE)), n_layers=n_layers, n_embd=n_embd,
+                   metadata=md, source=src, region_offset=region_offset, region_size=region_size,
+                   region_id=str(need(Keys.Region.ID)), placement_method=str(md.get(Keys.Placement.METHOD, "")),
+                   layers=layers, gguf=hdr)
+
+    # --- checks ---
+
+    def _check_frame(self, fd: int) -> None:
+        p = self.path
+        actual = os.fstat(fd).st_size
+        if actual != self.file_size:
+            raise RippleFormatError(p, f"file size {actual} != {self.file_size} recorded at conversion "
+                                       "(truncated or modified)")
+        if self.region_offset + self.region_size != self.file_size:
+            raise RippleFormatError(p, "region does not end at the end of the file")
+        magic, version, n_layers, size, rid = _REGION_HEADER.unpack(
+            _pread(p, fd, self.region_offset, _REGION_HEADER.size))
+        if magic != C.REGION_MAGIC:
+            raise RippleFormatError(p, f"no ripple region header at offset {self.region_offset}")
+        if (version, n_layers, size, rid.hex()) != (C.FORMAT_VERSION, self.n_layers, self.region_size, self.region_id):
+            raise RippleFormatError(p, "region header does not match the metadata (region from another file?)")
+        fmagic, fsize, fid = _FOOTER.unpack(_pread(p, fd, self.file_size - C.FOOTER_SIZE, _FOOTER.size))
+        if fmagic != C.FOOTER_MAGIC or fsize != self.region_size or fid.hex() != self.region_id:
+            raise RippleFormatError(p, "region footer does not match the metadata")
+
+    def _check_bundle_rows(self, fd: int, layer: RippleLayer, positions: Iterable[int]) -> None:
+        p = self.path
+        for pos in positions:
+            nid = int(layer.order[pos])
+            b = _pread(p, fd, layer.bundles_offset + pos * layer.bundle_size, layer.gate_row_size + layer.up_row_size)
+            g, u = b[:layer.gate_row_size], b[layer.gate_row_size:]
+            if layer.gated and g != _pread(p, fd, layer.gate_offset + nid * layer.gate_row_size, layer.gate_row_size):
+                raise RippleFormatError(p, f"layer {layer.block}: bundle at position {pos} (neuron {nid}) "
+                                           "gate row differs from ffn_gate")
+            if u != _pread(p, fd, layer.up_offset + nid * layer.up_row_size, layer.up_row_size):
+                raise RippleFormatError(p, f"layer {layer.block}: bundle at position {pos} (neuron {nid}) "
+                                           "up row differs from ffn_up")
+
+    def check_quick(self) -> None:
+        """Cheap consistency check (a few small reads): raises RippleFormatError on a mismatch."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self._check_frame(fd)
+            for l in self.layers:
+                self._check_bundle_rows(fd, l, sorted({0, l.n_ff // 2, l.n_ff - 1}))
+        finally:
+            os.close(fd)
+
+    def verify_full(self, progress: Callable[[Iterable], Iterable] = lambda it: it) -> None:
+        """Region checksum plus every bundle re-derived from the file's own standard tensors."""
+        from ripple_gguf.convert import make_layer_bundles  # the converter's own derivation
+
+        p = self.path
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            self._check_frame(fd)
+            h = hashlib.sha256()
+            off, end = self.region_offset, self.region_offset + self.region_size
+            while off < end:
+                b = _pread(p, fd, off, min(16 << 20, end - off))
+                h.update(b)
+                off += len(b)
+            if h.hexdigest() != self.metadata.get(Keys.Region.SHA256):
+                raise RippleFormatError(p, "region sha256 does not match ripple.region.sha256")
+        finally:
+            os.close(fd)
+        data = np.memmap(p, dtype=np.uint8, mode="r")
+        try:
+            for l in progress(self.layers):
+                want = make_layer_bundles(data, l)[l.order]
+                got = data[l.bundles_offset:l.bundles_offset + l.block_bytes].reshape(l.n_ff, l.bundle_size)
+                bad = np.flatnonzero(np.any(want != got, axis=1))
+                if bad.size:
+                    pos = int(bad[0])
+                    raise RippleFormatError(p, f"layer {l.block}: {bad.size} bundles differ from the standard "
+                                               f"tensors (first at position {pos}, neuron {int(l.order[pos])})")
+        finally:
+            del data
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format_version": self.metadata[Keys.FORMAT_VERSION],
+            "tool_version": self.metadata.get(Keys.TOOL_VERSION),
+            "file_size": self.file_size,
+            "source": {"name": self.source.name, "sha256": self.source.sha256, "size": self.source.size},
+            "region": {"offset": self.region_offset, "size": self.region_size, "id": self.region_id,
+                       "sha256": self.metadata.get(Keys.Region.SHA256)},
+            "n_layers": self.n_layers,
+            "n_embd": self.n_embd,
+            "placement": {"method": self.placement_method},
+            "layers": [{
+                "block": l.block, "n_ff": l.n_ff, "gate_type": type_name(l.gate_type),
+                "up_type": type_name(l.up_type), "down_type": type_name(l.down_type),
+                "down_src_type": type_name(l.down_src_type), "bundles_offset": l.bundles_offset,
+                "bundle_size": l.bundle_size,
+            } for l in self.layers],
+        }

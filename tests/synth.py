@@ -1,0 +1,170 @@
+"""Tiny synthetic GGUF models that stock llama.cpp loads: fixtures for fast offline tests.
+
+Weights are random (no structure); the vocabulary is the minimal "llama" tokenizer of <unk>, <s>,
+</s> and the 256 byte tokens. FFN tensors can be any ggml type: gguf-py quantizes the types it
+can, ggml's own quantizer (through the converter's row backend) does the K-quants and the rest.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Mapping, Union
+
+import gguf
+import gguf.quants
+import numpy as np
+from gguf.constants import GGMLQuantizationType as T
+
+TypeSpec = Union[int, str, None]
+_GGUFPY_QUANT = {T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
+
+
+def _qtype(spec: TypeSpec) -> T:
+    if spec is None:
+        return T.F32
+    if isinstance(spec, str):
+        return T[spec.upper()]
+    return T(spec)
+
+
+def encode(values: np.ndarray, qtype: T) -> tuple[np.ndarray, T | None]:
+    """(array for GGUFWriter.add_tensor, raw_dtype) of float32 ``values`` stored as ``qtype``."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if qtype == T.F32:
+        return values, None
+    if qtype in _GGUFPY_QUANT:
+        return gguf.quants.quantize(values, qtype), qtype
+    from ripple_gguf.convert import rows  # ggml's quantizer (K-quants, IQ4_NL, ...)
+    q = rows.quantize(int(qtype), values.reshape(-1, values.shape[-1]))
+    return q.reshape(*values.shape[:-1], -1), qtype
+
+
+def tokenizer_vocab() -> tuple[list[str], list[float], list[int]]:
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    scores = [0.0] * len(tokens)
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + \
+            [gguf.TokenType.BYTE] * 256
+    return tokens, scores, [int(t) for t in types]
+
+
+def make_model(path: os.PathLike | str, *, n_layers: int = 2, n_embd: int = 64, n_ff: int = 128,
+               n_head: int = 4, ffn_type: TypeSpec | Mapping[str, TypeSpec] = None, gated: bool = True,
+               arch: str | None = None, seed: int = 0, n_ctx: int = 256,
+               edit: Callable[[dict], None] | None = None) -> str:
+    """Write a model to ``path``; return the path.
+
+    ``ffn_type``: one type for the FFN weights or a mapping {"gate"/"up"/"down": type}.
+    ``arch`` defaults to "llama" when gated and "gpt2" (an ungated FFN) otherwise.
+    ``edit(tensors)`` may change {name: (float32 values or (raw, raw_dtype))} before writing, to make
+    broken models for tests.
+    """
+    path = os.fspath(path)
+    arch = arch or ("llama" if gated else "gpt2")
+    if arch == "llama" and not gated:
+        raise ValueError("llama has a gated FFN; use arch='gpt2' for an ungated one")
+    rng = np.random.default_rng(seed)
+    tokens, scores, ttypes = tokenizer_vocab()
+    n_vocab = len(tokens)
+    kinds = ffn_type if isinstance(ffn_type, Mapping) else {k: ffn_type for k in ("gate", "up", "down")}
+
+    def w(*shape: int, scale: float | None = None) -> np.ndarray:
+        scale = scale if scale is not None else 1.0 / np.sqrt(shape[-1])
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    ones = lambda n: np.ones(n, dtype=np.float32)
+    zeros = lambda n: np.zeros(n, dtype=np.float32)
+    t: dict[str, object] = {"token_embd.weight": w(n_vocab, n_embd, scale=1.0)}
+    if arch == "gpt2":
+        t["position_embd.weight"] = w(n_ctx, n_embd, scale=0.1)
+    for i in range(n_layers):
+        b = f"blk.{i}"
+        t[f"{b}.attn_norm.weight"] = ones(n_embd)
+        if arch == "gpt2":
+            t[f"{b}.attn_norm.bias"] = zeros(n_embd)
+            t[f"{b}.attn_qkv.weight"] = w(3 * n_embd, n_embd)
+            t[f"{b}.attn_qkv.bias"] = zeros(3 * n_embd)
+            t[f"{b}.attn_output.weight"] = w(n_embd, n_embd)
+            t[f"{b}.attn_output.bias"] = zeros(n_embd)
+        else:
+            for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+                t[f"{b}.{name}.weight"] = w(n_embd, n_embd)
+        t[f"{b}.ffn_norm.weight"] = ones(n_embd)
+        if arch == "gpt2":
+            t[f"{b}.ffn_norm.bias"] = zeros(n_embd)
+        # numpy shape (rows, cols) = ggml (ne1, ne0): gate/up are n_ff rows of n_embd.
+        if gated:
+            t[f"{b}.ffn_gate.weight"] = encode(w(n_ff, n_embd), _qtype(kinds.get("gate")))
+        t[f"{b}.ffn_up.weight"] = encode(w(n_ff, n_embd), _qtype(kinds.get("up")))
+        t[f"{b}.ffn_down.weight"] = encode(w(n_embd, n_ff), _qtype(kinds.get("down")))
+        if arch == "gpt2":
+            t[f"{b}.ffn_up.bias"] = zeros(n_ff)
+            t[f"{b}.ffn_down.bias"] = zeros(n_embd)
+    t["output_norm.weight"] = ones(n_embd)
+    if arch == "gpt2":
+        t["output_norm.bias"] = zeros(n_embd)
+    t["output.weight"] = w(n_vocab, n_embd)
+    if edit is not None:
+        edit(t)
+
+    wr = gguf.GGUFWriter(path, arch)
+    wr.add_name(f"synthetic-{arch}")
+    wr.add_context_length(n_ctx)
+    wr.add_embedding_length(n_embd)
+    wr.add_block_count(n_layers)
+    wr.add_feed_forward_length(n_ff)
+    wr.add_head_count(n_head)
+    if arch == "gpt2":
+        wr.add_layer_norm_eps(1e-5)
+    else:
+        wr.add_head_count_kv(n_head)
+        wr.add_layer_norm_rms_eps(1e-5)
+        wr.add_rope_dimension_count(n_embd // n_head)
+    wr.add_file_type(0)
+    wr.add_tokenizer_model("llama")
+    wr.add_token_list(tokens)
+    wr.add_token_scores(scores)
+    wr.add_token_types(ttypes)
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(2)
+    wr.add_unk_token_id(0)
+    for name, v in t.items():
+        if isinstance(v, tuple):
+            arr, raw_dtype = v
+            wr.add_tensor(name, arr, raw_dtype=raw_dtype)
+        else:
+            wr.add_tensor(name, v)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return path
+
+
+_LOGITS_SCRIPT = """
+import sys, numpy as np, llama_cpp
+tokens = [int(t) for t in sys.argv[1].split(",")]
+out = []
+for path in sys.argv[3:]:
+    llm = llama_cpp.Llama(model_path=path, n_ctx=256, logits_all=True, n_threads=1, n_batch=64, verbose=False)
+    llm.eval(tokens)
+    out.append(np.array(llm.scores[:len(tokens)], dtype=np.float32))
+    llm.close()
+np.save(sys.argv[2], np.stack(out))
+"""
+
+
+def stock_logits(paths: list, tokens: list[int]) -> list[np.ndarray]:
+    """Logits of every position for ``tokens`` from *stock* llama.cpp, one array per model.
+
+    Runs in a fresh interpreter that never imports ripple_gguf (whose import registers the RIPPLE
+    backend), with n_threads=1 so results are deterministic.
+    """
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "logits.npy")
+        r = subprocess.run([sys.executable, "-c", _LOGITS_SCRIPT, ",".join(map(str, tokens)), out,
+                            *map(os.fspath, paths)], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"llama.cpp failed on {paths}: {r.stderr[-2000:]}")
+        return list(np.load(out))

@@ -1,0 +1,228 @@
+"""The ripple-packed file format: layout, reader, and detection of damaged files."""
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+
+import gguf
+import numpy as np
+import pytest
+
+from ripple_gguf import constants as C
+from ripple_gguf.constants import Keys
+from ripple_gguf.convert import convert
+from ripple_gguf.format import RippleFile, RippleFormatError, read_gguf_header
+from synth import make_model
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fmt")
+    src = make_model(d / "src.gguf", n_layers=3, ffn_type={"gate": "q8_0", "up": "q4_0", "down": "f16"})
+    dst = d / "src.ripple.gguf"
+    convert(src, dst, quiet=True)
+    return src, str(dst)
+
+
+def _copy(path, tmp_path, name="copy.gguf"):
+    out = tmp_path / name
+    shutil.copyfile(path, out)
+    return str(out)
+
+
+def test_standard_part_is_the_source(packed):
+    src, dst = packed
+    a, b = gguf.GGUFReader(src), gguf.GGUFReader(dst)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert ta.keys() == tb.keys()
+    for name, t in ta.items():
+        u = tb[name]
+        assert (t.tensor_type, list(t.shape)) == (u.tensor_type, list(u.shape))
+        assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(u.data).view(np.uint8)), name
+    for key, f in a.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        assert b.fields[key].types == f.types
+        assert all(np.array_equal(x, y) for x, y in zip(f.parts, b.fields[key].parts)), key
+    assert {k for k in b.fields if k not in a.fields and not k.startswith("GGUF.")} == \
+        {k for k in b.fields if k.startswith("ripple.")}
+    # the FFN weight tensors hold the last data offsets
+    by_offset = [t.name for t in sorted(b.tensors, key=lambda t: t.data_offset)]
+    ffn = [f"blk.{i}.ffn_{k}.weight" for i in range(3) for k in ("gate", "up", "down")]
+    assert by_offset[-len(ffn):] == ffn
+
+
+def test_region_layout(packed):
+    src, dst = packed
+    rf = RippleFile.open(dst)
+    assert rf.file_size == os.path.getsize(dst)
+    assert rf.region_offset % C.ALIGNMENT == 0
+    assert rf.region_offset + rf.region_size == rf.file_size
+    assert rf.source.size == os.path.getsize(src) and rf.source.name == "src.gguf"
+    with open(dst, "rb") as f:
+        f.seek(rf.region_offset)
+        head = f.read(C.HEADER_SIZE)
+        f.seek(rf.file_size - C.FOOTER_SIZE)
+        foot = f.read()
+    magic, version, n_layers, size, rid = struct.unpack_from("<8sIIQ32s", head)
+    assert (magic, version, n_layers, size, rid.hex()) == (C.REGION_MAGIC, 1, 3, rf.region_size, rf.region_id)
+    assert head[struct.calcsize("<8sIIQ32s"):] == bytes(C.HEADER_SIZE - struct.calcsize("<8sIIQ32s"))
+    fmagic, fsize, fid = struct.unpack_from("<8sQ32s", foot)
+    assert (fmagic, fsize, fid.hex(), len(foot)) == (C.FOOTER_MAGIC, rf.region_size, rf.region_id, C.FOOTER_SIZE)
+    prev_end = rf.region_offset + C.HEADER_SIZE
+    for i, l in enumerate(rf.layers):
+        assert l.block == i and l.n_ff == 128 and l.n_embd == 64
+        assert (l.bundles_offset - rf.region_offset) % C.ALIGNMENT == 0 and l.bundles_offset >= prev_end
+        assert l.bundle_size == 68 + 36 + 128  # q8_0 row + q4_0 row + f16 column
+        assert l.order.dtype == np.int32 and np.array_equal(l.order, np.arange(128))
+        prev_end = l.bundles_offset + l.n_ff * l.bundle_size
+    assert rf.metadata[Keys.Placement.METHOD] == "original"
+    rf.check_quick()
+    rf.verify_full()
+
+
+def test_layer_desc_offsets_point_at_standard_tensors(packed):
+    _, dst = packed
+    rf = RippleFile.open(dst)
+    r = gguf.GGUFReader(dst)
+    offs = {t.name: t.data_offset for t in r.tensors}
+    for l in rf.layers:
+        assert l.gate_offset == offs[f"blk.{l.block}.ffn_gate.weight"]
+        assert l.up_offset == offs[f"blk.{l.block}.ffn_up.weight"]
+        assert l.down_offset == offs[f"blk.{l.block}.ffn_down.weight"]
+        assert (l.gate_type, l.up_type, l.down_type, l.down_src_type) == (8, 2, 1, 1)
+
+
+def test_deterministic(packed, tmp_path):
+    src, dst = packed
+    again = tmp_path / "again.gguf"
+    convert(src, again, quiet=True)
+    with open(dst, "rb") as a, open(again, "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_to_json_and_is_ripple(packed):
+    src, dst = packed
+    assert RippleFile.is_ripple(dst) and not RippleFile.is_ripple(src)
+    j = RippleFile.open(dst).to_json()
+    assert j["format_version"] == 1 and j["placement"]["method"] == "original"
+    assert j["region"]["id"] == RippleFile.open(dst).region_id
+    assert [l["block"] for l in j["layers"]] == [0, 1, 2] and "order" not in j["layers"][0]
+    assert j["layers"][0]["down_type"] == "F16"
+
+
+def test_open_rejects_plain_gguf(packed):
+    src, _ = packed
+    with pytest.raises(RippleFormatError, match="src.gguf.*not a ripple-packed"):
+        RippleFile.open(src)
+
+
+def test_truncated_file_detected(packed, tmp_path):
+    _, dst = packed
+    p = _copy(dst, tmp_path)
+    with open(p, "r+b") as f:
+        f.truncate(os.path.getsize(p) - 100)
+    rf = RippleFile.open(p)  # metadata still parses
+    with pytest.raises(RippleFormatError, match="copy.gguf.*file size"):
+        rf.check_quick()
+    with pytest.raises(RippleFormatError, match="copy.gguf"):
+        rf.verify_full()
+
+
+def test_truncated_into_tensor_data_detected(packed, tmp_path):
+    _, dst = packed
+    p = _copy(dst, tmp_path)
+    with open(p, "r+b") as f:
+        f.truncate(RippleFile.open(dst).region_offset - 4096)
+    with pytest.raises(RippleFormatError, match="copy.gguf.*truncated"):
+        RippleFile.open(p)
+
+
+def test_corrupt_header_detected(packed, tmp_path):
+    _, dst = packed
+    p = _copy(dst, tmp_path)
+    with open(p, "r+b") as f:
+        f.write(b"XXXX")
+    with pytest.raises(RippleFormatError, match="copy.gguf.*not a GGUF"):
+        RippleFile.open(p)
+    p2 = _copy(dst, tmp_path, "kv.gguf")
+    with open(p2, "r+b") as f:
+        f.seek(16)
+        f.write(struct.pack("<Q", 1 << 40))  # absurd key count
+    with pytest.raises(RippleFormatError, match="kv.gguf.*corrupt"):
+        RippleFile.open(p2)
+
+
+def test_altered_bundle_detected(packed, tmp_path):
+    _, dst = packed
+    rf = RippleFile.open(dst)
+    l = rf.layers[1]
+    # a byte of the down column of a bundle check_quick does not sample
+    p = _copy(dst, tmp_path)
+    pos = l.bundles_offset + 5 * l.bundle_size + l.bundle_size - 1
+    with open(p, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0xFF]))
+    RippleFile.open(p).check_quick()  # cheap check samples only a few bundles
+    with pytest.raises(RippleFormatError, match="copy.gguf.*sha256"):
+        RippleFile.open(p).verify_full()
+    # a sampled bundle's up row
+    p2 = _copy(dst, tmp_path, "up.gguf")
+    pos = l.bundles_offset + l.gate_row_size
+    with open(p2, "r+b") as f:
+        f.seek(pos)
+        f.write(b"\xAA\x55")
+    with pytest.raises(RippleFormatError, match="up.gguf.*layer 1.*up row"):
+        RippleFile.open(p2).check_quick()
+
+
+def test_bundles_checked_against_tensors_not_only_checksum(packed, tmp_path):
+    """A region whose checksum was recomputed still has to match the standard tensors."""
+    _, dst = packed
+    rf = RippleFile.open(dst)
+    l = rf.layers[0]
+    p = _copy(dst, tmp_path)
+    with open(p, "r+b") as f:
+        pos = l.bundles_offset + 7 * l.bundle_size + l.bundle_size - 2
+        f.seek(pos)
+        f.write(b"\x12\x34")
+    r = gguf.GGUFReader(p, "r+")  # patch the checksum in place
+    import hashlib
+    with open(p, "rb") as f:
+        f.seek(rf.region_offset)
+        digest = hashlib.sha256(f.read(rf.region_size)).hexdigest()
+    field = r.fields[Keys.Region.SHA256]
+    field.parts[field.data[0]][:] = np.frombuffer(digest.encode(), dtype=np.uint8)
+    r.data.flush()
+    del r
+    with pytest.raises(RippleFormatError, match="copy.gguf.*layer 0.*neuron 7"):
+        RippleFile.open(p).verify_full()
+
+
+def test_region_from_another_file_detected(packed, tmp_path):
+    src, dst = packed
+    other_src = make_model(tmp_path / "other.gguf", n_layers=3, seed=1,
+                           ffn_type={"gate": "q8_0", "up": "q4_0", "down": "f16"})
+    other = tmp_path / "other.ripple.gguf"
+    convert(other_src, other, quiet=True)
+    a, b = RippleFile.open(dst), RippleFile.open(other)
+    assert a.region_size == b.region_size
+    p = _copy(dst, tmp_path, "mixed.gguf")
+    with open(other, "rb") as f, open(p, "r+b") as g:
+        f.seek(b.region_offset)
+        g.seek(a.region_offset)
+        g.write(f.read())
+    with pytest.raises(RippleFormatError, match="mixed.gguf.*region header"):
+        RippleFile.open(p).check_quick()
+
+
+def test_header_reader_matches_gguf_py(packed):
+    _, dst = packed
+    h = read_gguf_header(dst)
+    r = gguf.GGUFReader(dst)
+    assert [t.name for t in h.tensors] == [t.name for t in r.tensors]
+    assert [h.data_offset + t.offset for t in h.tensors] == [int(t.data_offset) for t in r.tensors]
+    assert [t.nbytes for t in h.tensors] == [int(t.n_bytes) for t in r.tensors]

@@ -1,0 +1,188 @@
+"""The RIPPLE backend inside stock llama.cpp: exact-mode logits against stock for every tensor
+type, gated and ungated FFNs, counters, and the failures it must report instead of computing."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import llama_cpp
+import ripple_gguf
+from ripple_gguf.convert import convert
+from ripple_gguf.format import RippleFile, RippleFormatError
+from synth import make_model, stock_logits
+
+TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 200, 3, 17]
+FLOATS = ["F32", "F16", "BF16"]
+LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def _dims(type_name: str) -> dict:
+    return dict(n_embd=256, n_ff=512, n_layers=2) if type_name.endswith("_K") else dict(n_embd=64, n_ff=192, n_layers=2)
+
+
+def plugin_logits(path, tokens=TOKENS, n_batch=64) -> np.ndarray:
+    llm = llama_cpp.Llama(model_path=os.fspath(path), n_ctx=256, logits_all=True, n_threads=1, n_batch=n_batch,
+                          verbose=False)
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / (b.max() - b.min()))
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("type_name", FLOATS + LEGACY + KQUANTS)
+def test_exact_mode_matches_stock(tmp_path, type_name, gated):
+    """With the down columns stored exactly (f32), every FFN matmul computed from bundles gives
+    stock's logits; with the default (source type) columns the re-quantization is the only
+    difference, and it stays small."""
+    src = make_model(tmp_path / "src.gguf", ffn_type=type_name, gated=gated, **_dims(type_name))
+    exact = tmp_path / "exact.ripple.gguf"
+    same = tmp_path / "same.ripple.gguf"
+    convert(src, exact, down_type="f32", quiet=True)
+    convert(src, same, quiet=True)
+    (stock,) = stock_logits([src], TOKENS)
+    ripple_gguf.reset_stats()
+    got = plugin_logits(exact)
+    s = ripple_gguf.stats()
+    n_layers = _dims(type_name)["n_layers"]
+    assert s["ffn_matmuls"] == n_layers * (3 if gated else 2)  # one ubatch: every FFN matmul served
+    assert s["neurons_computed"] == s["neurons_total"] > 0
+    # Quantized types: both sides round activations to 8 bits before the down projection, so a
+    # last-bit difference upstream (order of additions) can flip a rounding step; and Q4_1/Q5_1's
+    # vec_dot adds the block minimum times the activation block sum rounded to f16 (Q8_1's `s`)
+    # where the columns multiply the exact sum. Both stay within a few 1e-3 of the logit range.
+    assert rel_err(got, stock) < (1e-3 if type_name in FLOATS else 5e-3), type_name
+    assert (got.argmax(-1) == stock.argmax(-1)).all()
+    requant = plugin_logits(same)
+    # re-quantizing the transposed down projection adds about one more rounding of the source's
+    # own precision: small for 4+ bits, large for the 2-3 bit K-quants (random weights, no outliers)
+    tol = 1e-3 if type_name in FLOATS else 0.25 if type_name in ("Q2_K", "Q3_K") else 0.08
+    assert rel_err(requant, stock) < tol, type_name
+
+
+def test_batch_splits_and_thread_counts_agree(tmp_path):
+    src = make_model(tmp_path / "src.gguf", ffn_type="Q4_0", n_embd=64, n_ff=192, n_layers=3)
+    dst = tmp_path / "m.ripple.gguf"
+    convert(src, dst, down_type="f32", quiet=True)
+    one = plugin_logits(dst, n_batch=64)
+    small = plugin_logits(dst, n_batch=3)  # prompt processed in ubatches of 3 tokens
+    assert rel_err(small, one) < 1e-4
+    llm = llama_cpp.Llama(model_path=os.fspath(dst), n_ctx=256, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(TOKENS)
+    two = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
+    llm.close()
+    assert rel_err(two, one) < 1e-4
+
+
+def test_counters_and_cache(tmp_path):
+    src = make_model(tmp_path / "src.gguf", ffn_type="F16", n_embd=64, n_ff=128, n_layers=2)
+    dst = tmp_path / "m.ripple.gguf"
+    rf = convert(src, dst, quiet=True)
+    ffn_bytes = sum(l.n_ff * l.bundle_size for l in rf.layers)
+    try:
+        ripple_gguf.configure(cache_mb=0)
+        ripple_gguf.reset_stats()
+        plugin_logits(dst, TOKENS[:4])
+        s = ripple_gguf.stats()
+        assert s["bytes_read"] == ffn_bytes  # exact mode, no cache: every bundle once per token batch
+        assert s["read_ops"] == len(rf.layers)  # original order: one contiguous read per layer
+        assert s["cache_hits"] == 0 and s["cache_misses"] == sum(l.n_ff for l in rf.layers)
+        assert s["io_seconds"] > 0
+
+        ripple_gguf.configure(cache_mb=1)  # holds the whole FFN of this model
+        ripple_gguf.reset_stats()
+        llm = llama_cpp.Llama(model_path=os.fspath(dst), n_ctx=64, n_threads=1, verbose=False)
+        llm.eval(TOKENS[:2])
+        first = ripple_gguf.stats()
+        llm.eval(TOKENS[2:4])
+        second = ripple_gguf.stats()
+        llm.close()
+        assert first["bytes_read"] == ffn_bytes
+        assert second["bytes_read"] == ffn_bytes  # second batch served from the neuron cache
+        assert second["cache_hits"] - first["cache_hits"] == sum(l.n_ff for l in rf.layers)
+        assert 0 < second["cache_bytes"] <= second["cache_capacity"] <= 1024 * 1024
+    finally:
+        ripple_gguf.configure(cache_mb=ripple_gguf.runtime.DEFAULT_CACHE_MB)
+
+
+def test_other_gguf_files_are_left_to_llama_cpp(tmp_path):
+    src = make_model(tmp_path / "plain.gguf", ffn_type="Q8_0")
+    ripple_gguf.reset_stats()
+    got = plugin_logits(src)
+    assert ripple_gguf.stats()["ffn_matmuls"] == 0
+    (stock,) = stock_logits([src], TOKENS)
+    assert np.array_equal(got, stock)
+
+
+def test_io_error_fails_the_request(tmp_path):
+    src = make_model(tmp_path / "src.gguf", ffn_type="Q8_0")
+    dst = tmp_path / "m.ripple.gguf"
+    rf = convert(src, dst, quiet=True)
+    try:
+        ripple_gguf.configure(cache_mb=0)
+        llm = llama_cpp.Llama(model_path=os.fspath(dst), n_ctx=64, n_threads=1, verbose=False)
+        llm.eval(TOKENS[:2])
+        ripple_gguf.last_error()
+        # the bundle region disappears under the running model (a failing or replaced disk file)
+        os.truncate(dst, rf.layers[0].bundles_offset + 16)
+        with pytest.raises(RuntimeError, match="llama_decode returned"):
+            llm.eval(TOKENS[2:4])
+        msg = ripple_gguf.last_error()
+        assert str(dst) in msg and "end of the file" in msg
+        llm.close()
+    finally:
+        ripple_gguf.configure(cache_mb=ripple_gguf.runtime.DEFAULT_CACHE_MB)
+
+
+def test_modified_file_is_refused_at_load(tmp_path):
+    src = make_model(tmp_path / "src.gguf", ffn_type="Q4_0")
+    dst = tmp_path / "m.ripple.gguf"
+    rf = convert(src, dst, quiet=True)
+    bad = tmp_path / "modified.ripple.gguf"
+    shutil.copy(dst, bad)
+    with open(bad, "r+b") as f:  # flip bytes inside the first bundle
+        f.seek(rf.layers[0].bundles_offset + 5)
+        f.write(b"\xff\x00\xff")
+    with pytest.raises(RippleFormatError, match="modified.ripple.gguf"):
+        llama_cpp.Llama(model_path=os.fspath(bad), n_ctx=64, verbose=False)
+    truncated = tmp_path / "truncated.ripple.gguf"
+    shutil.copy(dst, truncated)
+    os.truncate(truncated, os.path.getsize(dst) - 4096)
+    with pytest.raises(RippleFormatError, match="truncated.ripple.gguf"):
+        llama_cpp.Llama(model_path=os.fspath(truncated), n_ctx=64, verbose=False)
+
+
+def test_wrong_llama_cpp_build_is_refused():
+    code = (
+        "import llama_cpp; llama_cpp.__version__ = '0.3.35'\n"
+        "try:\n    import ripple_gguf\nexcept ImportError as e:\n    print('refused:', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "refused:" in r.stdout and "0.3.36" in r.stdout and "0.3.35" in r.stdout, r.stdout + r.stderr
+
+
+def test_registration_is_idempotent_and_visible_to_llama_cpp():
+    import ctypes
+    from pathlib import Path
+
+    ripple_gguf.register()
+    ripple_gguf.register()
+    ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so.0"))  # libllama's instance
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_dev_name.restype = ctypes.c_char_p
+    ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    names = [ggml.ggml_backend_dev_name(ggml.ggml_backend_dev_get(i)) for i in range(ggml.ggml_backend_dev_count())]
+    assert names.count(b"RIPPLE") == 1, names
+    assert ripple_gguf.settings()["load_hook"] is True

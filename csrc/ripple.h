@@ -73,6 +73,13 @@ int ripple_model_bound_tensors(int handle);
 void ripple_set_cache_bytes(int64_t cache_bytes);
 int64_t ripple_get_cache_bytes(void);
 
+/* Where exact mode takes the down projection from: the standard ffn_down tensor (stock's own
+ * arithmetic, the default) or the down columns of the bundles (what sparse mode reads). */
+#define RIPPLE_EXACT_DOWN_TENSOR 0
+#define RIPPLE_EXACT_DOWN_BUNDLES 1
+int ripple_set_exact_down(int source);
+int ripple_get_exact_down(void);
+
 void ripple_get_stats(ripple_stats * out);
 void ripple_reset_stats(void);
 

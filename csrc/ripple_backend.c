@@ -181,6 +181,8 @@ typedef struct {
     int            ws_valid;
     uint8_t *      ws;
     size_t         ws_cap;
+    uint8_t *      dbuf; /* exact mode: the standard down tensor of the current layer */
+    size_t         dbuf_cap;
 } ripple_backend_ctx;
 
 static const char * ggml_backend_ripple_get_name(ggml_backend_t backend) {
@@ -192,6 +194,7 @@ static void ggml_backend_ripple_free(ggml_backend_t backend) {
     ripple_backend_ctx * ctx = backend->context;
     ripple_pool_free(ctx->pool);
     free(ctx->ws);
+    free(ctx->dbuf);
     free(ctx);
     free(backend);
 }
@@ -225,18 +228,64 @@ static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, int 
     return 0;
 }
 
+/* Exact mode reads the standard down tensor of the layer and runs stock's own dot products on its
+ * rows (down columns re-quantized along the other axis cannot reproduce stock's rounding). */
+static int down_from_tensor(ripple_backend_ctx * ctx, const ripple_binding * b, const struct ggml_tensor * src1,
+                            struct ggml_tensor * node) {
+    ripple_model * m = b->model;
+    const ripple_layer * L = &m->layers[b->layer];
+    const enum ggml_type t = (enum ggml_type) L->d.down_src_type;
+    const size_t row = ggml_row_size(t, L->d.n_ff);
+    const size_t need = row * (size_t) L->d.n_embd;
+    if (need > ctx->dbuf_cap) {
+        free(ctx->dbuf);
+        ctx->dbuf = malloc(need);
+        ctx->dbuf_cap = ctx->dbuf ? need : 0;
+        if (!ctx->dbuf) {
+            ripple_set_error("out of memory for a %zu-byte down projection", need);
+            return -1;
+        }
+    }
+    uint64_t t0 = ripple_now_ns();
+    int rc = ripple_pread_full(m->fd, ctx->dbuf, need, L->d.down_offset, m->path);
+    RIPPLE_COUNT(io_ns, ripple_now_ns() - t0);
+    RIPPLE_COUNT(read_ops, 1);
+    RIPPLE_COUNT(bytes_read, need);
+    if (rc != 0) {
+        return -1;
+    }
+    ripple_rows rows = { t, L->d.n_ff, L->d.n_embd, ctx->dbuf, row, NULL };
+    return ripple_kernel_rows(ctx->pool, ctx->n_threads, &rows, src1, node);
+}
+
 static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node) {
     const struct ggml_tensor * src0 = node->src[0];
     const struct ggml_tensor * src1 = node->src[1];
     const ripple_binding * b = binding_of(src0);
     const ripple_layer * L = &b->model->layers[b->layer];
-    if (ensure_layer(ctx, b, b->kind == RIPPLE_DOWN) != 0) {
+    const int down_tensor = b->kind == RIPPLE_DOWN && ripple_get_exact_down() == RIPPLE_EXACT_DOWN_TENSOR;
+    if (down_tensor) {
+        ctx->ws_valid = 0; /* the layer's bundles are done with */
+    } else if (ensure_layer(ctx, b, b->kind == RIPPLE_DOWN) != 0) {
         return -1;
     }
     uint64_t t0 = ripple_now_ns();
-    int rc = b->kind == RIPPLE_DOWN
-        ? ripple_kernel_down(ctx->pool, ctx->n_threads, L, ctx->ws, src1, node)
-        : ripple_kernel_up(ctx->pool, ctx->n_threads, L, b->kind, ctx->ws, src1, node);
+    int rc;
+    if (down_tensor) {
+        rc = down_from_tensor(ctx, b, src1, node);
+    } else if (b->kind == RIPPLE_DOWN) {
+        rc = ripple_kernel_down(ctx->pool, ctx->n_threads, L, ctx->ws, src1, node);
+    } else {
+        ripple_rows rows = {
+            /* .type    = */ (enum ggml_type) (b->kind == RIPPLE_GATE ? L->d.gate_type : L->d.up_type),
+            /* .row_len = */ L->d.n_embd,
+            /* .n_rows  = */ L->d.n_ff,
+            /* .base    = */ ctx->ws + (b->kind == RIPPLE_GATE ? 0 : L->gate_row),
+            /* .stride  = */ L->d.bundle_size,
+            /* .map     = */ L->pos_of,
+        };
+        rc = ripple_kernel_rows(ctx->pool, ctx->n_threads, &rows, src1, node);
+    }
     RIPPLE_COUNT(compute_ns, ripple_now_ns() - t0);
     RIPPLE_COUNT(ffn_matmuls, 1);
     RIPPLE_COUNT(neurons_computed, (uint64_t) L->d.n_ff * (uint64_t) src1->ne[1]);

@@ -97,10 +97,20 @@ void          ripple_pool_free(ripple_pool * p);
 typedef void (*ripple_task_fn)(void * arg, int ith, int nth);
 void          ripple_pool_run(ripple_pool * p, int n_threads, ripple_task_fn fn, void * arg);
 
-/* dst = W^T x for the gate or up part of the bundles in `ws` (position order) */
-int ripple_kernel_up(ripple_pool * pool, int n_threads, const ripple_layer * L, int kind,
-                     const uint8_t * ws, const struct ggml_tensor * src1, struct ggml_tensor * dst);
-/* dst = sum over neurons of h[neuron] * down column */
+/* Rows of one weight matrix wherever they lie: row i at base + (map ? map[i] : i) * stride. */
+typedef struct ripple_rows {
+    enum ggml_type  type;
+    int64_t         row_len;  /* values per row */
+    int64_t         n_rows;
+    const uint8_t * base;
+    size_t          stride;
+    const int32_t * map;
+} ripple_rows;
+
+/* dst[i, t] = dot(row i, src1[:, t]) with ggml's vec_dot (stock's arithmetic) */
+int ripple_kernel_rows(ripple_pool * pool, int n_threads, const ripple_rows * rows,
+                       const struct ggml_tensor * src1, struct ggml_tensor * dst);
+/* dst = sum over neurons of h[neuron] * down column of the bundles in `ws` (position order) */
 int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L,
                        const uint8_t * ws, const struct ggml_tensor * src1, struct ggml_tensor * dst);
 

@@ -124,69 +124,62 @@ void ripple_pool_run(ripple_pool * p, int n_threads, ripple_task_fn fn, void * a
     pthread_mutex_unlock(&p->mu);
 }
 
-/* ---- gate / up: one vec_dot per (neuron, token) on the byte-exact rows ---- */
+/* ---- rows kernel: dst[i, t] = dot(row i, x_t) with ggml's vec_dot, as stock's mul_mat does ----
+ * Used for the gate/up rows of bundles and, in exact mode, for the rows of the standard down tensor. */
 
 typedef struct {
-    const ripple_layer * L;
-    const uint8_t *      ws;
-    size_t               part_off;  /* byte offset of the part inside a bundle */
+    ripple_rows          rows;
     const uint8_t *      xq;        /* tokens converted to the vec_dot type */
     size_t               xq_stride;
     int64_t              n_tokens;
     struct ggml_tensor * dst;
     ggml_vec_dot_t       vec_dot;
-} up_job;
+} rows_job;
 
-static void up_task(void * v, int ith, int nth) {
-    up_job * j = v;
-    const int64_t n_ff = j->L->d.n_ff;
-    const int n_embd = j->L->d.n_embd;
-    const size_t bs = j->L->d.bundle_size;
-    const int64_t per = (n_ff + nth - 1) / nth;
+static void rows_task(void * v, int ith, int nth) {
+    rows_job * j = v;
+    const ripple_rows * r = &j->rows;
+    const int64_t per = (r->n_rows + nth - 1) / nth;
     const int64_t i0 = per * ith;
-    const int64_t i1 = i0 + per < n_ff ? i0 + per : n_ff;
+    const int64_t i1 = i0 + per < r->n_rows ? i0 + per : r->n_rows;
     for (int64_t i = i0; i < i1; i++) {
-        const uint8_t * row = j->ws + (size_t) j->L->pos_of[i] * bs + j->part_off;
+        const uint8_t * row = r->base + (size_t) (r->map ? r->map[i] : i) * r->stride;
         for (int64_t t = 0; t < j->n_tokens; t++) {
             float * out = (float *) ((char *) j->dst->data + i * j->dst->nb[0] + t * j->dst->nb[1]);
-            j->vec_dot(n_embd, out, 0, row, 0, j->xq + t * j->xq_stride, 0, 1);
+            j->vec_dot((int) r->row_len, out, 0, row, 0, j->xq + t * j->xq_stride, 0, 1);
         }
     }
 }
 
-int ripple_kernel_up(ripple_pool * pool, int n_threads, const ripple_layer * L, int kind,
-                     const uint8_t * ws, const struct ggml_tensor * src1, struct ggml_tensor * dst) {
-    const enum ggml_type wt = (enum ggml_type) (kind == RIPPLE_GATE ? L->d.gate_type : L->d.up_type);
-    const struct ggml_type_traits_cpu * tc = ggml_get_type_traits_cpu(wt);
+int ripple_kernel_rows(ripple_pool * pool, int n_threads, const ripple_rows * rows,
+                       const struct ggml_tensor * src1, struct ggml_tensor * dst) {
+    const struct ggml_type_traits_cpu * tc = ggml_get_type_traits_cpu(rows->type);
     const enum ggml_type vt = tc->vec_dot_type;
     const int64_t n_tokens = src1->ne[1];
-    const int n_embd = L->d.n_embd;
-    const size_t xq_stride = ggml_row_size(vt, n_embd);
+    const size_t xq_stride = ggml_row_size(vt, rows->row_len);
     uint8_t * xq = malloc(xq_stride * (size_t) n_tokens);
     if (!xq || !tc->vec_dot) {
         free(xq);
-        ripple_set_error("no vec_dot for type %s", ggml_type_name(wt));
+        ripple_set_error("no vec_dot for type %s", ggml_type_name(rows->type));
         return -1;
     }
     for (int64_t t = 0; t < n_tokens; t++) {
         const float * x = (const float *) ((const char *) src1->data + t * src1->nb[1]);
         if (vt == GGML_TYPE_F32) {
-            memcpy(xq + t * xq_stride, x, sizeof(float) * (size_t) n_embd);
+            memcpy(xq + t * xq_stride, x, sizeof(float) * (size_t) rows->row_len);
         } else {
-            ggml_get_type_traits_cpu(vt)->from_float(x, xq + t * xq_stride, n_embd);
+            ggml_get_type_traits_cpu(vt)->from_float(x, xq + t * xq_stride, rows->row_len);
         }
     }
-    up_job j = {
-        /* .L         = */ L,
-        /* .ws        = */ ws,
-        /* .part_off  = */ kind == RIPPLE_GATE ? 0 : L->gate_row,
+    rows_job j = {
+        /* .rows      = */ *rows,
         /* .xq        = */ xq,
         /* .xq_stride = */ xq_stride,
         /* .n_tokens  = */ n_tokens,
         /* .dst       = */ dst,
         /* .vec_dot   = */ tc->vec_dot,
     };
-    ripple_pool_run(pool, n_threads, up_task, &j);
+    ripple_pool_run(pool, n_threads, rows_task, &j);
     free(xq);
     return 0;
 }

@@ -20,6 +20,7 @@ static ripple_model *  g_models;
 static ripple_model *  g_loading;
 static int             g_next_handle = 1;
 static int64_t         g_cache_bytes = 0;
+static int             g_exact_down = RIPPLE_EXACT_DOWN_TENSOR;
 static char            g_error[1024];
 
 uint64_t ripple_now_ns(void) {
@@ -425,6 +426,18 @@ void ripple_set_cache_bytes(int64_t cache_bytes) {
         pthread_mutex_unlock(&m->mu);
     }
     pthread_mutex_unlock(&g_mu);
+}
+
+int ripple_set_exact_down(int source) {
+    if (source != RIPPLE_EXACT_DOWN_TENSOR && source != RIPPLE_EXACT_DOWN_BUNDLES) {
+        return -1;
+    }
+    __atomic_store_n(&g_exact_down, source, __ATOMIC_RELAXED);
+    return 0;
+}
+
+int ripple_get_exact_down(void) {
+    return __atomic_load_n(&g_exact_down, __ATOMIC_RELAXED);
 }
 
 int64_t ripple_get_cache_bytes(void) {

@@ -132,34 +132,48 @@ def _begin_load(rf: RippleFile) -> int:
     return handle
 
 
+EXACT_DOWN = {"tensor": 0, "bundles": 1}
+
+
 def _configure_from_env() -> None:
     mb = os.environ.get("RIPPLE_CACHE_MB")
     if mb is None:
-        configure(cache_mb=DEFAULT_CACHE_MB)
-        return
-    try:
-        value = float(mb)
-    except ValueError:
-        raise ValueError(f"RIPPLE_CACHE_MB must be a number of MiB, got {mb!r}") from None
-    configure(cache_mb=value)
+        cache_mb = DEFAULT_CACHE_MB
+    else:
+        try:
+            cache_mb = float(mb)
+        except ValueError:
+            raise ValueError(f"RIPPLE_CACHE_MB must be a number of MiB, got {mb!r}") from None
+    configure(cache_mb=cache_mb, exact_down=os.environ.get("RIPPLE_EXACT_DOWN", "tensor"))
 
 
-def configure(*, cache_mb: Optional[float] = None) -> Dict[str, object]:
+def configure(*, cache_mb: Optional[float] = None, exact_down: Optional[str] = None) -> Dict[str, object]:
     """Change runtime settings; returns the settings in force.
 
     cache_mb: byte budget of the DRAM neuron cache of each loaded ripple model, in MiB
-    (0 disables the cache). Also set by the ``RIPPLE_CACHE_MB`` environment variable.
+    (0 disables the cache). Environment: ``RIPPLE_CACHE_MB``.
+    exact_down: where the down projection comes from when every neuron is computed:
+    ``"tensor"`` (default) runs stock llama.cpp's own dot products on the rows of the standard
+    ffn_down tensor, read from the file, so results equal stock's; ``"bundles"`` sums the down
+    columns of the bundles, the path that reads only the needed neurons.
+    Environment: ``RIPPLE_EXACT_DOWN``.
     """
     if cache_mb is not None:
         if cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         _native.lib.ripple_set_cache_bytes(int(cache_mb * 1024 * 1024))
+    if exact_down is not None:
+        if exact_down not in EXACT_DOWN:
+            raise ValueError(f"exact_down must be one of {', '.join(EXACT_DOWN)}, got {exact_down!r}")
+        _native.lib.ripple_set_exact_down(EXACT_DOWN[exact_down])
     return settings()
 
 
 def settings() -> Dict[str, object]:
+    down = _native.lib.ripple_get_exact_down()
     return {
         "cache_mb": _native.lib.ripple_get_cache_bytes() / (1024 * 1024),
+        "exact_down": next(k for k, v in EXACT_DOWN.items() if v == down),
         "load_hook": bool(_native.lib.ripple_loadhook_active()),
         "load_hook_error": _state["load_hook_error"],
         "library": str(_native.library_path),

@@ -1,4 +1,4 @@
-"""The ``ripple-gguf`` command: convert, inspect, verify (one function per subcommand)."""
+"""The ``ripple-gguf`` command: convert, inspect, verify, quickstart (one function per subcommand)."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from ripple_gguf import quickstart
+
+    return quickstart.run(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=C.TOOL_NAME, description="Pack GGUF models for flash-resident FFN inference.")
     p.add_argument("--version", action="version", version=f"{C.TOOL_NAME} {C.TOOL_VERSION}")
@@ -72,12 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a ripple-packed file's region against its tensors")
     v.add_argument("file", metavar="FILE")
     v.set_defaults(func=_cmd_verify)
+
+    q = sub.add_parser("quickstart", add_help=False,
+                       help="install the default model (SmolLM2-135M), pack it and generate with the plugin")
+    q.add_argument("args", nargs=argparse.REMAINDER, help="options of the quickstart (--help lists them)")
+    q.set_defaults(func=_cmd_quickstart)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["quickstart"]:  # its own parser takes every option after the word
+        args = argparse.Namespace(func=_cmd_quickstart, args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as e:  # RippleFormatError is a ValueError

@@ -7,17 +7,15 @@ also what ``verify`` uses to re-derive the region from a packed file's own stand
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import importlib.util
 import os
 import sys
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
+from ripple_gguf import _native as rows  # ggml's own row conversions
 from ripple_gguf import constants as C
 from ripple_gguf.format import (FLOAT_TYPES, SUPPORTED_FFN_TYPES, GGUFHeader, RippleFile,
                                 RippleFormatError, RippleLayer, SourceInfo, block_size, ffn_layers_of,
@@ -30,62 +28,6 @@ PLACEMENTS = ("original",)
 _K_FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 
 
-# --- row conversions: ggml's own (through ripple_gguf._native once it is built) ---------------
-
-class _DevRows:
-    """Development stand-in for ``ripple_gguf._native`` (same API).
-
-    Dequantizes with gguf-py (tested bit-exact against ggml) and quantizes with ggml's own
-    ``ggml_quantize_chunk`` from llama-cpp-python's libggml-base, since gguf-py has no K-quant or
-    IQ4_NL quantizer.
-    """
-
-    def __init__(self) -> None:
-        self._lib = None
-
-    def _ggml(self):
-        if self._lib is None:
-            spec = importlib.util.find_spec("llama_cpp")
-            if spec is None or not spec.submodule_search_locations:
-                raise RuntimeError("quantizing needs ripple_gguf._native or llama-cpp-python")
-            libdir = Path(list(spec.submodule_search_locations)[0]) / "lib"
-            path = next((p for p in (libdir / "libggml-base.so.0", libdir / "libggml-base.so",
-                                     libdir / "libggml-base.dylib") if p.exists()), None)
-            if path is None:
-                raise RuntimeError(f"libggml-base not found in {libdir}")
-            lib = ctypes.CDLL(str(path))
-            lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-            lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-            self._lib = lib
-        return self._lib
-
-    @staticmethod
-    def row_size(ggml_type: int, n_per_row: int) -> int:
-        return row_size(ggml_type, n_per_row)
-
-    @staticmethod
-    def dequantize(ggml_type: int, raw: np.ndarray, nrows: int, n_per_row: int) -> np.ndarray:
-        import gguf.quants
-        rows = np.asarray(raw, dtype=np.uint8).reshape(nrows, row_size(ggml_type, n_per_row))
-        return gguf.quants.dequantize(rows, T(ggml_type)).astype(np.float32, copy=False).reshape(nrows, n_per_row)
-
-    def quantize(self, ggml_type: int, values: np.ndarray) -> np.ndarray:
-        src = np.ascontiguousarray(values, dtype=np.float32)
-        nrows, n_per_row = src.shape
-        dst = np.empty((nrows, row_size(ggml_type, n_per_row)), dtype=np.uint8)
-        n = self._ggml().ggml_quantize_chunk(int(ggml_type), src.ctypes.data, dst.ctypes.data, 0,
-                                             nrows, n_per_row, None)
-        assert n == dst.nbytes, (n, dst.nbytes)
-        return dst
-
-
-try:
-    from ripple_gguf import _native as rows  # type: ignore[attr-defined]
-    ROWS_BACKEND = "native"
-except (ImportError, OSError):
-    rows = _DevRows()
-    ROWS_BACKEND = "dev (gguf-py dequantize + libggml-base ggml_quantize_chunk)"
 
 
 def to_f32(ggml_type: int, raw: np.ndarray, nrows: int, n_per_row: int) -> np.ndarray:

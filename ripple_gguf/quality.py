@@ -2,10 +2,16 @@
 agreement, and the held-out evaluation text that ships with every CPython."""
 from __future__ import annotations
 
+import json
 import os
-from typing import List, Sequence
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from ._stock_eval import greedy, logits_of
 
 
 def heldout_text(n_chars: int = 20000) -> str:
@@ -22,11 +28,37 @@ def heldout_text(n_chars: int = 20000) -> str:
     return "\n".join(reversed(text))[-n_chars:]
 
 
-def sequence_logits(llm, tokens: Sequence[int]) -> np.ndarray:
-    """Logits at every position of ``tokens`` (the context must be fresh and logits_all on)."""
-    llm.reset()
-    llm.eval(list(tokens))
-    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+def run(path: os.PathLike, *, tokens: Sequence[int] = (), prompt_tokens: Sequence[int] = (), n_greedy: int = 0,
+        stock: bool = False, n_ctx: int = 512, n_threads: int = 2, n_batch: int = 512) -> Dict[str, np.ndarray]:
+    """{"logits": logits at every position of ``tokens``, "greedy": ``n_greedy`` argmax tokens after
+    ``prompt_tokens``} from llama.cpp on ``path``: in this process (the plugin is active for
+    ripple-packed files), or with ``stock=True`` in a fresh interpreter that never imports
+    ripple_gguf, i.e. stock llama.cpp."""
+    spec = dict(tokens=list(map(int, tokens)), prompt_tokens=list(map(int, prompt_tokens)), n_greedy=n_greedy,
+                n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch)
+    if stock:
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "out.npz")
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_stock_eval.py")
+            r = subprocess.run([sys.executable, script, os.fspath(path), out, json.dumps(spec)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"stock llama.cpp failed on {path}: {r.stderr[-2000:]}")
+            with np.load(out) as z:
+                return {k: z[k] for k in z.files}
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=os.fspath(path), n_ctx=n_ctx, logits_all=True, n_threads=n_threads,
+                          n_batch=n_batch, verbose=False)
+    try:
+        result = {}
+        if spec["tokens"]:
+            result["logits"] = logits_of(llm, spec["tokens"])
+        if n_greedy:
+            result["greedy"] = np.array(greedy(llm, spec["prompt_tokens"], n_greedy), dtype=np.int64)
+        return result
+    finally:
+        llm.close()
 
 
 def perplexity(logits: np.ndarray, tokens: Sequence[int]) -> float:
@@ -42,7 +74,7 @@ def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).mean())
 
 
-def tokenize(path: os.PathLike, text: str, n_tokens: int) -> List[int]:
+def tokenize(path: os.PathLike, text: str, n_tokens: Optional[int] = None) -> List[int]:
     """The first ``n_tokens`` tokens of ``text`` with the model's own tokenizer (BOS first)."""
     import llama_cpp
 
@@ -51,6 +83,8 @@ def tokenize(path: os.PathLike, text: str, n_tokens: int) -> List[int]:
         toks = llm.tokenize(text.encode(), add_bos=True)
     finally:
         llm.close()
+    if n_tokens is None:
+        return toks
     if len(toks) < n_tokens:
         raise ValueError(f"the text has only {len(toks)} tokens, {n_tokens} wanted")
     return toks[:n_tokens]

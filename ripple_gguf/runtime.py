@@ -75,7 +75,7 @@ def _wrap_model_loader() -> None:
 
     def llama_model_load_from_file(path_model: bytes, params, /):
         path = os.fsdecode(path_model)
-        if not RippleFile.is_ripple(path):
+        if getattr(params, "vocab_only", False) or not RippleFile.is_ripple(path):
             return orig(path_model, params)
         rf = RippleFile.open(path)
         rf.check_quick()

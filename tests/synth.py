@@ -139,32 +139,9 @@ def make_model(path: os.PathLike | str, *, n_layers: int = 2, n_embd: int = 64, 
     return path
 
 
-_LOGITS_SCRIPT = """
-import sys, numpy as np, llama_cpp
-tokens = [int(t) for t in sys.argv[1].split(",")]
-out = []
-for path in sys.argv[3:]:
-    llm = llama_cpp.Llama(model_path=path, n_ctx=256, logits_all=True, n_threads=1, n_batch=64, verbose=False)
-    llm.eval(tokens)
-    out.append(np.array(llm.scores[:len(tokens)], dtype=np.float32))
-    llm.close()
-np.save(sys.argv[2], np.stack(out))
-"""
-
-
 def stock_logits(paths: list, tokens: list[int]) -> list[np.ndarray]:
-    """Logits of every position for ``tokens`` from *stock* llama.cpp, one array per model.
+    """Logits of every position for ``tokens`` from *stock* llama.cpp, one array per model: a fresh
+    interpreter that never imports ripple_gguf, n_threads=1 so results are deterministic."""
+    from ripple_gguf import quality
 
-    Runs in a fresh interpreter that never imports ripple_gguf (whose import registers the RIPPLE
-    backend), with n_threads=1 so results are deterministic.
-    """
-    import subprocess
-    import sys
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "logits.npy")
-        r = subprocess.run([sys.executable, "-c", _LOGITS_SCRIPT, ",".join(map(str, tokens)), out,
-                            *map(os.fspath, paths)], capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"llama.cpp failed on {paths}: {r.stderr[-2000:]}")
-        return list(np.load(out))
+    return [quality.run(p, tokens=tokens, stock=True, n_ctx=256, n_threads=1, n_batch=64)["logits"] for p in paths]

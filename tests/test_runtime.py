@@ -12,6 +12,7 @@ import pytest
 
 import llama_cpp
 import ripple_gguf
+from ripple_gguf import quality
 from ripple_gguf.convert import convert
 from ripple_gguf.format import RippleFile, RippleFormatError
 from synth import make_model, stock_logits
@@ -27,13 +28,7 @@ def _dims(type_name: str) -> dict:
 
 
 def plugin_logits(path, tokens=TOKENS, n_batch=64) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=os.fspath(path), n_ctx=256, logits_all=True, n_threads=1, n_batch=n_batch,
-                          verbose=False)
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    finally:
-        llm.close()
+    return quality.run(path, tokens=tokens, n_ctx=256, n_threads=1, n_batch=n_batch)["logits"]
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

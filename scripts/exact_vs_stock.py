@@ -55,6 +55,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=257, help="held-out tokens evaluated (default 257)")
     ap.add_argument("--workdir", help="where variants are written (default: a temporary directory)")
     ap.add_argument("--json", help="write the results as JSON")
+    ap.add_argument("--down-columns", default="same,q8_0,f32",
+                    help="also measure exact_down='bundles' (the down columns) for these --down-type values "
+                         "(comma-separated, '' for none; default same,q8_0,f32)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ripple-exact-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -92,6 +95,16 @@ def main() -> int:
     }
     out["speed_tokens_per_s"] = {"stock": speed(src, False), "plugin": speed(q, True)}
 
+    out["down_columns"] = {}
+    ripple_gguf.configure(exact_down="bundles")
+    for dt in filter(None, args.down_columns.split(",")):
+        p = work / f"smol-down-{dt}.ripple.gguf"
+        convert(src, p, down_type=dt, quiet=True)
+        pl = quality.run(p, tokens=toks)["logits"]
+        out["down_columns"][dt] = {"file_bytes": p.stat().st_size, "top1_agreement": quality.top1_agreement(pl[:-1], st[:-1]),
+                                   "ppl_plugin": quality.perplexity(pl, toks)}
+    ripple_gguf.configure(exact_down="tensor")
+
     f, qq, sp = out["f16"], out["q4_1"], out["speed_tokens_per_s"]
     print(f"model {src.name}, {len(toks)} held-out tokens (pydoc_data topics)")
     print(f"F16 variant : max |logit diff| / range = {f['max_abs_logit_diff_over_range']:.2e}; "
@@ -100,6 +113,9 @@ def main() -> int:
           f"plugin {qq['ppl_plugin']:.4f} ({qq['ppl_plugin'] / qq['ppl_stock'] - 1:+.3%})")
     print(f"speed       : stock {sp['stock']:.1f} tokens/s, plugin {sp['plugin']:.1f} tokens/s "
           f"(plugin/stock {sp['plugin'] / sp['stock']:.2f})")
+    for dt, r in out["down_columns"].items():
+        print(f"down columns --down-type {dt:5s}: {r['file_bytes']:,} bytes; top-1 agreement {r['top1_agreement']:.4f}; "
+              f"perplexity {r['ppl_plugin']:.4f} (exact_down='bundles')")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -206,3 +206,26 @@ def test_registration_is_idempotent_and_visible_to_llama_cpp():
     names = [ggml.ggml_backend_dev_name(ggml.ggml_backend_dev_get(i)) for i in range(ggml.ggml_backend_dev_count())]
     assert names.count(b"RIPPLE") == 1, names
     assert ripple_gguf.settings()["load_hook"] is True
+
+
+def test_without_mmap_and_with_two_models_at_once(tmp_path):
+    """use_mmap=False hands set_tensor a staging copy (ignored: bundles are read from the file);
+    two models of the same file in one process each get their own binding and working set."""
+    src = make_model(tmp_path / "src.gguf", ffn_type="Q5_0", n_embd=64, n_ff=128, n_layers=2)
+    dst = tmp_path / "m.ripple.gguf"
+    convert(src, dst, quiet=True)
+    (stock,) = stock_logits([src], TOKENS)
+    kw = dict(model_path=os.fspath(dst), n_ctx=256, logits_all=True, n_threads=1, verbose=False)
+    a = llama_cpp.Llama(use_mmap=False, **kw)
+    b = llama_cpp.Llama(**kw)
+    assert ripple_gguf.last_load()["bound_tensors"] == 6
+    try:
+        for t in range(0, len(TOKENS), 4):  # interleave the two models' decodes
+            a.eval(TOKENS[t:t + 4])
+            b.eval(TOKENS[t:t + 4])
+        for llm in (a, b):
+            got = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
+            assert rel_err(got, stock) < 2e-3
+    finally:
+        a.close()
+        b.close()

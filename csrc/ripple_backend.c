@@ -199,6 +199,21 @@ static void ggml_backend_ripple_free(ggml_backend_t backend) {
     free(backend);
 }
 
+/* Grow a scratch buffer to at least `need` bytes (contents are not kept). */
+static int reserve(uint8_t ** buf, size_t * cap, size_t need, const char * what) {
+    if (need <= *cap) {
+        return 0;
+    }
+    free(*buf);
+    *buf = malloc(need);
+    *cap = *buf ? need : 0;
+    if (!*buf) {
+        ripple_set_error("out of memory for a %zu-byte %s", need, what);
+        return -1;
+    }
+    return 0;
+}
+
 static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, int for_down) {
     ripple_model * m = b->model;
     const ripple_layer * L = &m->layers[b->layer];
@@ -208,17 +223,10 @@ static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, int 
         }
         return 0;
     }
-    size_t need = (size_t) L->d.n_ff * L->d.bundle_size;
-    if (need > ctx->ws_cap) {
-        free(ctx->ws);
-        ctx->ws = malloc(need);
-        ctx->ws_cap = ctx->ws ? need : 0;
-        if (!ctx->ws) {
-            ripple_set_error("out of memory for a %zu-byte layer working set", need);
-            return -1;
-        }
-    }
     ctx->ws_valid = 0;
+    if (reserve(&ctx->ws, &ctx->ws_cap, (size_t) L->d.n_ff * L->d.bundle_size, "layer working set") != 0) {
+        return -1;
+    }
     if (ripple_store_fetch_layer(m, b->layer, NULL, ctx->ws) != 0) {
         return -1;
     }
@@ -237,14 +245,8 @@ static int down_from_tensor(ripple_backend_ctx * ctx, const ripple_binding * b, 
     const enum ggml_type t = (enum ggml_type) L->d.down_src_type;
     const size_t row = ggml_row_size(t, L->d.n_ff);
     const size_t need = row * (size_t) L->d.n_embd;
-    if (need > ctx->dbuf_cap) {
-        free(ctx->dbuf);
-        ctx->dbuf = malloc(need);
-        ctx->dbuf_cap = ctx->dbuf ? need : 0;
-        if (!ctx->dbuf) {
-            ripple_set_error("out of memory for a %zu-byte down projection", need);
-            return -1;
-        }
+    if (reserve(&ctx->dbuf, &ctx->dbuf_cap, need, "down projection") != 0) {
+        return -1;
     }
     uint64_t t0 = ripple_now_ns();
     int rc = ripple_pread_full(m->fd, ctx->dbuf, need, L->d.down_offset, m->path);

@@ -92,6 +92,12 @@ int64_t ripple_block_size(int32_t type);
 int ripple_dequantize_rows(int32_t type, const void * src, float * dst, int64_t nrows, int64_t n_per_row);
 size_t ripple_quantize_rows(int32_t type, const float * src, void * dst, int64_t nrows, int64_t n_per_row);
 
+/* Neuron placement (ripple_gguf/placement.py): the greedy Hamiltonian path over co-activation
+ * counts co (n*n row-major; only the upper triangle i < j and the diagonal = frequency are read).
+ * Writes the neuron id at each position to order[n]. 0 < n < 65536. Returns 0, or -1 on bad
+ * arguments or when out of memory. */
+int ripple_greedy_path(int32_t n, const uint32_t * co, int32_t * order);
+
 /* RIPPLE_CDEF_END */
 #pragma GCC visibility pop
 #ifdef __cplusplus

@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", metavar="DST.gguf")
     c.add_argument("--placement", choices=["original"], default="original",
                    help="neuron order on disk (default: original)")
-    c.add_argument("--down-type", choices=["same", "f16", "f32", "q8_0"], default="same",
-                   help="type of the transposed down columns (default: same as ffn_down)")
+    c.add_argument("--down-type", choices=["auto", "same", "f16", "f32", "q8_0"], default="auto",
+                   help="type of the transposed down columns: auto (default) keeps float and Q8_0 sources' "
+                        "type and stores Q8_0 for lower-bit sources; same = the type of ffn_down")
     c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=_cmd_convert)
 

@@ -21,7 +21,11 @@ from ripple_gguf.format import (FLOAT_TYPES, SUPPORTED_FFN_TYPES, GGUFHeader, Ri
                                 RippleFormatError, RippleLayer, SourceInfo, block_size, ffn_layers_of,
                                 read_gguf_header, row_size, type_name, write_ripple_gguf)
 
-DOWN_TYPES = {"same": None, "f16": T.F16, "f32": T.F32, "q8_0": T.Q8_0}
+DOWN_TYPES = {"auto": None, "same": None, "f16": T.F16, "f32": T.F32, "q8_0": T.Q8_0}
+# Measured on SmolLM2-135M Q4_1 (docs/BENCHMARKS.md): down columns re-quantized to Q4_1 along n_embd
+# raise perplexity by 8.6% when the columns are what the runtime multiplies; Q8_0 columns by 0.65%.
+# "auto" keeps float and 8-bit sources exact/as they are and stores Q8_0 columns for the rest.
+_AUTO_KEEPS = (T.F32, T.F16, T.BF16, T.Q8_0)
 PLACEMENTS = ("original",)
 
 # llama.cpp's fallback (llama-quant.cpp) when a row is not a whole number of 256-value super-blocks.
@@ -83,7 +87,10 @@ def make_layer_bundles(data: np.ndarray, layer: RippleLayer,
 def resolve_down_type(requested: str, down_src_type: int, n_embd: int) -> int:
     if requested not in DOWN_TYPES:
         raise ValueError(f"unknown down type {requested!r} (choose from {', '.join(DOWN_TYPES)})")
-    t = T(down_src_type) if DOWN_TYPES[requested] is None else DOWN_TYPES[requested]
+    if requested == "auto":
+        t = T(down_src_type) if T(down_src_type) in _AUTO_KEEPS else T.Q8_0
+    else:
+        t = T(down_src_type) if DOWN_TYPES[requested] is None else DOWN_TYPES[requested]
     if n_embd % block_size(t):
         t = _K_FALLBACK.get(t, t)
         if n_embd % block_size(t):
@@ -149,7 +156,7 @@ def sha256_file(path: str, chunk: int = 8 << 20) -> str:
 
 
 def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = "original",
-            orders: Mapping[int, np.ndarray] | None = None, down_type: str = "same",
+            orders: Mapping[int, np.ndarray] | None = None, down_type: str = "auto",
             quiet: bool = False) -> RippleFile:
     """Pack ``src`` into ``dst``. ``orders`` maps block -> permutation (default: identity)."""
     src, dst = os.fspath(src), os.fspath(dst)

@@ -65,7 +65,7 @@ def _check_bundles(src: str, rf: RippleFile) -> None:
 @pytest.mark.parametrize("type_name", FLOATS + LEGACY + KQUANTS)
 def test_round_trip_every_type(tmp_path, type_name):
     src = make_model(tmp_path / "m.gguf", ffn_type=type_name, **_dims(type_name))
-    rf = convert(src, tmp_path / "m.ripple.gguf", quiet=True)
+    rf = convert(src, tmp_path / "m.ripple.gguf", down_type="same", quiet=True)
     assert RippleFile.open(rf.path).layers[0].down_type == getattr(T, type_name)
     assert all(l.gate_type == l.up_type == l.down_src_type == getattr(T, type_name) for l in rf.layers)
     _check_bundles(src, rf)
@@ -76,14 +76,15 @@ def test_round_trip_every_type(tmp_path, type_name):
 @pytest.mark.parametrize("type_name", ["F16", "Q4_1", "Q6_K"])
 def test_round_trip_ungated(tmp_path, type_name):
     src = make_model(tmp_path / "m.gguf", gated=False, ffn_type=type_name, **_dims(type_name))
-    rf = convert(src, tmp_path / "m.ripple.gguf", quiet=True)
+    rf = convert(src, tmp_path / "m.ripple.gguf", down_type="same", quiet=True)
     assert all(l.gate_type == C.NO_GATE and l.gate_offset == 0 for l in rf.layers)
     assert rf.layers[0].bundle_size == 2 * rf.layers[0].up_row_size
     _check_bundles(src, rf)
     rf.verify_full()
 
 
-@pytest.mark.parametrize("down_type, expect", [("f16", T.F16), ("f32", T.F32), ("q8_0", T.Q8_0), ("same", T.Q4_0)])
+@pytest.mark.parametrize("down_type, expect", [("f16", T.F16), ("f32", T.F32), ("q8_0", T.Q8_0), ("same", T.Q4_0),
+                                               ("auto", T.Q8_0)])
 def test_down_type_option(tmp_path, down_type, expect):
     src = make_model(tmp_path / "m.gguf", ffn_type="Q4_0")
     rf = convert(src, tmp_path / "m.ripple.gguf", down_type=down_type, quiet=True)
@@ -99,12 +100,12 @@ def test_kquant_down_falls_back_like_llama_cpp(tmp_path):
     # n_embd 64: K-quant gate/up impossible, so Q8_0 gate/up with a Q4_K/Q2_K down (n_ff 256)
     src = make_model(tmp_path / "m.gguf", n_embd=64, n_ff=256,
                      ffn_type={"gate": "Q8_0", "up": "Q8_0", "down": "Q4_K"})
-    rf = convert(src, tmp_path / "m.ripple.gguf", quiet=True)
+    rf = convert(src, tmp_path / "m.ripple.gguf", down_type="same", quiet=True)
     assert RippleFile.open(rf.path).metadata[C.Keys.Layout.DOWN_TYPE].tolist() == [T.Q5_0, T.Q5_0]
     _check_bundles(src, rf)
     src = make_model(tmp_path / "q2.gguf", n_embd=64, n_ff=256,
                      ffn_type={"gate": "Q8_0", "up": "Q8_0", "down": "Q2_K"})
-    rf = convert(src, tmp_path / "q2.ripple.gguf", quiet=True)
+    rf = convert(src, tmp_path / "q2.ripple.gguf", down_type="same", quiet=True)
     assert [l.down_type for l in rf.layers] == [T.IQ4_NL] * 2
     _check_bundles(src, rf)
 
@@ -243,17 +244,14 @@ def test_cli_process_has_no_traceback(tmp_path):
 
 # --- the real model ---------------------------------------------------------------------------
 
-REAL_MODEL = Path(os.environ.get("RIPPLE_REAL_MODEL", "/work/cache/model/SmolLM2-135M-Instruct.Q4_1.gguf"))
-
-
 @pytest.mark.slow
 @pytest.mark.real_model
-@pytest.mark.skipif(not REAL_MODEL.exists(), reason=f"{REAL_MODEL} not present")
-def test_real_model(tmp_path):
+def test_real_model(tmp_path, real_model):
+    REAL_MODEL = real_model
     dst = tmp_path / "smol.ripple.gguf"
     rf = convert(REAL_MODEL, dst, quiet=True)
     assert rf.n_layers == 30 and rf.n_embd == 576 and all(l.n_ff == 1536 for l in rf.layers)
-    assert all(l.down_type == T.Q4_1 for l in rf.layers)
+    assert all(l.down_type == T.Q8_0 for l in rf.layers)  # auto: Q8_0 columns for a Q4_1 source
     rf.check_quick()
     rf.verify_full()
     toks = [1, 504, 3575, 282, 4649, 314]

@@ -8,6 +8,7 @@
 #ifndef RIPPLE_H
 #define RIPPLE_H
 #include <stddef.h>
+#include <stdbool.h>
 #include <stdint.h>
 #ifdef __cplusplus
 extern "C" {
@@ -97,6 +98,42 @@ size_t ripple_quantize_rows(int32_t type, const float * src, void * dst, int64_t
  * Writes the neuron id at each position to order[n]. 0 < n < 65536. Returns 0, or -1 on bad
  * arguments or when out of memory. */
 int ripple_greedy_path(int32_t n, const uint32_t * co, int32_t * order);
+
+/* Activation capture (offline stage): pass ripple_capture_eval as llama_context_params.cb_eval
+ * and a ripple_capture as its user data. After each llama_decode, x[b] holds x_rows[b] rows of the
+ * FFN input of block b (the ffn_up matmul's input, x_len[b] floats each) and h[b] h_rows[b] rows of
+ * the post-activation vector (the ffn_down matmul's input, h_len[b] floats each); g[b], when
+ * given, the gate pre-activation of a gated FFN (the ffn_gate matmul's output). */
+typedef struct ripple_capture {
+    int32_t   n_blocks;   /* entries in the arrays below */
+    int32_t   max_tokens; /* rows each buffer holds */
+    float **  x;          /* per block, NULL = not captured */
+    float **  h;
+    int64_t * x_len;
+    int64_t * h_len;
+    int32_t * x_rows;
+    int32_t * h_rows;
+    float **  g;          /* gate pre-activation (ffn_gate matmul output, h_len floats), may be NULL */
+    int64_t * g_len;
+    int32_t * g_rows;
+    int32_t   errors;     /* nodes skipped: unexpected type or shape, or too many tokens */
+} ripple_capture;
+bool ripple_capture_eval(void * tensor, bool ask, void * user_data);
+
+/* Oracle sparsity (measurement only): as cb_eval with a ripple_sparsify as user data, drops the
+ * neurons of block b at or below thresholds[b] (< 0: block untouched) in a gated FFN: rule 0
+ * ("gate") zeroes gate pre-activations g with |act(g)| <= threshold right after the ffn_gate matmul;
+ * rule 1 ("magnitude") zeroes GLU outputs h with |h| <= threshold. */
+typedef struct ripple_sparsify {
+    int32_t       n_blocks;
+    const float * thresholds;
+    int32_t       rule;       /* 0 gate, 1 magnitude */
+    int32_t       activation; /* rule 0: 0 silu, 1 gelu */
+    int32_t       errors;
+    int64_t       zeroed;     /* gate values zeroed so far */
+    int64_t       total;      /* gate values seen so far */
+} ripple_sparsify;
+bool ripple_sparsify_eval(void * tensor, bool ask, void * user_data);
 
 /* RIPPLE_CDEF_END */
 #pragma GCC visibility pop

@@ -12,12 +12,34 @@ from ripple_gguf import constants as C
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ripple_gguf.convert import convert
+    from ripple_gguf.offline import OfflineConfig
+    from ripple_gguf.profile import read_text
 
+    offline = None
+    if not args.no_profile:
+        calib = [(path, read_text(path)) for path in args.calib] if args.calib else None
+        offline = OfflineConfig(calib=calib, calib_tokens=args.calib_tokens, placement=args.placement,
+                                active_fraction=args.active_fraction, predictor_rank=args.predictor_rank,
+                                predictor_recall=args.predictor_recall, seed=args.seed, threads=args.threads,
+                                quiet=args.quiet)
+    elif args.placement != "original":
+        raise ValueError(f"--placement {args.placement} needs profiling (drop --no-profile)")
     t0 = time.perf_counter()
-    rf = convert(args.src, args.dst, placement=args.placement, down_type=args.down_type, quiet=args.quiet)
+    times: dict = {}
+    rf = convert(args.src, args.dst, placement=args.placement, down_type=args.down_type, offline=offline,
+                 quiet=args.quiet, stage_seconds=times)
     if not args.quiet:
         print(f"{rf.path}: {rf.n_layers} FFN layers packed, {rf.source.size:,} -> {rf.file_size:,} bytes "
               f"(+{(rf.file_size - rf.source.size) / rf.source.size:.1%}) in {time.perf_counter() - t0:.1f} s")
+        print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+        q, p = rf.placement_quality, rf.predictor_metrics
+        if q:
+            print(f"placement {q['method']} on {q['eval_tokens']} held-out tokens ({q['needed']} bundles): mean run "
+                  f"{q['mean_run_length']:.2f} (original {q['original_mean_run_length']:.2f}), reads/token "
+                  f"{q['reads_per_token']:.0f} (original {q['original_reads_per_token']:.0f})")
+        if p:
+            print(f"predictors: recall {p['recall']:.3f}, precision {p['precision']:.3f}, over-prediction "
+                  f"{p['over_prediction']:.2f}x, predicted fraction {p['predicted_fraction']:.3f}")
     return 0
 
 
@@ -63,8 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="write a ripple-packed GGUF from a GGUF model")
     c.add_argument("src", metavar="SRC.gguf")
     c.add_argument("dst", metavar="DST.gguf")
-    c.add_argument("--placement", choices=["original"], default="original",
-                   help="neuron order on disk (default: original)")
+    c.add_argument("--placement", choices=["original", "frequency", "ripple"], default="ripple",
+                   help="bundle order on disk: ripple (co-activation path, default), frequency, original")
+    c.add_argument("--calib", nargs="+", metavar="TEXT",
+                   help="UTF-8 calibration text files (default: CPython's pydoc_data topics, first half)")
+    c.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    c.add_argument("--active-fraction", type=float, default=0.5,
+                   help="target fraction of active neurons for magnitude thresholds (default 0.5)")
+    c.add_argument("--predictor-rank", type=int, default=64, help="predictor rank, 0 = no predictors (default 64)")
+    c.add_argument("--predictor-recall", type=float, default=0.96,
+                   help="recall the predictor threshold is tuned to on validation tokens (default 0.96)")
+    c.add_argument("--seed", type=int, default=0, help="seed of predictor training (default 0)")
+    c.add_argument("--threads", type=int, help="threads for profiling and placement (default: all cores)")
+    c.add_argument("--no-profile", action="store_true",
+                   help="skip the offline stage: original order, no predictors (fast; exact mode only)")
     c.add_argument("--down-type", choices=["auto", "same", "f16", "f32", "q8_0"], default="auto",
                    help="type of the transposed down columns: auto (default) keeps float and Q8_0 sources' "
                         "type and stores Q8_0 for lower-bit sources; same = the type of ffn_down")

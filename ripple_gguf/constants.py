@@ -62,10 +62,41 @@ class Keys:
         # flat: layer l's slice [sum(n_ff[:l]), sum(n_ff[:l+1])) lists the neuron id at each position
         ORDER = "ripple.placement.order"
 
+        QUALITY = "ripple.placement.quality"  # JSON: run lengths and reads on held-out text
+
+    class Sparsity:
+        RULE = "ripple.sparsity.rule"  # SPARSITY_RULES
+        THRESHOLD = "ripple.sparsity.threshold"  # f32[L], see SPARSITY_RULES
+        ACTIVE_FRACTION = "ripple.sparsity.active_fraction"  # target the thresholds were calibrated to
+
     class Predictor:
-        # reserved for predictor weights and sparsity parameters (filled by the offline stage)
-        OFFSET = "ripple.predictor.offset"
-        SIZE = "ripple.predictor.size"
+        RANK = "ripple.predictor.rank"
+        OFFSET = "ripple.predictor.offset"  # u64[L], from the region start
+        SIZE = "ripple.predictor.size"  # u64[L] bytes of each layer's blob (predictor.to_bytes layout)
+        RECALL_TARGET = "ripple.predictor.recall_target"
+        METRICS = "ripple.predictor.metrics"  # JSON: recall, precision, over-prediction on held-out text
+
+    class Calibration:
+        TEXT = "ripple.calibration.text"  # names of the calibration texts
+        TOKENS = "ripple.calibration.tokens"
+        SEED = "ripple.calibration.seed"
+
+
+# What "active" means for neuron i of a layer, with h = post-activation (the ffn_down matmul's input):
+#   nonzero   (ReLU family: h is exactly 0 most of the time)   h_i != 0
+#   magnitude (anything else): |h_i| > threshold
+# (CATS's |act(gate)| was measured and rejected: scripts/sparsity_curve.py, docs/BENCHMARKS.md)
+SPARSITY_RULES = ("nonzero", "magnitude")
+GLU_ACTIVATIONS = ("silu", "gelu")
+# gate activation of the gated-FFN architectures llama.cpp builds with LLM_FFN_SILU / LLM_FFN_GELU
+# (used to measure the CATS rule)
+ARCH_GLU_ACTIVATION = {
+    **{a: "silu" for a in ("llama", "llama4", "mistral3", "qwen2", "qwen3", "phi3", "stablelm", "internlm2",
+                           "minicpm", "minicpm3", "granite", "olmo", "olmo2", "deci", "exaone", "exaone4",
+                           "smollm3", "ernie4_5", "hunyuan-dense", "cohere2", "command-r", "plamo", "orion",
+                           "baichuan", "xverse", "chatglm", "glm4", "arcee", "seed_oss", "apertus")},
+    **{a: "gelu" for a in ("gemma", "gemma2", "gemma3", "gemma3n")},
+}
 
 
 FFN_KINDS = ("gate", "up", "down")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from typing import Mapping
 
 import numpy as np
@@ -157,15 +158,32 @@ def sha256_file(path: str, chunk: int = 8 << 20) -> str:
 
 def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = "original",
             orders: Mapping[int, np.ndarray] | None = None, down_type: str = "auto",
-            quiet: bool = False) -> RippleFile:
-    """Pack ``src`` into ``dst``. ``orders`` maps block -> permutation (default: identity)."""
+            offline: "OfflineConfig | None" = None, quiet: bool = False,
+            stage_seconds: dict | None = None) -> RippleFile:
+    """Pack ``src`` into ``dst``.
+
+    Without ``offline`` the bundles keep the original order (or ``orders``: block -> permutation)
+    and the file carries no predictors. With an :class:`~ripple_gguf.offline.OfflineConfig` the
+    source is profiled first: its placement (``offline.placement``), activity thresholds,
+    predictors and held-out quality figures go into the file. ``stage_seconds``, when given, is
+    filled with the time of each stage."""
     src, dst = os.fspath(src), os.fspath(dst)
-    if placement not in PLACEMENTS and orders is None:
-        raise ValueError(f"unknown placement {placement!r} (choose from {', '.join(PLACEMENTS)})")
+    times = stage_seconds if stage_seconds is not None else {}
+    if offline is None and placement not in PLACEMENTS and orders is None:
+        raise ValueError(f"placement {placement!r} needs profiling (an OfflineConfig); without it: "
+                         f"{', '.join(PLACEMENTS)}")
     if os.path.exists(dst) and os.path.samefile(src, dst):
         raise ValueError(f"{dst}: destination is the source file")
     hdr = read_gguf_header(src)
     blocks = validate_source(hdr)
+    data_offline = None
+    if offline is not None:
+        from ripple_gguf.offline import run as run_offline
+
+        result = run_offline(src, offline)
+        orders, data_offline, placement = result.orders, result.data, offline.placement
+        times.update(result.stage_seconds)
+    t0 = time.perf_counter()
     layers = plan_layers(hdr, blocks, down_type=down_type, orders=orders)
     source = SourceInfo(os.path.basename(src), sha256_file(src), hdr.file_size)
     src_offsets = {}
@@ -181,8 +199,10 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = 
     data = np.memmap(src, dtype=np.uint8, mode="r")
     try:
         write_ripple_gguf(tmp, hdr, layers, source=source, placement_method=placement, progress=progress,
+                          offline=data_offline,
                           make_bundles=lambda l: make_layer_bundles(data, l, src_offsets[l.block]))
         os.replace(tmp, dst)
+        times["write"] = time.perf_counter() - t0
     except BaseException:
         try:
             os.unlink(tmp)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType as V
@@ -270,6 +271,9 @@ class RippleLayer:
     gate_offset: int = 0  # absolute offsets of the standard tensors' data (gate: 0 if none)
     up_offset: int = 0
     down_offset: int = 0
+    threshold: float = 0.0  # activity threshold on |post-activation| (rule "magnitude")
+    predictor_offset: int = 0  # absolute offset of the predictor blob, 0 = none
+    predictor_size: int = 0
 
     @property
     def gate_row_size(self) -> int:
@@ -326,7 +330,25 @@ def region_id_for(source_sha256: str, layers: Sequence[RippleLayer]) -> bytes:
         h.update(struct.pack("<7i", l.block, l.n_ff, l.n_embd, l.gate_type, l.up_type, l.down_type,
                              l.down_src_type))
         h.update(np.ascontiguousarray(l.order, dtype="<i4").tobytes())
+        h.update(struct.pack("<Q", l.predictor_size))
     return h.digest()
+
+
+@dataclass
+class OfflineData:
+    """What the offline stage learned, stored with the bundles (docs/FORMAT.md section 4)."""
+
+    rule: str  # C.SPARSITY_RULES
+    active_fraction: float
+    thresholds: Sequence[float]  # per layer
+    predictors: Sequence[bytes]  # per layer blob (ripple_gguf.predictor layout), or empty
+    predictor_rank: int
+    recall_target: float
+    placement_quality: dict
+    predictor_metrics: dict
+    calib_text: str
+    calib_tokens: int
+    seed: int
 
 
 @dataclass
@@ -343,6 +365,7 @@ BundleMaker = Callable[[RippleLayer], np.ndarray]  # -> uint8 (n_ff, bundle_size
 
 def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[RippleLayer], *,
                       source: SourceInfo, placement_method: str, make_bundles: BundleMaker,
+                      offline: Optional[OfflineData] = None,
                       progress: Callable[[Iterable], Iterable] = lambda it: it) -> None:
     """Write the ripple-packed file to ``dst`` (the caller owns temp-file and rename handling).
 
@@ -360,12 +383,19 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
         pos = align(pos + t.nbytes, a)
     data_size = pos
 
-    region_id = region_id_for(source.sha256, layers)
+    blobs = list(offline.predictors) if offline is not None else []
+    if blobs and len(blobs) != len(layers):
+        raise ValueError(f"{len(blobs)} predictors for {len(layers)} layers")
     rel = C.HEADER_SIZE
     for l in layers:
         l.bundles_offset = rel  # relative for now
         rel = align(rel + l.block_bytes, C.ALIGNMENT)
+    for l, blob in zip(layers, blobs):  # predictors follow the bundles, 64-byte aligned
+        l.predictor_offset, l.predictor_size = rel, len(blob)
+        rel = align(rel + len(blob), 64)
+    rel = align(rel, C.ALIGNMENT)
     region_size = rel + C.FOOTER_SIZE
+    region_id = region_id_for(source.sha256, layers)
 
     def ripple_kvs(region_offset: int, file_size: int, region_sha: str) -> list[bytes]:
         I32, U64 = V.INT32, V.UINT64
@@ -392,9 +422,34 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
             arr(Keys.Layout.DOWN_TYPE, I32, [l.down_type for l in layers]),
             pack_kv(Keys.Placement.METHOD, V.STRING, placement_method),
             arr(Keys.Placement.ORDER, I32, np.concatenate([l.order for l in layers])),
+            *offline_kvs(),
             # Last, so the checksum (patched once the region is written) sits at a known place.
             pack_kv(Keys.Region.SHA256, V.STRING, region_sha),
         ]
+
+    def offline_kvs() -> list[bytes]:
+        if offline is None:
+            return []
+        F32, U64 = V.FLOAT32, V.UINT64
+        arr = lambda key, sub, vals: pack_kv(key, V.ARRAY, vals, sub)
+        kv = [
+            pack_kv(Keys.Placement.QUALITY, V.STRING, json.dumps(offline.placement_quality, sort_keys=True)),
+            pack_kv(Keys.Sparsity.RULE, V.STRING, offline.rule),
+            pack_kv(Keys.Sparsity.ACTIVE_FRACTION, F32, float(offline.active_fraction)),
+            arr(Keys.Sparsity.THRESHOLD, F32, [float(t) for t in offline.thresholds]),
+            pack_kv(Keys.Calibration.TEXT, V.STRING, offline.calib_text),
+            pack_kv(Keys.Calibration.TOKENS, V.UINT32, int(offline.calib_tokens)),
+            pack_kv(Keys.Calibration.SEED, V.UINT32, int(offline.seed)),
+        ]
+        if blobs:
+            kv += [
+                pack_kv(Keys.Predictor.RANK, V.UINT32, int(offline.predictor_rank)),
+                pack_kv(Keys.Predictor.RECALL_TARGET, F32, float(offline.recall_target)),
+                arr(Keys.Predictor.OFFSET, U64, [l.predictor_offset for l in layers]),
+                arr(Keys.Predictor.SIZE, U64, [l.predictor_size for l in layers]),
+                pack_kv(Keys.Predictor.METRICS, V.STRING, json.dumps(offline.predictor_metrics, sort_keys=True)),
+            ]
+        return kv
 
     src_kvs = list(src.kv.values())
 
@@ -422,6 +477,8 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
     new_abs = {t.name: data_start + o for t, o in zip(ordered, offsets)}
     for l in layers:
         l.bundles_offset += region_offset
+        if l.predictor_size:
+            l.predictor_offset += region_offset
         l.gate_offset = new_abs[C.ffn_tensor_name(l.block, "gate")] if l.gated else 0
         l.up_offset = new_abs[C.ffn_tensor_name(l.block, "up")]
         l.down_offset = new_abs[C.ffn_tensor_name(l.block, "down")]
@@ -448,6 +505,11 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
             del bundles
             end = l.bundles_offset - region_offset + l.block_bytes
             emit(bytes(align(end, C.ALIGNMENT) - end))
+        for l, blob in zip(layers, blobs):
+            assert fout.tell() == l.predictor_offset, (fout.tell(), l.predictor_offset)
+            emit(blob)
+            emit(bytes(align(len(blob), 64) - len(blob)))
+        emit(bytes(align(fout.tell(), C.ALIGNMENT) - fout.tell()))
         emit(_FOOTER.pack(C.FOOTER_MAGIC, region_size, region_id).ljust(C.FOOTER_SIZE, b"\0"))
         assert fout.tell() == file_size, (fout.tell(), file_size)
         fout.seek(sha_pos)
@@ -478,6 +540,29 @@ def _pread(path: str, fd: int, offset: int, n: int) -> bytes:
     if len(b) != n:
         raise RippleFormatError(path, f"truncated: wanted {n} bytes at offset {offset}, got {len(b)}")
     return b
+
+
+def _attach_offline(p: str, md: dict, layers: list[RippleLayer], region_offset: int, region_size: int) -> None:
+    """Per-layer thresholds and predictor blobs from the optional offline-stage keys."""
+    n = len(layers)
+    if Keys.Sparsity.RULE in md:
+        rule = str(md[Keys.Sparsity.RULE])
+        if rule not in C.SPARSITY_RULES:
+            raise RippleFormatError(p, f"unknown sparsity rule {rule!r}")
+        thr = np.asarray(md.get(Keys.Sparsity.THRESHOLD, []), dtype=np.float64)
+        if thr.shape != (n,) or not np.all(np.isfinite(thr)) or np.any(thr < 0):
+            raise RippleFormatError(p, f"{Keys.Sparsity.THRESHOLD} must hold {n} finite non-negative values")
+        for l, t in zip(layers, thr):
+            l.threshold = float(t)
+    if Keys.Predictor.OFFSET in md:
+        offs = np.asarray(md[Keys.Predictor.OFFSET], dtype=np.int64)
+        sizes = np.asarray(md.get(Keys.Predictor.SIZE, []), dtype=np.int64)
+        if offs.shape != (n,) or sizes.shape != (n,):
+            raise RippleFormatError(p, f"{Keys.Predictor.OFFSET}/{Keys.Predictor.SIZE} must hold {n} entries")
+        for l, o, sz in zip(layers, offs, sizes):
+            if sz <= 0 or o % 64 or o + sz > region_size - C.FOOTER_SIZE or o < C.HEADER_SIZE:
+                raise RippleFormatError(p, f"layer {l.block}: predictor blob outside the region")
+            l.predictor_offset, l.predictor_size = region_offset + int(o), int(sz)
 
 
 @dataclass
@@ -569,12 +654,56 @@ class RippleFile:
                     layer.bundles_offset + layer.block_bytes > region_offset + region_size - C.FOOTER_SIZE:
                 raise RippleFormatError(p, f"layer {blk}: bundle block outside the region")
             layers.append(layer)
+        _attach_offline(p, md, layers, region_offset, region_size)
         src = SourceInfo(str(md.get(Keys.Source.NAME, "")), str(md.get(Keys.Source.SHA256, "")),
                          int(md.get(Keys.Source.SIZE, 0)))
         return cls(path=p, file_size=int(need(Keys.Region.FILE_SIZE)), n_layers=n_layers, n_embd=n_embd,
                    metadata=md, source=src, region_offset=region_offset, region_size=region_size,
                    region_id=str(need(Keys.Region.ID)), placement_method=str(md.get(Keys.Placement.METHOD, "")),
                    layers=layers, gguf=hdr)
+
+    # --- offline-stage data ---
+
+    def _json(self, key: str) -> Optional[dict]:
+        v = self.metadata.get(key)
+        return json.loads(v) if v else None
+
+    @property
+    def sparsity(self) -> Optional[dict]:
+        """{"rule", "active_fraction", "thresholds"} or None for a file packed without profiling."""
+        if Keys.Sparsity.RULE not in self.metadata:
+            return None
+        return {"rule": str(self.metadata[Keys.Sparsity.RULE]),
+                "active_fraction": float(self.metadata[Keys.Sparsity.ACTIVE_FRACTION]),
+                "thresholds": [l.threshold for l in self.layers]}
+
+    @property
+    def placement_quality(self) -> Optional[dict]:
+        return self._json(Keys.Placement.QUALITY)
+
+    @property
+    def predictor_metrics(self) -> Optional[dict]:
+        return self._json(Keys.Predictor.METRICS)
+
+    @property
+    def has_predictors(self) -> bool:
+        return all(l.predictor_size for l in self.layers)
+
+    def read_predictor(self, layer: RippleLayer):
+        """The layer's :class:`ripple_gguf.predictor.Predictor` (reads its blob)."""
+        from ripple_gguf.predictor import Predictor
+
+        if not layer.predictor_size:
+            raise RippleFormatError(self.path, f"layer {layer.block}: no predictor in this file")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            blob = _pread(self.path, fd, layer.predictor_offset, layer.predictor_size)
+        finally:
+            os.close(fd)
+        try:
+            return Predictor.from_bytes(blob, layer.n_embd, layer.n_ff)
+        except ValueError as e:
+            raise RippleFormatError(self.path, f"layer {layer.block}: bad predictor: {e}") from None
 
     # --- checks ---
 
@@ -650,6 +779,13 @@ class RippleFile:
         finally:
             del data
 
+    def _predictor_json(self) -> Optional[dict]:
+        m = self.predictor_metrics
+        if m is None:
+            return None
+        return {"rank": self.metadata.get(Keys.Predictor.RANK),
+                "recall_target": self.metadata.get(Keys.Predictor.RECALL_TARGET), **m}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "path": self.path,
@@ -662,6 +798,12 @@ class RippleFile:
             "n_layers": self.n_layers,
             "n_embd": self.n_embd,
             "placement": {"method": self.placement_method},
+            "placement_quality": self.placement_quality,
+            "sparsity": self.sparsity,
+            "predictor": self._predictor_json(),
+            "calibration": {"text": self.metadata.get(Keys.Calibration.TEXT),
+                            "tokens": self.metadata.get(Keys.Calibration.TOKENS),
+                            "seed": self.metadata.get(Keys.Calibration.SEED)},
             "layers": [{
                 "block": l.block, "n_ff": l.n_ff, "gate_type": type_name(l.gate_type),
                 "up_type": type_name(l.up_type), "down_type": type_name(l.down_type),

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -55,10 +55,14 @@ VERSION = 1
 HEADER_SIZE = 64
 _HEADER = struct.Struct("<4sIIIIfI")
 
+# Defaults measured on SmolLM2-135M (30 layers, n_embd 576, n_ff 1536, ~7.4k training tokens per layer):
+# rank 128 cuts over-prediction by only ~5% against rank 64 at twice the cost; plain BCE beat
+# per-neuron pos_weight and focal loss (the tuned threshold already handles the imbalance);
+# lr 8e-3 beat 1e-3..4e-3. ~0.8 s per layer on 2 idle cores.
 DEFAULT_RANK = 64
 DEFAULT_EPOCHS = 12
 DEFAULT_BATCH = 256
-DEFAULT_LR = 2e-3
+DEFAULT_LR = 8e-3
 LOSSES = ("bce", "bce_pos_weight", "focal")
 DEFAULT_LOSS = "bce"
 
@@ -258,10 +262,10 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
     n = Xf.shape[0]
     steps_per_epoch = math.ceil(n / batch)
     total_steps, step = epochs * steps_per_epoch, 0
-    epoch_loss = []
+    probe = np.linspace(0, n - 1, min(n, 1024)).astype(np.int64)  # fixed sample to report the loss on
+    loss_first = _train_loss(params, Xf[probe], Y_tr[probe], loss, pos_weight)
     for _ in range(epochs):
         order = rng.permutation(n)
-        loss_sum = 0.0
         for s in range(0, n, batch):
             idx = np.sort(order[s:s + batch])
             xb, yb = Xf[idx], Y_tr[idx]
@@ -271,8 +275,7 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
             a1 = np.maximum(z1, 0)
             lg = a1 @ W2
             lg += b2
-            g, batch_loss = _loss_grad(lg, yb, loss, pos_weight)
-            loss_sum += batch_loss
+            g = _loss_grad(lg, yb, loss, pos_weight)
             g *= np.float32(1.0 / len(idx))
             da1 = g @ W2.T
             da1 *= z1 > 0
@@ -286,8 +289,8 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
                 vv *= b2_
                 vv += (1 - b2_) * (gr * gr)
                 a -= (lr_t * corr) * mm / (np.sqrt(vv) + eps)
-        epoch_loss.append(loss_sum / (n * n_ff))
     train_seconds = time.perf_counter() - t0
+    loss_last = _train_loss(params, Xf[probe], Y_tr[probe], loss, pos_weight)
 
     # Fold the standardisation into the first layer: (x - mu) * s @ W1 = x @ (s W1) - (mu s) @ W1.
     W1, b1, W2, b2 = params
@@ -301,31 +304,42 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
     out = {f"val_{k}": v for k, v in metrics(val_logits > np.float32(pred.threshold), Y_val).items()}
     out.update({f"val_f32_{k}": v for k, v in metrics(exact.predict(X_val), Y_val).items()})
     out.update(threshold=pred.threshold, rank=rank, epochs=epochs, batch=batch, lr=lr, loss=loss,
-               n_train=int(n), n_val=int(X_val.shape[0]), train_loss_first=epoch_loss[0],
-               train_loss_last=epoch_loss[-1], train_seconds=train_seconds,
+               n_train=int(n), n_val=int(X_val.shape[0]), train_loss_first=loss_first,
+               train_loss_last=loss_last, train_seconds=train_seconds,
                total_seconds=time.perf_counter() - t0)
     return pred, out
 
 
-def _loss_grad(lg: np.ndarray, yb: np.ndarray, loss: str, pos_weight: Optional[np.ndarray]):
-    """(d loss / d logits, summed loss) for a batch of logits lg and bool targets yb."""
-    y = yb.astype(np.float32)
+def _loss_grad(lg: np.ndarray, yb: np.ndarray, loss: str, pos_weight: Optional[np.ndarray]) -> np.ndarray:
+    """d loss / d logits for a batch of logits lg and bool targets yb (loss summed over pairs)."""
     sig = np.tanh(lg * np.float32(0.5))
     sig += 1
     sig *= np.float32(0.5)  # sigmoid, without overflow
-    # log sigmoid(+-l) = -softplus(-+l); loss_sum only reports progress, float32 is enough
-    sp = np.logaddexp(0, -np.where(yb, lg, -lg))  # -log p(correct)
+    y = yb.astype(np.float32)
     if loss == "bce":
-        return sig - y, float(sp.sum())
+        return sig - y
     if loss == "bce_pos_weight":
-        w = 1 + (pos_weight - 1) * y  # pos_weight on positives, 1 on negatives
-        return w * (sig - y), float((w * sp).sum())
-    # focal loss, gamma = 2: (1 - pt)^2 * CE, pt = probability of the correct class
+        return (1 + (pos_weight - 1) * y) * (sig - y)  # pos_weight on positives, 1 on negatives
+    # focal, gamma 2: L = -(1-pt)^2 log pt, pt = probability of the correct class, dpt/dl = +-pt(1-pt)
     pt = np.where(yb, sig, 1 - sig)
     q = 1 - pt
-    # d/dl of -(1-pt)^2 log pt with dpt/dl = +-pt(1-pt): -+(1-pt)^2 (2 pt (-log pt) + 1 - pt)
-    d = q * q * (2 * pt * sp + q)
-    return np.where(yb, -d, d).astype(np.float32), float((q * q * sp).sum())
+    d = q * q * (2 * pt * -np.log(np.maximum(pt, np.float32(1e-30))) + q)
+    return np.where(yb, -d, d)
+
+
+def _loss_value(lg: np.ndarray, yb: np.ndarray, loss: str, pos_weight: Optional[np.ndarray]) -> float:
+    """Mean loss per (token, neuron) pair; for reporting only (logaddexp is slow)."""
+    ce = np.logaddexp(0, np.where(yb, -lg, lg))  # -log p(correct class)
+    if loss == "bce":
+        return float(ce.mean())
+    if loss == "bce_pos_weight":
+        return float(((1 + (pos_weight - 1) * yb) * ce).mean())
+    return float(((1 - np.exp(-ce)) ** 2 * ce).mean())
+
+
+def _train_loss(params, x, y, loss, pos_weight) -> float:
+    W1, b1, W2, b2 = params
+    return _loss_value(np.maximum(x @ W1 + b1, 0) @ W2 + b2, y, loss, pos_weight)
 
 
 def _f16(a: np.ndarray) -> np.ndarray:

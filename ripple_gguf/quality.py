@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -88,3 +88,42 @@ def tokenize(path: os.PathLike, text: str, n_tokens: Optional[int] = None) -> Li
     if len(toks) < n_tokens:
         raise ValueError(f"the text has only {len(toks)} tokens, {n_tokens} wanted")
     return toks[:n_tokens]
+
+
+def chunks_nll(ctx, chunks: Sequence[Sequence[int]]) -> np.ndarray:
+    """Negative log-likelihood of every predicted token of every chunk (a profile.EvalContext)."""
+    out = []
+    for c in chunks:
+        ctx.decode(c)
+        lg = ctx.logits(len(c))[:-1].astype(np.float64)
+        lg -= lg.max(axis=-1, keepdims=True)
+        logp = lg - np.log(np.exp(lg).sum(axis=-1, keepdims=True))
+        out.append(-logp[np.arange(len(c) - 1), np.asarray(c[1:])])
+    return np.concatenate(out)
+
+
+def oracle_perplexity(src: os.PathLike, chunks: Sequence[Sequence[int]], thresholds: Dict[int, float],
+                      rule: str, activation: str = "silu", *, chunk_tokens: int = 512,
+                      n_threads: Optional[int] = None) -> Tuple[float, float]:
+    """(perplexity, fraction of neurons dropped) of stock llama.cpp on ``src`` (a gated FFN) when
+    every neuron at or below its layer's threshold is dropped, with the true activations (what a
+    perfect predictor would give). ``rule``: "gate" (|act(gate)|, CATS) or "magnitude" (|h|)."""
+    from . import _native
+    from .constants import GLU_ACTIVATIONS
+    from .profile import EvalContext
+
+    ffi = _native.ffi
+    n_blocks = max(thresholds) + 1 if thresholds else 1
+    thr = np.full(n_blocks, -1.0, dtype=np.float32)
+    for b, t in thresholds.items():
+        thr[b] = t
+    if rule not in ("gate", "magnitude"):
+        raise ValueError(f"oracle sparsity supports the rules gate and magnitude, not {rule!r}")
+    s = ffi.new("ripple_sparsify *", dict(n_blocks=n_blocks, thresholds=ffi.from_buffer("float[]", thr),
+                                          rule=0 if rule == "gate" else 1,
+                                          activation=GLU_ACTIVATIONS.index(activation)))
+    with EvalContext(src, _native.lib.ripple_sparsify_eval, s, chunk_tokens=chunk_tokens, n_threads=n_threads) as ctx:
+        nll = chunks_nll(ctx, chunks)
+    if s.errors:
+        raise RuntimeError(f"{src}: {s.errors} gate outputs could not be sparsified in place")
+    return float(np.exp(nll.mean())), (s.zeroed / s.total if s.total else 0.0)

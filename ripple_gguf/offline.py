@@ -1,0 +1,245 @@
+"""The offline stage: profile -> activity rule -> co-activation -> placement -> predictors -> quality.
+
+One pass of the source model over the calibration text (:mod:`ripple_gguf.profile`) streams, per
+FFN layer, the co-activation counts f(i, j) (diagonal f(i)) and a capped sample of (FFN input,
+active mask) pairs for the predictors; nothing grows with the corpus but those fixed-size sums and
+the capped sample. A second, short pass over held-out text (never the calibration text) measures
+what the placements and predictors achieve; those figures are stored in the file.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import placement as P
+from . import predictor as PR
+from .format import OfflineData
+from .profile import ActivationCapture, ProfileError, calibration_text_default, tokenize_chunks
+
+# A layer whose post-activation is exactly zero this often is of the ReLU family: "active" is then
+# exact (h != 0) instead of a calibrated magnitude threshold.
+RELU_ZERO_FRACTION = 0.3
+
+
+@dataclass
+class OfflineConfig:
+    calib: Optional[Sequence[Tuple[str, str]]] = None  # [(name, text)]; None: calibration_text_default()
+    calib_tokens: int = 4096
+    chunk_tokens: int = 256
+    threshold_tokens: int = 1024  # first calibration tokens that set the magnitude thresholds
+    placement: str = "ripple"
+    active_fraction: float = 0.5  # oracle perplexity +1.3% on SmolLM2 (docs/BENCHMARKS.md)
+    predictor_rank: int = PR.DEFAULT_RANK
+    predictor_recall: float = 0.96  # validation target; held-out recall runs ~1 point lower
+    predictor_tokens: int = 8192  # cap on (input, mask) pairs kept per layer for training
+    eval_tokens: int = 1024
+    seed: int = 0
+    threads: Optional[int] = None
+    quiet: bool = False
+
+    def check(self) -> None:
+        if not 0.0 < self.active_fraction < 1.0:
+            raise ProfileError(f"--active-fraction must be between 0 and 1 (exclusive), got {self.active_fraction}")
+        if not 0.0 < self.predictor_recall <= 1.0:
+            raise ProfileError(f"--predictor-recall must be in (0, 1], got {self.predictor_recall}")
+        if self.placement not in P.METHODS:
+            raise ProfileError(f"--placement {self.placement!r}: choose from {', '.join(P.METHODS)}")
+        if self.predictor_rank < 0:
+            raise ProfileError(f"--predictor-rank must be >= 0 (0: no predictors), got {self.predictor_rank}")
+        if self.chunk_tokens < 2 or self.calib_tokens < self.chunk_tokens:
+            raise ProfileError(f"--calib-tokens {self.calib_tokens} must be at least one chunk ({self.chunk_tokens})")
+
+
+@dataclass
+class OfflineResult:
+    orders: Dict[int, np.ndarray]  # block -> placement order
+    data: OfflineData
+    stage_seconds: Dict[str, float] = field(default_factory=dict)
+
+
+def _progress(quiet: bool) -> Callable[..., Iterable]:
+    def wrap(it, **kw):
+        from tqdm import tqdm
+
+        return tqdm(it, disable=quiet or not sys.stderr.isatty(), **kw)
+    return wrap
+
+
+def activity_score(rule: str, h: np.ndarray) -> np.ndarray:
+    """The value the layer's threshold applies to (see constants.SPARSITY_RULES)."""
+    return (h != 0).astype(np.float32) if rule == "nonzero" else np.abs(h)
+
+
+def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
+    """Profile ``src`` and compute everything the converter stores besides the bundles."""
+    from .quality import heldout_text
+
+    cfg.check()
+    progress = _progress(cfg.quiet)
+    times: Dict[str, float] = {}
+    t0 = time.perf_counter()
+    texts = list(cfg.calib) if cfg.calib is not None else [calibration_text_default()]
+    calib = tokenize_chunks(src, texts, cfg.calib_tokens, cfg.chunk_tokens)
+    evals = tokenize_chunks(src, [("held-out pydoc_data.topics", heldout_text(40 * cfg.eval_tokens))],
+                            cfg.eval_tokens, cfg.chunk_tokens)
+    times["tokenize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with ActivationCapture(src, chunk_tokens=cfg.chunk_tokens, n_threads=cfg.threads) as cap:
+        blocks = cap.blocks
+        n_thr = max(1, min(len(calib), cfg.threshold_tokens // cfg.chunk_tokens))
+        it = iter(progress(calib, desc="profile", unit="chunk"))
+        # 1. the first chunks set the activity rule and thresholds
+        head = []
+        for _ in range(n_thr):
+            c = cap.run(next(it))
+            head.append(({b: c.x[b].astype(np.float16) for b in blocks}, {b: c.h[b].copy() for b in blocks},
+                         {b: c.g[b].copy() for b in c.g}))
+        zeros = np.mean([np.mean(h[b] == 0) for _, h, _ in head for b in blocks])
+        # |h| rather than CATS's |act(gate)|: measured far better (scripts/sparsity_curve.py)
+        rule = "nonzero" if zeros > RELU_ZERO_FRACTION else "magnitude"
+        thresholds = {}
+        for b in blocks:
+            if rule == "nonzero":
+                thresholds[b] = 0.0
+            else:
+                score = np.concatenate([activity_score(rule, h[b]) for _, h, _ in head])
+                thresholds[b] = float(np.quantile(score, 1.0 - cfg.active_fraction))
+
+        def active(b: int, h: Dict[int, np.ndarray], g: Dict[int, np.ndarray]) -> np.ndarray:
+            return activity_score(rule, h[b]) > thresholds[b]
+
+        # 2. keep a capped sample for the predictors; without predictors, stream the true
+        #    co-activation counts (with them, placement follows the predicted sets, step 4)
+        use_true_co = cfg.predictor_rank == 0
+        co = {b: np.zeros((cap.n_ff[b], cap.n_ff[b]), np.float32) for b in blocks} if use_true_co else {}
+        xs: Dict[int, List[np.ndarray]] = {b: [] for b in blocks}
+        ys: Dict[int, List[np.ndarray]] = {b: [] for b in blocks}
+        kept = 0
+
+        def absorb(x, h, g) -> None:
+            nonlocal kept
+            take = min(len(next(iter(h.values()))), max(0, cfg.predictor_tokens - kept))
+            for b in blocks:
+                m = active(b, h, g)
+                if use_true_co:
+                    mf = m.astype(np.float32)
+                    co[b] += mf.T @ mf
+                if take:
+                    xs[b].append(np.asarray(x[b][:take], dtype=np.float16))
+                    ys[b].append(np.packbits(m[:take], axis=1))
+            kept += take
+
+        for x, h, g in head:
+            absorb(x, h, g)
+        del head
+        for toks in it:
+            c = cap.run(toks)
+            absorb(c.x, c.h, c.g)
+        times["profile"] = time.perf_counter() - t0
+
+        # 3. held-out activations, for the stored quality figures
+        t0 = time.perf_counter()
+        ex: Dict[int, List[np.ndarray]] = {b: [] for b in blocks}
+        em: Dict[int, List[np.ndarray]] = {b: [] for b in blocks}
+        for toks in evals:
+            c = cap.run(toks)
+            for b in blocks:
+                ex[b].append(c.x[b].copy())
+                em[b].append(active(b, c.h, c.g))
+        eval_x = {b: np.concatenate(ex[b]) for b in blocks}
+        eval_m = {b: np.concatenate(em[b]) for b in blocks}
+        del ex, em
+        times["held-out profile"] = time.perf_counter() - t0
+
+    # 4. predictors, then the sets the runtime will read: predicted on the kept sample and held out
+    t0 = time.perf_counter()
+    blobs: List[bytes] = []
+    read_eval: Dict[int, np.ndarray] = {}
+    pm = {"recall": [], "precision": [], "over_prediction": [], "predicted_fraction": [], "true_fraction": []}
+    for b in progress(blocks if cfg.predictor_rank > 0 else [], desc="predictors", unit="layer"):
+        n_ff = eval_m[b].shape[1]
+        X, Y = np.concatenate(xs.pop(b)), np.concatenate(ys.pop(b))
+        pred, _ = PR.train(X, Y, rank=cfg.predictor_rank, n_ff=n_ff, recall_target=cfg.predictor_recall,
+                           seed=cfg.seed)
+        blobs.append(pred.to_bytes())
+        # placement follows what will be read: co-activation of the predicted sets
+        pf = pred.predict(X.astype(np.float32)).astype(np.float32)
+        co[b] = pf.T @ pf
+        read_eval[b] = pred.predict(eval_x[b])
+        m = PR.metrics(read_eval[b], eval_m[b])
+        for k in pm:
+            pm[k].append(float(m[k]))
+    if blobs:
+        sizes = [eval_m[b].size for b in blocks]
+        true_total = sum(t * n for t, n in zip(pm["true_fraction"], sizes))
+        pred_total = sum(t * n for t, n in zip(pm["predicted_fraction"], sizes))
+        hits = sum(r * t * n for r, t, n in zip(pm["recall"], pm["true_fraction"], sizes))
+        predictor_metrics = {
+            "eval_tokens": int(eval_m[blocks[0]].shape[0]),
+            "recall": hits / true_total if true_total else 1.0,
+            "precision": hits / pred_total if pred_total else 1.0,
+            "over_prediction": pred_total / true_total if true_total else 0.0,
+            "predicted_fraction": pred_total / sum(sizes),
+            "true_fraction": true_total / sum(sizes),
+            "per_layer": pm,
+        }
+    else:
+        read_eval, predictor_metrics = eval_m, {}
+    times["predictors"] = time.perf_counter() - t0
+
+    # 5. placements (C releases the GIL: layers in parallel)
+    t0 = time.perf_counter()
+    methods = sorted({"original", "frequency", cfg.placement})
+
+    def place(b: int) -> Dict[str, np.ndarray]:
+        freq = np.diag(co[b]).astype(np.int64)
+        return {m: P.placements(m, freq, co[b], len(freq)) for m in methods}
+
+    with ThreadPoolExecutor(max_workers=cfg.threads or os.cpu_count() or 1) as pool:
+        orders_all = dict(zip(blocks, progress(pool.map(place, blocks), total=len(blocks), desc="placement",
+                                              unit="layer")))
+    del co
+    times["placement"] = time.perf_counter() - t0
+
+    quality = {}
+    for m in methods:
+        per = [P.run_stats(read_eval[b], orders_all[b][m]) for b in blocks]
+        runs, needed = sum(r["runs"] for r in per), sum(r["needed"] for r in per)
+        n_tok = per[0]["tokens"]
+        quality[m] = {
+            "mean_run_length": needed / runs if runs else 0.0,
+            "max_run_length": max(r["max_run_length"] for r in per),
+            "reads_per_token": runs / n_tok,
+            "needed_per_token": needed / n_tok,
+            "per_layer": {"mean_run_length": [r["mean_run_length"] for r in per],
+                          "max_run_length": [r["max_run_length"] for r in per],
+                          "reads_per_token": [r["reads_per_token"] for r in per]},
+        }
+    chosen = quality[cfg.placement]
+    placement_quality = {
+        "method": cfg.placement, "eval_tokens": int(eval_m[blocks[0]].shape[0]),
+        "eval_text": "held-out pydoc_data.topics",
+        # the bundles a token needs: those its predictors select (what the runtime reads), or the
+        # truly active ones for a file without predictors
+        "needed": "predicted" if blobs else "active",
+        "mean_run_length": chosen["mean_run_length"], "max_run_length": chosen["max_run_length"],
+        "reads_per_token": chosen["reads_per_token"], "needed_per_token": chosen["needed_per_token"],
+        "per_layer": chosen["per_layer"],
+        **{f"{m}_{k}": quality[m][k] for m in methods if m != cfg.placement
+           for k in ("mean_run_length", "max_run_length", "reads_per_token")},
+        **{f"{m}_per_layer": quality[m]["per_layer"] for m in methods if m != cfg.placement},
+    }
+
+    data = OfflineData(
+        rule=rule, active_fraction=cfg.active_fraction, thresholds=[thresholds[b] for b in blocks],
+        predictors=blobs, predictor_rank=cfg.predictor_rank, recall_target=cfg.predictor_recall,
+        placement_quality=placement_quality, predictor_metrics=predictor_metrics,
+        calib_text=", ".join(n for n, _ in texts), calib_tokens=len(calib) * cfg.chunk_tokens, seed=cfg.seed)
+    return OfflineResult({b: orders_all[b][cfg.placement] for b in blocks}, data, times)

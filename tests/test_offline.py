@@ -1,0 +1,141 @@
+"""The offline stage end to end: profiling through llama.cpp, thresholds, placement, predictors,
+quality figures in the file, determinism, and the errors bad calibration input gets."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import ripple_gguf
+from ripple_gguf import quality
+from ripple_gguf.cli import main
+from ripple_gguf.convert import convert
+from ripple_gguf.format import RippleFile, RippleFormatError
+from ripple_gguf.offline import OfflineConfig
+from ripple_gguf.profile import ActivationCapture, ProfileError, tokenize_chunks
+from synth import make_model, stock_logits
+
+TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 200, 3, 17]
+
+
+def small_cfg(**kw) -> OfflineConfig:
+    base = dict(calib_tokens=512, chunk_tokens=128, threshold_tokens=256, eval_tokens=256, predictor_rank=8,
+                threads=1, quiet=True)
+    base.update(kw)
+    return OfflineConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("offline")
+    return make_model(d / "src.gguf", ffn_type="Q8_0", n_embd=64, n_ff=128, n_layers=2)
+
+
+def test_capture_matches_shapes_and_all_layers(model):
+    chunks = tokenize_chunks(model, [("t", quality.heldout_text(4000))], 256, 128)
+    with ActivationCapture(model, chunk_tokens=128, n_threads=1) as cap:
+        c = cap.run(chunks[0])
+    assert cap.blocks == [0, 1] and cap.gated == {0, 1}
+    for b in (0, 1):
+        assert c.x[b].shape == (128, 64) and c.h[b].shape == (128, 128) and c.g[b].shape == (128, 128)
+        assert np.isfinite(c.h[b]).all() and np.abs(c.h[b]).sum() > 0
+    # the post-activation is silu(gate) * up: check it against the captured gate
+    silu = c.g[0] / (1 + np.exp(-c.g[0]))
+    assert np.corrcoef(np.abs(silu).ravel(), np.abs(c.h[0]).ravel())[0, 1] > 0.3
+
+
+def test_offline_file_contents_and_exactness(model, tmp_path):
+    dst = tmp_path / "m.ripple.gguf"
+    times = {}
+    rf = convert(model, dst, offline=small_cfg(), quiet=True, stage_seconds=times)
+    assert {"profile", "predictors", "placement", "write"} <= set(times)
+    assert rf.placement_method == "ripple"
+    sp = rf.sparsity
+    assert sp["rule"] == "magnitude" and sp["active_fraction"] == 0.5 and all(t > 0 for t in sp["thresholds"])
+    assert rf.has_predictors
+    for l in rf.layers:
+        assert sorted(l.order.tolist()) == list(range(128))
+        p = rf.read_predictor(l)
+        assert (p.n_embd, p.n_ff, p.rank) == (64, 128, 8)
+    j = rf.to_json()
+    q, pr = j["placement_quality"], j["predictor"]
+    for k in ("mean_run_length", "max_run_length", "reads_per_token", "original_mean_run_length",
+              "original_reads_per_token", "frequency_mean_run_length"):
+        assert isinstance(q[k], (int, float)) and q[k] > 0, k
+    assert len(q["per_layer"]["mean_run_length"]) == 2
+    for k in ("rank", "recall", "precision", "over_prediction"):
+        assert pr[k] > 0, k
+    assert len(pr["per_layer"]["recall"]) == 2
+    rf.check_quick()
+    rf.verify_full()
+    # a permuted file still computes what the source computes: without the plugin, and with it
+    (stock_src, stock_dst) = stock_logits([model, dst], TOKENS)
+    assert np.array_equal(stock_src, stock_dst)
+    got = quality.run(dst, tokens=TOKENS, n_ctx=256, n_threads=1, n_batch=64)["logits"]
+    assert np.abs(got - stock_src).max() / (stock_src.max() - stock_src.min()) < 2e-3
+
+
+def test_deterministic_for_a_seed(model, tmp_path):
+    a = convert(model, tmp_path / "a.gguf", offline=small_cfg(seed=3), quiet=True)
+    b = convert(model, tmp_path / "b.gguf", offline=small_cfg(seed=3), quiet=True)
+    assert open(a.path, "rb").read() == open(b.path, "rb").read()
+
+
+@pytest.mark.parametrize("method", ["original", "frequency"])
+def test_other_placements(model, tmp_path, method):
+    rf = convert(model, tmp_path / "m.gguf", offline=small_cfg(placement=method, predictor_rank=0), quiet=True)
+    assert rf.placement_method == method and not rf.has_predictors
+    assert rf.placement_quality["needed"] == "active"
+    if method == "original":
+        assert all(np.array_equal(l.order, np.arange(l.n_ff)) for l in rf.layers)
+
+
+def test_bad_calibration_input(model, tmp_path):
+    with pytest.raises(ProfileError, match="empty"):
+        convert(model, tmp_path / "x.gguf", offline=small_cfg(calib=[("blank.txt", "   \n")]), quiet=True)
+    with pytest.raises(ProfileError, match="too short.*short.txt"):
+        convert(model, tmp_path / "x.gguf", offline=small_cfg(calib=[("short.txt", "a few words")]), quiet=True)
+    with pytest.raises(ProfileError, match="between 0 and 1"):
+        convert(model, tmp_path / "x.gguf", offline=small_cfg(active_fraction=1.5), quiet=True)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    assert main(["convert", model, str(tmp_path / "x.gguf"), "--calib", str(bad), "--quiet"]) == 2
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.tmp").exists()
+
+
+def test_model_without_ffn_layers_is_refused(tmp_path):
+    src = make_model(tmp_path / "noffn.gguf", edit=lambda t: [t.pop(k) for k in list(t) if ".ffn_" in k])
+    with pytest.raises(RippleFormatError, match="noffn.gguf"):
+        convert(src, tmp_path / "x.gguf", offline=small_cfg(), quiet=True)
+
+
+def test_cli_convert_and_inspect(model, tmp_path, capsys):
+    dst = tmp_path / "cli.gguf"
+    assert main(["convert", model, str(dst), "--calib-tokens", "512", "--predictor-rank", "8", "--quiet"]) == 0
+    assert main(["inspect", str(dst), "--json"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["placement"]["method"] == "ripple" and j["placement_quality"]["mean_run_length"] > 0
+    assert j["predictor"]["rank"] == 8 and 0 < j["predictor"]["recall"] <= 1
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_model_defaults(real_model, tmp_path):
+    """Default conversion of SmolLM2-135M: placement and predictor quality on held-out text."""
+    times = {}
+    rf = convert(real_model, tmp_path / "smol.ripple.gguf", offline=OfflineConfig(quiet=True), quiet=True,
+                 stage_seconds=times)
+    q, p = rf.placement_quality, rf.predictor_metrics
+    print(f"stages {times}; mean run ripple {q['mean_run_length']:.2f} frequency "
+          f"{q['frequency_mean_run_length']:.2f} original {q['original_mean_run_length']:.2f}; "
+          f"recall {p['recall']:.3f} over-prediction {p['over_prediction']:.2f}")
+    assert q["mean_run_length"] > q["frequency_mean_run_length"] > q["original_mean_run_length"]
+    assert q["reads_per_token"] < q["original_reads_per_token"]
+    assert p["recall"] >= 0.95
+    ripple_gguf.reset_stats()
+    got = quality.run(rf.path, tokens=TOKENS)["logits"]
+    (stock,) = stock_logits([real_model], TOKENS)
+    assert ripple_gguf.stats()["ffn_matmuls"] > 0
+    assert (got.argmax(-1) == stock.argmax(-1)).all()

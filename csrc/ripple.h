@@ -30,6 +30,10 @@ typedef struct ripple_layer_desc {
     uint64_t up_offset;
     uint64_t down_offset;
     int32_t  down_src_type;  /* ggml type of the standard ffn_down tensor */
+    int32_t  act_rule;       /* activity rule: -1 none (file packed without profiling), 0 nonzero, 1 magnitude */
+    float    act_threshold;  /* rule magnitude: a neuron is active iff |h| > act_threshold */
+    const uint8_t * predictor; /* predictor blob (ripple_gguf/predictor.py layout), NULL = none; copied */
+    uint64_t predictor_size;
 } ripple_layer_desc;
 
 typedef struct ripple_stats {
@@ -45,6 +49,14 @@ typedef struct ripple_stats {
     uint64_t cache_capacity;   /* byte budget of the neuron caches now */
     double   io_seconds;       /* wall time spent in reads */
     double   compute_seconds;  /* wall time spent in FFN kernels */
+    uint64_t tokens;           /* tokens through the first FFN layer */
+    uint64_t needed_bytes;     /* bytes of the bundles the predictors asked for (all in exact mode) */
+    uint64_t dense_bytes;      /* bytes a dense FFN read would need */
+    uint64_t collapse_extra_bytes; /* bytes read in gaps merged by access collapse */
+    uint64_t needed_runs;      /* contiguous runs of needed bundles (before cache and collapse) */
+    uint64_t needed_bundles;   /* bundles in those runs */
+    uint64_t max_run_length;   /* longest run of needed bundles */
+    double   predictor_seconds;
 } ripple_stats;
 
 /* Versions of the ggml this library was compiled against (recorded at build time). */
@@ -70,12 +82,26 @@ void ripple_model_end_load(int handle, int ok);
 /* Number of weight tensors the backend bound to the handle (gate+up+down over all layers). */
 int ripple_model_bound_tensors(int handle);
 
-/* Settings. cache_bytes applies to every model's neuron cache (existing caches shrink/grow). */
-void ripple_set_cache_bytes(int64_t cache_bytes);
+/* Settings. The cache budget and policy apply to every model's neuron cache (existing caches are
+ * emptied and re-made). policy: 0 lru, 1 s3fifo, 2 linking (S3-FIFO with Ripple's linking-aware
+ * admission). Returns 0, -1 for an unknown policy. */
+int ripple_set_cache(int64_t cache_bytes, int policy);
+int ripple_get_cache_policy(void);
 int64_t ripple_get_cache_bytes(void);
 
 /* Where exact mode takes the down projection from: the standard ffn_down tensor (stock's own
  * arithmetic, the default) or the down columns of the bundles (what sparse mode reads). */
+/* exact: every neuron computed; sparse: per token and layer only the bundles the layer's
+ * predictor selects (layers without a predictor stay exact), the activity rule applied to h. */
+#define RIPPLE_MODE_EXACT 0
+#define RIPPLE_MODE_SPARSE 1
+int ripple_set_mode(int mode);
+int ripple_get_mode(void);
+/* Access collapse: two runs of bundles to read whose gap is at most gap_bytes are read as one
+ * request (0 = off). */
+void ripple_set_collapse_bytes(int64_t gap_bytes);
+int64_t ripple_get_collapse_bytes(void);
+
 #define RIPPLE_EXACT_DOWN_TENSOR 0
 #define RIPPLE_EXACT_DOWN_BUNDLES 1
 int ripple_set_exact_down(int source);
@@ -134,6 +160,19 @@ typedef struct ripple_sparsify {
     int64_t       total;      /* gate values seen so far */
 } ripple_sparsify;
 bool ripple_sparsify_eval(void * tensor, bool ask, void * user_data);
+
+/* Neuron cache test harness (tests/test_cache.py, scripts/bench_cache.py; not used by the runtime):
+ * a cache (policy 0 lru, 1 s3fifo, 2 linking) over n_layers fake layers of n_ff[l] bundles of
+ * bundle_size bytes, each holding a pattern derived from (layer, position). */
+void *  ripple_cache_test_new(int n_layers, const int32_t * n_ff, size_t bundle_size, size_t budget, int policy);
+void    ripple_cache_test_free(void * t);
+/* 1 hit with the right bytes, 0 miss, -1 hit with wrong bytes, -2 out of range. Updates the policy. */
+int     ripple_cache_test_get(void * t, int layer, int64_t pos);
+void    ripple_cache_test_put(void * t, int layer, int64_t pos, int32_t run_length);
+/* Without touching the policy: 0 in the small queue, 1 in main (lru: 1), 2 ghost, -1 absent. */
+int     ripple_cache_test_where(void * t, int layer, int64_t pos);
+int64_t ripple_cache_test_used_bytes(void * t); /* bytes of the slots in use */
+int64_t ripple_cache_test_capacity(void * t);   /* slots */
 
 /* RIPPLE_CDEF_END */
 #pragma GCC visibility pop

@@ -183,6 +183,15 @@ typedef struct {
     size_t         ws_cap;
     uint8_t *      dbuf; /* exact mode: the standard down tensor of the current layer */
     size_t         dbuf_cap;
+    /* sparse mode: selected positions and neurons of the layer in ws (need: n_ff flags, then
+     * n_ff int32 positions, then n_ff int32 neurons) */
+    uint8_t *      need;
+    size_t         need_cap;
+    int64_t        n_sel;
+    int            sparse;
+    uint8_t *      tokmask; /* n_tokens x n_ff: selected per token */
+    size_t         tokmask_cap;
+    int64_t        n_selected; /* (token, neuron) pairs selected */
 } ripple_backend_ctx;
 
 static const char * ggml_backend_ripple_get_name(ggml_backend_t backend) {
@@ -195,6 +204,8 @@ static void ggml_backend_ripple_free(ggml_backend_t backend) {
     ripple_pool_free(ctx->pool);
     free(ctx->ws);
     free(ctx->dbuf);
+    free(ctx->need);
+    free(ctx->tokmask);
     free(ctx);
     free(backend);
 }
@@ -214,20 +225,60 @@ static int reserve(uint8_t ** buf, size_t * cap, size_t need, const char * what)
     return 0;
 }
 
-static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, int for_down) {
+/* Make the bundles of the binding's layer available in ws: all of them (exact mode, or a layer
+ * without a predictor), or in sparse mode those the predictor selects for the tokens of src1 (the
+ * FFN input, at the gate/up matmul). One fetch serves the gate, up and down matmuls of a token
+ * batch: the down matmul ends its use. */
+static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, const struct ggml_tensor * src1,
+                        int for_down) {
     ripple_model * m = b->model;
     const ripple_layer * L = &m->layers[b->layer];
     if (ctx->ws_valid && ctx->ws_model == m && ctx->ws_layer == b->layer) {
         if (for_down) {
-            ctx->ws_valid = 0; /* the down matmul ends this token's use of the layer */
+            ctx->ws_valid = 0;
         }
         return 0;
     }
     ctx->ws_valid = 0;
-    if (reserve(&ctx->ws, &ctx->ws_cap, (size_t) L->d.n_ff * L->d.bundle_size, "layer working set") != 0) {
+    const int64_t n = L->d.n_ff;
+    if (reserve(&ctx->ws, &ctx->ws_cap, (size_t) n * L->d.bundle_size, "layer working set") != 0 ||
+        reserve((uint8_t **) &ctx->need, &ctx->need_cap, (size_t) n * (1 + 2 * sizeof(int32_t)), "need list") != 0) {
         return -1;
     }
-    if (ripple_store_fetch_layer(m, b->layer, NULL, ctx->ws) != 0) {
+    uint8_t * need_neuron = ctx->need;
+    int32_t * positions = (int32_t *) (ctx->need + n);
+    int32_t * neurons = positions + n;
+    ctx->n_sel = n;
+    ctx->sparse = 0;
+    if (ripple_get_mode() == RIPPLE_MODE_SPARSE && L->pred && !for_down) {
+        uint64_t t0 = ripple_now_ns();
+        if (reserve(&ctx->tokmask, &ctx->tokmask_cap, (size_t) (n * src1->ne[1]), "token masks") != 0) {
+            return -1;
+        }
+        ctx->n_selected = ripple_predict(L->pred, L, src1, need_neuron, ctx->tokmask);
+        RIPPLE_COUNT(predictor_ns, ripple_now_ns() - t0);
+        /* positions flagged in place of neurons: the store works on positions */
+        uint8_t * need_pos = (uint8_t *) neurons; /* scratch, rewritten below */
+        for (int64_t p = 0; p < n; p++) {
+            need_pos[p] = need_neuron[L->order[p]];
+        }
+        memcpy(need_neuron, need_pos, (size_t) n);
+        int64_t k = 0;
+        for (int64_t p = 0; p < n; p++) {
+            if (need_neuron[p]) {
+                positions[k++] = (int32_t) p;
+            }
+        }
+        for (int64_t q = 0; q < k; q++) {
+            neurons[q] = L->order[positions[q]];
+        }
+        ctx->n_sel = k;
+        ctx->sparse = 1;
+    }
+    if (b->layer == 0) {
+        RIPPLE_COUNT(tokens, (uint64_t) src1->ne[1]);
+    }
+    if (ripple_fetch_bundles(m, b->layer, ctx->sparse ? need_neuron : NULL, (int32_t) (ripple_get_collapse_bytes() / (int64_t) L->d.bundle_size), ctx->ws) != 0) {
         return -1;
     }
     ctx->ws_model = m;
@@ -256,7 +307,7 @@ static int down_from_tensor(ripple_backend_ctx * ctx, const ripple_binding * b, 
     if (rc != 0) {
         return -1;
     }
-    ripple_rows rows = { t, L->d.n_ff, L->d.n_embd, ctx->dbuf, row, NULL };
+    ripple_rows rows = { t, L->d.n_ff, L->d.n_embd, ctx->dbuf, row, NULL, NULL, 0 };
     return ripple_kernel_rows(ctx->pool, ctx->n_threads, &rows, src1, node);
 }
 
@@ -265,18 +316,24 @@ static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node) {
     const struct ggml_tensor * src1 = node->src[1];
     const ripple_binding * b = binding_of(src0);
     const ripple_layer * L = &b->model->layers[b->layer];
-    const int down_tensor = b->kind == RIPPLE_DOWN && ripple_get_exact_down() == RIPPLE_EXACT_DOWN_TENSOR;
+    const int sparse_layer = ripple_get_mode() == RIPPLE_MODE_SPARSE && L->pred;
+    const int down_tensor = b->kind == RIPPLE_DOWN && !sparse_layer &&
+                            ripple_get_exact_down() == RIPPLE_EXACT_DOWN_TENSOR;
     if (down_tensor) {
         ctx->ws_valid = 0; /* the layer's bundles are done with */
-    } else if (ensure_layer(ctx, b, b->kind == RIPPLE_DOWN) != 0) {
+    } else if (ensure_layer(ctx, b, src1, b->kind == RIPPLE_DOWN) != 0) {
         return -1;
     }
+    const int32_t * positions = ctx->sparse ? (const int32_t *) (ctx->need + L->d.n_ff) : NULL;
+    const int32_t * neurons = ctx->sparse ? positions + L->d.n_ff : NULL;
+    const int64_t n_sel = down_tensor ? L->d.n_ff : ctx->n_sel;
     uint64_t t0 = ripple_now_ns();
     int rc;
     if (down_tensor) {
         rc = down_from_tensor(ctx, b, src1, node);
     } else if (b->kind == RIPPLE_DOWN) {
-        rc = ripple_kernel_down(ctx->pool, ctx->n_threads, L, ctx->ws, src1, node);
+        rc = ripple_kernel_down(ctx->pool, ctx->n_threads, L, ctx->ws, positions, n_sel, ctx->sparse,
+                                ctx->sparse ? ctx->tokmask : NULL, src1, node);
     } else {
         ripple_rows rows = {
             /* .type    = */ (enum ggml_type) (b->kind == RIPPLE_GATE ? L->d.gate_type : L->d.up_type),
@@ -285,12 +342,15 @@ static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node) {
             /* .base    = */ ctx->ws + (b->kind == RIPPLE_GATE ? 0 : L->gate_row),
             /* .stride  = */ L->d.bundle_size,
             /* .map     = */ L->pos_of,
+            /* .list    = */ neurons,
+            /* .n_list  = */ n_sel,
         };
         rc = ripple_kernel_rows(ctx->pool, ctx->n_threads, &rows, src1, node);
     }
     RIPPLE_COUNT(compute_ns, ripple_now_ns() - t0);
     RIPPLE_COUNT(ffn_matmuls, 1);
-    RIPPLE_COUNT(neurons_computed, (uint64_t) L->d.n_ff * (uint64_t) src1->ne[1]);
+    RIPPLE_COUNT(neurons_computed, ctx->sparse && !down_tensor ? (uint64_t) ctx->n_selected
+                                                               : (uint64_t) n_sel * (uint64_t) src1->ne[1]);
     RIPPLE_COUNT(neurons_total, (uint64_t) L->d.n_ff * (uint64_t) src1->ne[1]);
     return rc;
 }

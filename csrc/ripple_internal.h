@@ -22,37 +22,69 @@ typedef struct ripple_binding {
     int                   kind;  /* enum ripple_kind */
 } ripple_binding;
 
+/* A layer's predictor in f32 (from the f16 blob): logits = W2T relu(W1T x + b1) + b2 */
+typedef struct ripple_predictor {
+    int32_t rank;
+    float   threshold;
+    float * w1t; /* rank x n_embd */
+    float * b1;  /* rank */
+    float * w2t; /* n_ff x rank */
+    float * b2;  /* n_ff */
+} ripple_predictor;
+
 typedef struct ripple_layer {
     ripple_layer_desc d;
     int32_t * order;    /* position -> neuron */
     int32_t * pos_of;   /* neuron -> position */
+    ripple_predictor * pred; /* NULL = none */
     size_t    gate_row; /* bytes of each part of a bundle */
     size_t    up_row;
     size_t    down_row;
 } ripple_layer;
 
-/* ---- neuron cache (ripple_cache.c): LRU over bundles, byte budget ---- */
+/* ---- neuron cache (ripple_cache.c): bundles in DRAM under a byte budget ---- */
+enum ripple_cache_policy {
+    RIPPLE_CACHE_LRU     = 0, /* least recently used evicted first */
+    RIPPLE_CACHE_S3FIFO  = 1, /* S3-FIFO (SOSP'23): small FIFO + main 2-bit CLOCK FIFO + ghost */
+    RIPPLE_CACHE_LINKING = 2, /* S3-FIFO admitting a bundle read in a run of L with probability 1/L */
+};
+enum ripple_cache_queue { RIPPLE_CACHE_SMALL = 0, RIPPLE_CACHE_MAIN = 1 }; /* LRU uses MAIN only */
+
 typedef struct ripple_cache {
+    int       policy;     /* enum ripple_cache_policy */
     size_t    slot_size;  /* bytes per slot = largest bundle of the model */
     int64_t   n_slots;    /* capacity in bundles */
-    int64_t   n_used;
+    int64_t   n_used;     /* slots holding a bundle (never freed once used) */
     uint8_t * arena;      /* n_slots * slot_size, anonymous NORESERVE mapping */
     size_t    arena_size;
     int32_t * slot_layer; /* slot -> layer, -1 when free */
     int32_t * slot_pos;   /* slot -> position in layer */
-    int64_t * prev;       /* LRU list: head = most recent */
+    int64_t * prev;       /* queue links, head = newest (LRU: most recent) */
     int64_t * next;
-    int64_t   head, tail;
+    uint8_t * queue;      /* slot -> enum ripple_cache_queue */
+    uint8_t * freq;       /* slot -> accesses since insertion or last reinsertion, capped at 3 */
+    int64_t   head[2], tail[2], len[2];
+    int64_t   small_cap;  /* S3-FIFO: size of the small queue (10% of the slots) */
     int32_t ** slot_of;   /* [layer][position] -> slot or -1 */
-    int        n_layers;
+    int64_t ** ghost_at;  /* S3-FIFO: [layer][position] -> ghost stamp, 0 = never a ghost */
+    int64_t   ghost_seq;  /* ghost insertions so far; a stamp within ghost_cap of it is a ghost */
+    int64_t   ghost_cap;  /* ghost entries remembered = main queue size */
+    uint64_t  rng;        /* xorshift64 state of the linking admission, fixed seed */
+    int       n_layers;
 } ripple_cache;
 
-void      ripple_cache_init(ripple_cache * c, int n_layers, const ripple_layer * layers, size_t budget_bytes);
+/* budget_bytes = 0 (or an unknown policy) leaves the cache empty: every get misses, put is a no-op. */
+void      ripple_cache_init(ripple_cache * c, int n_layers, const ripple_layer * layers, size_t budget_bytes, int policy);
 void      ripple_cache_free(ripple_cache * c);
-/* Pointer to the cached bundle (and mark it most recently used), NULL on a miss. */
+/* Pointer to the cached bundle, NULL on a miss. A hit updates the policy's recency/frequency. */
 uint8_t * ripple_cache_get(ripple_cache * c, int layer, int64_t pos);
-/* Admit a bundle, evicting the least recently used ones; no-op when the budget is 0. */
-void      ripple_cache_put(ripple_cache * c, int layer, int64_t pos, const uint8_t * data, size_t size);
+/* Offer a bundle read as part of a contiguous read of run_length bundles (lru and s3fifo ignore
+ * it), evicting as the policy says; no-op when already cached, not admitted or the budget is 0. */
+void      ripple_cache_put(ripple_cache * c, int layer, int64_t pos, const uint8_t * data, size_t size,
+                           int32_t run_length);
+/* Where a bundle is, without touching the policy: a queue (enum ripple_cache_queue), 2 = ghost,
+ * -1 = absent (tests and diagnostics). */
+int       ripple_cache_where(const ripple_cache * c, int layer, int64_t pos);
 
 /* ---- a ripple-packed file loaded by llama.cpp (ripple_store.c) ---- */
 typedef struct ripple_model {
@@ -83,12 +115,22 @@ void ripple_store_buffer_ref(ripple_model * m);
 void ripple_store_buffer_unref(ripple_model * m);
 bool ripple_store_is_ripple_fd(int fd);
 
-/* Fetch the bundles at positions [0, n_ff) flagged in `need` (NULL = all) of one layer into
- * dst (position order, bundle_size apart). Returns 0 or -1 with ripple_set_error called. */
-int ripple_store_fetch_layer(ripple_model * m, int layer, const uint8_t * need, uint8_t * dst);
 /* Read size bytes of the standard tensor behind a binding, at offset, into dst. */
 int ripple_store_read_tensor(const ripple_binding * b, void * dst, size_t offset, size_t size);
 int ripple_pread_full(int fd, void * dst, size_t size, uint64_t offset, const char * path);
+
+/* ---- sparse mode (ripple_sparse.c) ---- */
+ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int n_embd, int n_ff,
+                                         char * err, size_t err_len);
+void ripple_predictor_free(ripple_predictor * p);
+/* tok[t * n_ff + neuron] = 1 for the neurons the predictor selects for token t of src1, need[neuron]
+ * the union over tokens; returns the (token, neuron) pairs selected */
+int64_t ripple_predict(const ripple_predictor * p, const ripple_layer * L, const struct ggml_tensor * src1,
+                       uint8_t * need, uint8_t * tok);
+/* read the bundles at positions flagged in need (NULL = all) into dst; collapse gaps <= gap */
+int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int32_t gap, uint8_t * dst);
+int ripple_get_mode(void);
+int64_t ripple_get_collapse_bytes(void);
 
 /* ---- kernels (ripple_kernels.c) ---- */
 typedef struct ripple_pool ripple_pool;
@@ -105,14 +147,20 @@ typedef struct ripple_rows {
     const uint8_t * base;
     size_t          stride;
     const int32_t * map;
+    const int32_t * list;     /* rows to compute (the others are set to 0); NULL = all */
+    int64_t         n_list;
 } ripple_rows;
 
 /* dst[i, t] = dot(row i, src1[:, t]) with ggml's vec_dot (stock's arithmetic) */
 int ripple_kernel_rows(ripple_pool * pool, int n_threads, const ripple_rows * rows,
                        const struct ggml_tensor * src1, struct ggml_tensor * dst);
-/* dst = sum over neurons of h[neuron] * down column of the bundles in `ws` (position order) */
-int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L,
-                       const uint8_t * ws, const struct ggml_tensor * src1, struct ggml_tensor * dst);
+/* dst = sum over neurons of h[neuron] * down column of the bundles in `ws` (position order), over
+ * the positions in `positions` (NULL = all); with rule magnitude, h values with |h| <= threshold
+ * are dropped first, and with token_mask (n_tokens x n_ff, neuron order) those not selected for
+ * their token. */
+int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L, const uint8_t * ws,
+                       const int32_t * positions, int64_t n_positions, int apply_rule,
+                       const uint8_t * token_mask, const struct ggml_tensor * src1, struct ggml_tensor * dst);
 
 /* ---- errors and counters (ripple_store.c) ---- */
 void ripple_set_error(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -120,7 +168,8 @@ void ripple_set_error(const char * fmt, ...) __attribute__((format(printf, 1, 2)
 typedef struct ripple_counters {
     uint64_t ffn_matmuls, neurons_computed, neurons_total, read_ops, bytes_read;
     uint64_t cache_hits, cache_misses, fallback_reads;
-    uint64_t io_ns, compute_ns;
+    uint64_t io_ns, compute_ns, predictor_ns;
+    uint64_t tokens, needed_bytes, dense_bytes, collapse_extra_bytes, needed_runs, needed_bundles, max_run_length;
 } ripple_counters;
 extern ripple_counters g_ripple_counters;
 #define RIPPLE_COUNT(field, v) __atomic_fetch_add(&g_ripple_counters.field, (uint64_t)(v), __ATOMIC_RELAXED)

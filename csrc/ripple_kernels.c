@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "ripple_internal.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -139,10 +140,12 @@ typedef struct {
 static void rows_task(void * v, int ith, int nth) {
     rows_job * j = v;
     const ripple_rows * r = &j->rows;
-    const int64_t per = (r->n_rows + nth - 1) / nth;
-    const int64_t i0 = per * ith;
-    const int64_t i1 = i0 + per < r->n_rows ? i0 + per : r->n_rows;
-    for (int64_t i = i0; i < i1; i++) {
+    const int64_t n = r->list ? r->n_list : r->n_rows;
+    const int64_t per = (n + nth - 1) / nth;
+    const int64_t k0 = per * ith;
+    const int64_t k1 = k0 + per < n ? k0 + per : n;
+    for (int64_t k = k0; k < k1; k++) {
+        const int64_t i = r->list ? r->list[k] : k;
         const uint8_t * row = r->base + (size_t) (r->map ? r->map[i] : i) * r->stride;
         for (int64_t t = 0; t < j->n_tokens; t++) {
             float * out = (float *) ((char *) j->dst->data + i * j->dst->nb[0] + t * j->dst->nb[1]);
@@ -169,6 +172,11 @@ int ripple_kernel_rows(ripple_pool * pool, int n_threads, const ripple_rows * ro
             memcpy(xq + t * xq_stride, x, sizeof(float) * (size_t) rows->row_len);
         } else {
             ggml_get_type_traits_cpu(vt)->from_float(x, xq + t * xq_stride, rows->row_len);
+        }
+    }
+    if (rows->list) {
+        for (int64_t t = 0; t < n_tokens; t++) {
+            memset((char *) dst->data + t * dst->nb[1], 0, sizeof(float) * (size_t) rows->n_rows);
         }
     }
     rows_job j = {
@@ -242,6 +250,8 @@ static int round_like_stock(enum ggml_type weight_type, const struct ggml_tensor
 typedef struct {
     const ripple_layer *       L;
     const uint8_t *            ws;
+    const int32_t *            positions; /* NULL = all */
+    int64_t                    n_positions;
     const float *              h;    /* n_tokens x n_ff activations, rounded like stock */
     int64_t                    n_tokens;
     float *                    acc;  /* nth * n_tokens * n_embd */
@@ -259,10 +269,12 @@ static void down_task(void * v, int ith, int nth) {
     float * col = malloc(sizeof(float) * (size_t) n_embd);
     memset(acc, 0, sizeof(float) * (size_t) (j->n_tokens * n_embd));
     /* neurons in position order: consecutive bundles are adjacent in memory */
-    const int64_t per = (n_ff + nth - 1) / nth;
-    const int64_t p0 = per * ith;
-    const int64_t p1 = p0 + per < n_ff ? p0 + per : n_ff;
-    for (int64_t p = p0; p < p1; p++) {
+    const int64_t n = j->positions ? j->n_positions : n_ff;
+    const int64_t per = (n + nth - 1) / nth;
+    const int64_t k0 = per * ith;
+    const int64_t k1 = k0 + per < n ? k0 + per : n;
+    for (int64_t k = k0; k < k1; k++) {
+        const int64_t p = j->positions ? j->positions[k] : k;
         const int64_t i = j->L->order[p];
         j->to_float(j->ws + (size_t) p * bs + off, col, n_embd);
         for (int64_t t = 0; t < j->n_tokens; t++) {
@@ -299,8 +311,9 @@ static void reduce_task(void * v, int ith, int nth) {
     }
 }
 
-int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L,
-                       const uint8_t * ws, const struct ggml_tensor * src1, struct ggml_tensor * dst) {
+int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L, const uint8_t * ws,
+                       const int32_t * positions, int64_t n_positions, int apply_rule,
+                       const uint8_t * token_mask, const struct ggml_tensor * src1, struct ggml_tensor * dst) {
     ggml_to_float_t to_float = to_float_of((enum ggml_type) L->d.down_type);
     if (!to_float) {
         ripple_set_error("no to_float for type %s", ggml_type_name((enum ggml_type) L->d.down_type));
@@ -316,7 +329,22 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
         ripple_set_error("out of memory for the down projection");
         return -1;
     }
-    down_job j = { L, ws, h, n_tokens, acc, to_float, dst };
+    if (apply_rule && L->d.act_rule == 1) { /* magnitude: |h| <= threshold is not active */
+        const float thr = L->d.act_threshold;
+        for (int64_t e = 0; e < n_tokens * L->d.n_ff; e++) {
+            if (fabsf(h[e]) <= thr) {
+                h[e] = 0.0f;
+            }
+        }
+    }
+    if (token_mask) {
+        for (int64_t e = 0; e < n_tokens * L->d.n_ff; e++) {
+            if (!token_mask[e]) {
+                h[e] = 0.0f;
+            }
+        }
+    }
+    down_job j = { L, ws, positions, n_positions, h, n_tokens, acc, to_float, dst };
     ripple_pool_run(pool, n_threads, down_task, &j);
     reduce_job r = { &j, n_threads };
     ripple_pool_run(pool, n_threads, reduce_task, &r);

@@ -21,6 +21,9 @@ static ripple_model *  g_loading;
 static int             g_next_handle = 1;
 static int64_t         g_cache_bytes = 0;
 static int             g_exact_down = RIPPLE_EXACT_DOWN_TENSOR;
+static int             g_mode = RIPPLE_MODE_EXACT;
+static int64_t         g_collapse_bytes = 0;
+static int             g_cache_policy = RIPPLE_CACHE_LRU;
 static char            g_error[1024];
 
 uint64_t ripple_now_ns(void) {
@@ -70,6 +73,7 @@ static void model_free(ripple_model * m) {
     for (int l = 0; l < m->n_layers; l++) {
         free(m->layers[l].order);
         free(m->layers[l].pos_of);
+        ripple_predictor_free(m->layers[l].pred);
     }
     free(m->layers);
     free(m->layer_of_block);
@@ -134,6 +138,16 @@ int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_lay
         ripple_layer * L = &m->layers[l];
         L->d = *d;
         L->d.order = NULL;
+        L->d.predictor = NULL;
+        if (d->predictor) {
+            char perr[256];
+            L->pred = ripple_predictor_load(d->predictor, d->predictor_size, d->n_embd, d->n_ff, perr, sizeof(perr));
+            if (!L->pred) {
+                set_err(err, err_len, "%s: layer %d: %s", path, d->block, perr);
+                model_free(m);
+                return -1;
+            }
+        }
         if (d->n_ff <= 0 || d->n_embd <= 0 || d->up_type < 0 || d->up_type >= GGML_TYPE_COUNT ||
             d->down_type < 0 || d->down_type >= GGML_TYPE_COUNT || d->gate_type >= GGML_TYPE_COUNT ||
             d->down_src_type < 0 || d->down_src_type >= GGML_TYPE_COUNT) {
@@ -199,7 +213,7 @@ int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_lay
         model_free(m);
         return -1;
     }
-    ripple_cache_init(&m->cache, m->n_layers, m->layers, (size_t) (g_cache_bytes > 0 ? g_cache_bytes : 0));
+    ripple_cache_init(&m->cache, m->n_layers, m->layers, (size_t) (g_cache_bytes > 0 ? g_cache_bytes : 0), g_cache_policy);
     m->handle = g_next_handle++;
     m->loading = 1;
     m->next = g_models;
@@ -343,70 +357,6 @@ int ripple_pread_full(int fd, void * dst, size_t size, uint64_t offset, const ch
     return 0;
 }
 
-int ripple_store_fetch_layer(ripple_model * m, int layer, const uint8_t * need, uint8_t * dst) {
-    const ripple_layer * L = &m->layers[layer];
-    const size_t bs = L->d.bundle_size;
-    const int64_t n = L->d.n_ff;
-    uint8_t * missing = malloc((size_t) n);
-    if (!missing) {
-        ripple_set_error("out of memory");
-        return -1;
-    }
-    uint64_t hits = 0, misses = 0;
-    pthread_mutex_lock(&m->mu);
-    for (int64_t p = 0; p < n; p++) {
-        missing[p] = 0;
-        if (need && !need[p]) {
-            continue;
-        }
-        const uint8_t * c = ripple_cache_get(&m->cache, layer, p);
-        if (c) {
-            memcpy(dst + p * bs, c, bs);
-            hits++;
-        } else {
-            missing[p] = 1;
-            misses++;
-        }
-    }
-    pthread_mutex_unlock(&m->mu);
-
-    /* runs of consecutive missing positions are contiguous on disk: one read each */
-    int rc = 0;
-    uint64_t ops = 0, bytes = 0, t0 = ripple_now_ns();
-    for (int64_t p = 0; p < n && rc == 0;) {
-        if (!missing[p]) {
-            p++;
-            continue;
-        }
-        int64_t q = p;
-        while (q < n && missing[q]) {
-            q++;
-        }
-        size_t len = (size_t) (q - p) * bs;
-        rc = ripple_pread_full(m->fd, dst + p * bs, len, L->d.bundles_offset + (uint64_t) p * bs, m->path);
-        ops++;
-        bytes += len;
-        p = q;
-    }
-    RIPPLE_COUNT(io_ns, ripple_now_ns() - t0);
-    RIPPLE_COUNT(read_ops, ops);
-    RIPPLE_COUNT(bytes_read, bytes);
-    RIPPLE_COUNT(cache_hits, hits);
-    RIPPLE_COUNT(cache_misses, misses);
-
-    if (rc == 0 && m->cache.n_slots > 0) {
-        pthread_mutex_lock(&m->mu);
-        for (int64_t p = 0; p < n; p++) {
-            if (missing[p]) {
-                ripple_cache_put(&m->cache, layer, p, dst + p * bs, bs);
-            }
-        }
-        pthread_mutex_unlock(&m->mu);
-    }
-    free(missing);
-    return rc;
-}
-
 int ripple_store_read_tensor(const ripple_binding * b, void * dst, size_t offset, size_t size) {
     const ripple_layer_desc * d = &b->model->layers[b->layer].d;
     uint64_t base = b->kind == RIPPLE_GATE ? d->gate_offset : b->kind == RIPPLE_UP ? d->up_offset : d->down_offset;
@@ -416,16 +366,48 @@ int ripple_store_read_tensor(const ripple_binding * b, void * dst, size_t offset
 
 /* ---- settings and counters ---- */
 
-void ripple_set_cache_bytes(int64_t cache_bytes) {
+int ripple_set_cache(int64_t cache_bytes, int policy) {
+    if (policy < RIPPLE_CACHE_LRU || policy > RIPPLE_CACHE_LINKING) {
+        return -1;
+    }
     pthread_mutex_lock(&g_mu);
     g_cache_bytes = cache_bytes > 0 ? cache_bytes : 0;
+    g_cache_policy = policy;
     for (ripple_model * m = g_models; m; m = m->next) {
         pthread_mutex_lock(&m->mu);
         ripple_cache_free(&m->cache);
-        ripple_cache_init(&m->cache, m->n_layers, m->layers, (size_t) g_cache_bytes);
+        ripple_cache_init(&m->cache, m->n_layers, m->layers, (size_t) g_cache_bytes, g_cache_policy);
         pthread_mutex_unlock(&m->mu);
     }
     pthread_mutex_unlock(&g_mu);
+    return 0;
+}
+
+int ripple_get_cache_policy(void) {
+    pthread_mutex_lock(&g_mu);
+    int v = g_cache_policy;
+    pthread_mutex_unlock(&g_mu);
+    return v;
+}
+
+int ripple_set_mode(int mode) {
+    if (mode != RIPPLE_MODE_EXACT && mode != RIPPLE_MODE_SPARSE) {
+        return -1;
+    }
+    __atomic_store_n(&g_mode, mode, __ATOMIC_RELAXED);
+    return 0;
+}
+
+int ripple_get_mode(void) {
+    return __atomic_load_n(&g_mode, __ATOMIC_RELAXED);
+}
+
+void ripple_set_collapse_bytes(int64_t gap_bytes) {
+    __atomic_store_n(&g_collapse_bytes, gap_bytes > 0 ? gap_bytes : 0, __ATOMIC_RELAXED);
+}
+
+int64_t ripple_get_collapse_bytes(void) {
+    return __atomic_load_n(&g_collapse_bytes, __ATOMIC_RELAXED);
 }
 
 int ripple_set_exact_down(int source) {
@@ -461,6 +443,14 @@ void ripple_get_stats(ripple_stats * out) {
     out->fallback_reads = LOAD(fallback_reads);
     out->io_seconds = (double) LOAD(io_ns) * 1e-9;
     out->compute_seconds = (double) LOAD(compute_ns) * 1e-9;
+    out->predictor_seconds = (double) LOAD(predictor_ns) * 1e-9;
+    out->tokens = LOAD(tokens);
+    out->needed_bytes = LOAD(needed_bytes);
+    out->dense_bytes = LOAD(dense_bytes);
+    out->collapse_extra_bytes = LOAD(collapse_extra_bytes);
+    out->needed_runs = LOAD(needed_runs);
+    out->needed_bundles = LOAD(needed_bundles);
+    out->max_run_length = LOAD(max_run_length);
     pthread_mutex_lock(&g_mu);
     for (ripple_model * m = g_models; m; m = m->next) {
         pthread_mutex_lock(&m->mu);

@@ -71,6 +71,32 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    import ripple_gguf
+    from ripple_gguf import quality
+    from ripple_gguf.profile import read_text
+
+    text = read_text(args.text) if args.text else quality.heldout_text(60 * args.tokens)
+    tokens = quality.tokenize(args.file, text, None)[: args.tokens]
+    if len(tokens) < 2:
+        raise ValueError(f"{args.text or 'the held-out text'}: fewer than 2 tokens")
+    ripple_gguf.configure(mode=args.mode)
+    ripple_gguf.reset_stats()
+    ppl = quality.perplexity_of_file(args.file, tokens, chunk=args.chunk, n_threads=args.threads)
+    out = {"file": str(args.file), "mode": args.mode, "ppl": ppl, "tokens": len(tokens),
+           "stats": ripple_gguf.stats()}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        s = out["stats"]
+        print(f"{args.file}: perplexity {ppl:.4f} over {len(tokens)} tokens ({args.mode} mode)")
+        if s["dense_bytes"]:
+            print(f"needed bundles {s['needed_bytes'] / s['dense_bytes']:.1%} of dense, neurons computed "
+                  f"{s['neurons_computed'] / max(1, s['neurons_total']):.1%}, reads {s['read_ops']}, "
+                  f"mean run {s['mean_run_length']:.2f}")
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from ripple_gguf import quickstart
 
@@ -113,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a ripple-packed file's region against its tensors")
     v.add_argument("file", metavar="FILE")
     v.set_defaults(func=_cmd_verify)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a model through llama.cpp with the plugin")
+    pp.add_argument("file", metavar="FILE")
+    pp.add_argument("--text", help="UTF-8 text file (default: the held-out pydoc_data text)")
+    pp.add_argument("--mode", choices=["exact", "sparse"], default="exact")
+    pp.add_argument("--tokens", type=int, default=2048, help="tokens evaluated (default 2048)")
+    pp.add_argument("--chunk", type=int, default=512, help="tokens per evaluation window (default 512)")
+    pp.add_argument("--threads", type=int)
+    pp.add_argument("--json", action="store_true", help="print ppl, tokens and the backend's stats as JSON")
+    pp.set_defaults(func=_cmd_perplexity)
 
     q = sub.add_parser("quickstart", add_help=False,
                        help="install the default model (SmolLM2-135M), pack it and generate with the plugin")

@@ -689,17 +689,20 @@ class RippleFile:
     def has_predictors(self) -> bool:
         return all(l.predictor_size for l in self.layers)
 
-    def read_predictor(self, layer: RippleLayer):
-        """The layer's :class:`ripple_gguf.predictor.Predictor` (reads its blob)."""
-        from ripple_gguf.predictor import Predictor
-
+    def read_predictor_blob(self, layer: RippleLayer) -> bytes:
         if not layer.predictor_size:
             raise RippleFormatError(self.path, f"layer {layer.block}: no predictor in this file")
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            blob = _pread(self.path, fd, layer.predictor_offset, layer.predictor_size)
+            return _pread(self.path, fd, layer.predictor_offset, layer.predictor_size)
         finally:
             os.close(fd)
+
+    def read_predictor(self, layer: RippleLayer):
+        """The layer's :class:`ripple_gguf.predictor.Predictor` (reads its blob)."""
+        from ripple_gguf.predictor import Predictor
+
+        blob = self.read_predictor_blob(layer)
         try:
             return Predictor.from_bytes(blob, layer.n_embd, layer.n_ff)
         except ValueError as e:

@@ -127,3 +127,19 @@ def oracle_perplexity(src: os.PathLike, chunks: Sequence[Sequence[int]], thresho
     if s.errors:
         raise RuntimeError(f"{src}: {s.errors} gate outputs could not be sparsified in place")
     return float(np.exp(nll.mean())), (s.zeroed / s.total if s.total else 0.0)
+
+
+def perplexity_of_file(path: os.PathLike, tokens: Sequence[int], *, chunk: int = 512,
+                       n_threads: Optional[int] = None) -> float:
+    """Perplexity of ``tokens`` (evaluated in chunks of ``chunk``, each from a fresh context) with
+    llama.cpp in this process: the RIPPLE backend serves ripple-packed files."""
+    nll = []
+    for i in range(0, len(tokens) - 1, chunk):
+        c = list(tokens[i:i + chunk])
+        if len(c) < 2:
+            break
+        lg = run(path, tokens=c, n_ctx=chunk, n_batch=chunk, n_threads=n_threads or 2)["logits"].astype(np.float64)[:-1]
+        lg -= lg.max(axis=-1, keepdims=True)
+        logp = lg - np.log(np.exp(lg).sum(axis=-1, keepdims=True))
+        nll.append(-logp[np.arange(len(c) - 1), np.asarray(c[1:])])
+    return float(np.exp(np.concatenate(nll).mean()))

@@ -107,6 +107,7 @@ def _begin_load(rf: RippleFile) -> int:
     ffi = _native.ffi
     descs = ffi.new("ripple_layer_desc[]", len(rf.layers))
     keep = []
+    sparsity = rf.sparsity
     for d, layer in zip(descs, rf.layers):
         order = np.ascontiguousarray(layer.order, dtype=np.int32)
         keep.append(order)
@@ -123,6 +124,13 @@ def _begin_load(rf: RippleFile) -> int:
         d.up_offset = layer.up_offset
         d.down_offset = layer.down_offset
         d.down_src_type = layer.down_src_type
+        d.act_rule = _RULES.get(sparsity["rule"], -1) if sparsity else -1
+        d.act_threshold = layer.threshold
+        if layer.predictor_size:
+            blob = ffi.from_buffer("uint8_t[]", rf.read_predictor_blob(layer))
+            keep.append(blob)
+            d.predictor = blob
+            d.predictor_size = layer.predictor_size
     err = _err_buf()
     handle = _native.lib.ripple_model_begin_load(
         os.fsencode(rf.path), rf.file_size, len(rf.layers), descs, err, 512
@@ -133,6 +141,13 @@ def _begin_load(rf: RippleFile) -> int:
 
 
 EXACT_DOWN = {"tensor": 0, "bundles": 1}
+MODES = {"exact": 0, "sparse": 1}
+CACHE_POLICIES = {"lru": 0, "s3fifo": 1, "linking": 2}
+_RULES = {"nonzero": 0, "magnitude": 1}
+# Access collapse merges two runs when the gap between them is at most this many bytes: the gap
+# costs gap / bandwidth, a separate request one latency. Measured on this project's virtual disk
+# (models-and-data.md: ~16K IOPS at 4 KiB, ~1.36 GB/s at 1 MiB) the break-even is ~64 KiB.
+DEFAULT_COLLAPSE_BYTES = 64 * 1024
 
 
 def _configure_from_env() -> None:
@@ -144,10 +159,16 @@ def _configure_from_env() -> None:
             cache_mb = float(mb)
         except ValueError:
             raise ValueError(f"RIPPLE_CACHE_MB must be a number of MiB, got {mb!r}") from None
-    configure(cache_mb=cache_mb, exact_down=os.environ.get("RIPPLE_EXACT_DOWN", "tensor"))
+    collapse = os.environ.get("RIPPLE_COLLAPSE", "1")
+    if collapse not in ("0", "1"):
+        raise ValueError(f"RIPPLE_COLLAPSE must be 0 or 1, got {collapse!r}")
+    configure(cache_mb=cache_mb, exact_down=os.environ.get("RIPPLE_EXACT_DOWN", "tensor"),
+              mode=os.environ.get("RIPPLE_MODE", "exact"), cache_policy=os.environ.get("RIPPLE_CACHE_POLICY", "lru"),
+              collapse=collapse == "1")
 
 
-def configure(*, cache_mb: Optional[float] = None, exact_down: Optional[str] = None) -> Dict[str, object]:
+def configure(*, cache_mb: Optional[float] = None, exact_down: Optional[str] = None, mode: Optional[str] = None,
+              cache_policy: Optional[str] = None, collapse: Optional[bool] = None) -> Dict[str, object]:
     """Change runtime settings; returns the settings in force.
 
     cache_mb: byte budget of the DRAM neuron cache of each loaded ripple model, in MiB
@@ -157,11 +178,29 @@ def configure(*, cache_mb: Optional[float] = None, exact_down: Optional[str] = N
     ffn_down tensor, read from the file, so results equal stock's; ``"bundles"`` sums the down
     columns of the bundles, the path that reads only the needed neurons.
     Environment: ``RIPPLE_EXACT_DOWN``.
+    mode: ``"exact"`` (default: every neuron) or ``"sparse"`` (per token and layer only the bundles
+    the layer's predictor selects, the file's activity rule applied; layers without a predictor stay
+    exact). Environment: ``RIPPLE_MODE``.
+    cache_policy: ``"lru"`` (default), ``"s3fifo"`` or ``"linking"`` (S3-FIFO with Ripple's
+    linking-aware admission). Environment: ``RIPPLE_CACHE_POLICY``.
+    collapse: merge reads separated by small gaps (``DEFAULT_COLLAPSE_BYTES``). Environment:
+    ``RIPPLE_COLLAPSE=0|1`` (default 1).
     """
-    if cache_mb is not None:
-        if cache_mb < 0:
-            raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
-        _native.lib.ripple_set_cache_bytes(int(cache_mb * 1024 * 1024))
+    if mode is not None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        _native.lib.ripple_set_mode(MODES[mode])
+    if collapse is not None:
+        _native.lib.ripple_set_collapse_bytes(DEFAULT_COLLAPSE_BYTES if collapse else 0)
+    if cache_policy is not None and cache_policy not in CACHE_POLICIES:
+        raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
+    if cache_mb is not None and cache_mb < 0:
+        raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
+    if cache_mb is not None or cache_policy is not None:
+        cur_bytes = _native.lib.ripple_get_cache_bytes()
+        _native.lib.ripple_set_cache(int(cache_mb * 1024 * 1024) if cache_mb is not None else cur_bytes,
+                                     CACHE_POLICIES[cache_policy] if cache_policy is not None
+                                     else _native.lib.ripple_get_cache_policy())
     if exact_down is not None:
         if exact_down not in EXACT_DOWN:
             raise ValueError(f"exact_down must be one of {', '.join(EXACT_DOWN)}, got {exact_down!r}")
@@ -171,8 +210,12 @@ def configure(*, cache_mb: Optional[float] = None, exact_down: Optional[str] = N
 
 def settings() -> Dict[str, object]:
     down = _native.lib.ripple_get_exact_down()
+    name = lambda table, v: next(k for k, x in table.items() if x == v)
     return {
+        "mode": name(MODES, _native.lib.ripple_get_mode()),
         "cache_mb": _native.lib.ripple_get_cache_bytes() / (1024 * 1024),
+        "cache_policy": name(CACHE_POLICIES, _native.lib.ripple_get_cache_policy()),
+        "collapse_bytes": _native.lib.ripple_get_collapse_bytes(),
         "exact_down": next(k for k, v in EXACT_DOWN.items() if v == down),
         "load_hook": bool(_native.lib.ripple_loadhook_active()),
         "load_hook_error": _state["load_hook_error"],
@@ -187,6 +230,8 @@ def stats() -> Dict[str, float]:
     out = {name: getattr(s, name) for name, _ in _native.ffi.typeof("ripple_stats").fields}
     lookups = out["cache_hits"] + out["cache_misses"]
     out["cache_hit_rate"] = out["cache_hits"] / lookups if lookups else 0.0
+    runs = out.pop("needed_runs")
+    out["mean_run_length"] = out.pop("needed_bundles") / runs if runs else 0.0
     return out
 
 

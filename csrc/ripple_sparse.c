@@ -1,0 +1,206 @@
+/* Sparse mode: the per-layer predictors (which bundles a token needs), and the read of a layer's
+ * needed bundles as runs of consecutive positions, with access collapse. */
+#define _GNU_SOURCE
+#include "ripple_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- predictor blob (ripple_gguf/predictor.py, docs/FORMAT.md 3b) ---- */
+
+static size_t pad64(size_t n) {
+    return (n + 63) & ~(size_t) 63;
+}
+
+void ripple_predictor_free(ripple_predictor * p) {
+    if (p) {
+        free(p->w1t);
+        free(p->b1);
+        free(p->w2t);
+        free(p->b2);
+        free(p);
+    }
+}
+
+static void f16_row(const uint8_t * src, float * dst, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        ggml_fp16_t h;
+        memcpy(&h, src + 2 * i, 2);
+        dst[i] = ggml_fp16_to_fp32(h);
+    }
+}
+
+ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int n_embd, int n_ff,
+                                         char * err, size_t err_len) {
+    uint32_t hdr[7];
+    if (size < 64 || memcmp(blob, "RPRD", 4) != 0) {
+        snprintf(err, err_len, "predictor blob has no RPRD header");
+        return NULL;
+    }
+    memcpy(hdr, blob, sizeof(hdr));
+    const uint32_t version = hdr[1], e = hdr[2], f = hdr[3], rank = hdr[4], blob_size = hdr[6];
+    float threshold;
+    memcpy(&threshold, blob + 20, 4);
+    if (version != 1 || (int) e != n_embd || (int) f != n_ff || rank == 0 || blob_size != size) {
+        snprintf(err, err_len, "predictor blob (version %u, %u x %u, rank %u, %u bytes) does not fit a layer of "
+                 "%d x %d in %zu bytes", version, e, f, rank, blob_size, n_embd, n_ff, size);
+        return NULL;
+    }
+    const size_t o_b1 = 64 + pad64(2 * (size_t) rank * e);
+    const size_t o_w2 = o_b1 + pad64(4 * (size_t) rank);
+    const size_t o_b2 = o_w2 + pad64(2 * (size_t) f * rank);
+    if (o_b2 + pad64(4 * (size_t) f) != size) {
+        snprintf(err, err_len, "predictor blob size %zu does not match its dimensions", size);
+        return NULL;
+    }
+    ripple_predictor * p = calloc(1, sizeof(*p));
+    p->rank = (int32_t) rank;
+    p->threshold = threshold;
+    p->w1t = malloc(sizeof(float) * rank * e);
+    p->b1 = malloc(sizeof(float) * rank);
+    p->w2t = malloc(sizeof(float) * (size_t) f * rank);
+    p->b2 = malloc(sizeof(float) * f);
+    if (!p->w1t || !p->b1 || !p->w2t || !p->b2) {
+        ripple_predictor_free(p);
+        snprintf(err, err_len, "out of memory for a predictor");
+        return NULL;
+    }
+    f16_row(blob + 64, p->w1t, (size_t) rank * e);
+    memcpy(p->b1, blob + o_b1, 4 * (size_t) rank);
+    f16_row(blob + o_w2, p->w2t, (size_t) f * rank);
+    memcpy(p->b2, blob + o_b2, 4 * (size_t) f);
+    return p;
+}
+
+static float dot(const float * a, const float * b, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        s += a[i] * b[i];
+    }
+    return s;
+}
+
+/* tok[t * n_ff + i] = 1 when the predictor selects neuron i for token t of src1; need[i] = 1 for
+ * the union over the tokens. Returns the number of (token, neuron) pairs selected. */
+int64_t ripple_predict(const ripple_predictor * p, const ripple_layer * L, const struct ggml_tensor * src1,
+                       uint8_t * need, uint8_t * tok) {
+    const int64_t n_embd = L->d.n_embd, n_ff = L->d.n_ff;
+    float * hid = malloc(sizeof(float) * (size_t) p->rank);
+    int64_t selected = 0;
+    memset(need, 0, (size_t) n_ff);
+    for (int64_t t = 0; t < src1->ne[1]; t++) {
+        const float * x = (const float *) ((const char *) src1->data + t * src1->nb[1]);
+        uint8_t * m = tok + t * n_ff;
+        for (int32_t j = 0; j < p->rank; j++) {
+            const float v = dot(p->w1t + (size_t) j * n_embd, x, n_embd) + p->b1[j];
+            hid[j] = v > 0.0f ? v : 0.0f;
+        }
+        for (int64_t i = 0; i < n_ff; i++) {
+            m[i] = dot(p->w2t + (size_t) i * p->rank, hid, p->rank) + p->b2[i] > p->threshold;
+            need[i] |= m[i];
+            selected += m[i];
+        }
+    }
+    free(hid);
+    return selected;
+}
+
+/* ---- reading a layer's needed bundles ---- */
+
+/* Fetch the bundles at the positions flagged in `need` (NULL = all) into dst (position order,
+ * bundle_size apart): cache hits are copied, misses read as runs of consecutive positions, runs
+ * separated by at most `gap` positions merged into one read (access collapse). Counts the runs of
+ * needed positions (the placement's quality, before cache and collapse). */
+int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int32_t gap, uint8_t * dst) {
+    const ripple_layer * L = &m->layers[layer];
+    const size_t bs = L->d.bundle_size;
+    const int64_t n = L->d.n_ff;
+    uint8_t * missing = malloc((size_t) n);
+    int32_t * read_len = malloc(sizeof(int32_t) * (size_t) n); /* length of the read a bundle came in */
+    if (!missing || !read_len) {
+        free(missing);
+        free(read_len);
+        ripple_set_error("out of memory");
+        return -1;
+    }
+    uint64_t hits = 0, misses = 0, runs = 0, needed = 0, max_run = 0, cur = 0;
+    pthread_mutex_lock(&m->mu);
+    for (int64_t p = 0; p < n; p++) {
+        missing[p] = 0;
+        if (need && !need[p]) {
+            cur = 0;
+            continue;
+        }
+        needed++;
+        if (++cur == 1) {
+            runs++;
+        }
+        if (cur > max_run) {
+            max_run = cur;
+        }
+        const uint8_t * c = ripple_cache_get(&m->cache, layer, p);
+        if (c) {
+            memcpy(dst + p * bs, c, bs);
+            hits++;
+        } else {
+            missing[p] = 1;
+            misses++;
+        }
+    }
+    pthread_mutex_unlock(&m->mu);
+
+    int rc = 0;
+    uint64_t ops = 0, bytes = 0, extra = 0, t0 = ripple_now_ns();
+    for (int64_t p = 0; p < n && rc == 0;) {
+        if (!missing[p]) {
+            p++;
+            continue;
+        }
+        int64_t q = p, last = p; /* [p, last] is the request; extend over short gaps */
+        for (q = p + 1; q < n; q++) {
+            if (missing[q]) {
+                extra += (uint64_t) (q - last - 1) * bs;
+                last = q;
+            } else if (q - last > gap) {
+                break;
+            }
+        }
+        for (int64_t r = p; r <= last; r++) {
+            read_len[r] = (int32_t) (last - p + 1);
+        }
+        size_t len = (size_t) (last - p + 1) * bs;
+        rc = ripple_pread_full(m->fd, dst + p * bs, len, L->d.bundles_offset + (uint64_t) p * bs, m->path);
+        ops++;
+        bytes += len;
+        p = last + 1;
+    }
+    RIPPLE_COUNT(io_ns, ripple_now_ns() - t0);
+    RIPPLE_COUNT(read_ops, ops);
+    RIPPLE_COUNT(bytes_read, bytes);
+    RIPPLE_COUNT(collapse_extra_bytes, extra);
+    RIPPLE_COUNT(cache_hits, hits);
+    RIPPLE_COUNT(cache_misses, misses);
+    RIPPLE_COUNT(needed_runs, runs);
+    RIPPLE_COUNT(needed_bundles, needed);
+    RIPPLE_COUNT(needed_bytes, needed * bs);
+    RIPPLE_COUNT(dense_bytes, (uint64_t) n * bs);
+    uint64_t prev = __atomic_load_n(&g_ripple_counters.max_run_length, __ATOMIC_RELAXED);
+    while (max_run > prev &&
+           !__atomic_compare_exchange_n(&g_ripple_counters.max_run_length, &prev, max_run, 0, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+    }
+
+    if (rc == 0 && m->cache.n_slots > 0) {
+        pthread_mutex_lock(&m->mu);
+        for (int64_t p = 0; p < n; p++) {
+            if (missing[p]) {
+                ripple_cache_put(&m->cache, layer, p, dst + p * bs, bs, read_len[p]);
+            }
+        }
+        pthread_mutex_unlock(&m->mu);
+    }
+    free(missing);
+    free(read_len);
+    return rc;
+}

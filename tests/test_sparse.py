@@ -1,0 +1,130 @@
+"""Sparse mode: predictor-gated bundles, the activity rule, per-token masks, collapse, counters."""
+from __future__ import annotations
+
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+
+import llama_cpp
+import ripple_gguf
+from ripple_gguf import constants as C
+from ripple_gguf import quality
+from ripple_gguf.convert import convert
+from ripple_gguf.format import RippleFile
+from ripple_gguf.offline import OfflineConfig
+from synth import make_model
+
+TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 200, 3, 17]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sparse")
+    src = make_model(d / "src.gguf", ffn_type="Q8_0", n_embd=64, n_ff=256, n_layers=2)
+    cfg = OfflineConfig(calib_tokens=512, chunk_tokens=128, threshold_tokens=256, eval_tokens=256,
+                        predictor_rank=8, active_fraction=0.3, threads=1, quiet=True)
+    return convert(src, d / "m.ripple.gguf", offline=cfg, quiet=True)
+
+
+@pytest.fixture
+def settings():
+    yield ripple_gguf
+    ripple_gguf.configure(mode="exact", exact_down="tensor", cache_mb=ripple_gguf.runtime.DEFAULT_CACHE_MB,
+                          cache_policy="lru", collapse=True)
+
+
+def logits(path, tokens=TOKENS, n_batch=64):
+    return quality.run(path, tokens=tokens, n_ctx=256, n_threads=1, n_batch=n_batch)["logits"]
+
+
+def select_everything(rf: RippleFile, dst) -> None:
+    """A copy of the file whose predictors select every neuron and whose rule drops nothing."""
+    shutil.copy(rf.path, dst)
+    with open(dst, "r+b") as f:
+        for l in rf.layers:
+            f.seek(l.predictor_offset + 20)  # f32 threshold of the blob
+            f.write(np.float32(-3e38).tobytes())
+    r = gguf.GGUFReader(dst, "r+")
+    field = r.fields[C.Keys.Sparsity.THRESHOLD]
+    for i in field.data:
+        field.parts[i][0] = 0.0
+
+
+def test_sparse_with_every_neuron_equals_dense_from_bundles(packed, tmp_path, settings):
+    full = tmp_path / "all.gguf"
+    select_everything(packed, full)
+    settings.configure(exact_down="bundles", mode="exact")
+    dense = logits(full)
+    settings.configure(mode="sparse")
+    settings.reset_stats()
+    sparse = logits(full)
+    s = settings.stats()
+    assert s["neurons_computed"] == s["neurons_total"] and s["needed_bytes"] == s["dense_bytes"]
+    np.testing.assert_allclose(sparse, dense, rtol=0, atol=1e-5)
+
+
+def test_sparse_mode_reads_and_computes_less(packed, settings):
+    settings.configure(mode="exact", cache_mb=0)
+    exact = logits(packed.path)
+    settings.configure(mode="sparse", cache_mb=0)
+    settings.reset_stats()
+    llm = llama_cpp.Llama(model_path=packed.path, n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    for t in TOKENS:  # token by token, as generation does
+        llm.eval([t])
+    got = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
+    llm.close()
+    s = settings.stats()
+    assert s["tokens"] == len(TOKENS)
+    assert 0 < s["neurons_computed"] < s["neurons_total"]
+    assert 0 < s["needed_bytes"] < s["dense_bytes"]
+    assert s["bytes_read"] <= s["needed_bytes"] + s["collapse_extra_bytes"]
+    assert 1 <= s["mean_run_length"] <= s["max_run_length"] <= 256
+    assert np.isfinite(got).all()
+    # sparsity changes the result a little, not wholesale (random weights: no quality claim)
+    assert np.corrcoef(got.ravel(), exact.ravel())[0, 1] > 0.9
+
+
+def test_batch_and_token_by_token_agree(packed, settings):
+    """Prompt batches read the union of the tokens' sets but keep each token's own selection."""
+    settings.configure(mode="sparse")
+    batch = logits(packed.path, n_batch=64)
+    llm = llama_cpp.Llama(model_path=packed.path, n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    for t in TOKENS:
+        llm.eval([t])
+    single = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
+    llm.close()
+    # the per-token selection is a threshold decision: last-bit differences between batched and
+    # single-token attention can flip a few neurons, nothing more
+    assert np.abs(batch - single).mean() < 0.02
+    assert np.corrcoef(batch.ravel(), single.ravel())[0, 1] > 0.995
+
+
+def test_collapse_merges_reads(packed, settings):
+    ops = {}
+    for collapse in (False, True):
+        settings.configure(mode="sparse", cache_mb=0, collapse=collapse)
+        settings.reset_stats()
+        logits(packed.path, n_batch=1)
+        s = settings.stats()
+        ops[collapse] = (s["read_ops"], s["collapse_extra_bytes"], s["needed_bytes"])
+    assert ops[True][0] <= ops[False][0] and ops[False][1] == 0
+    assert ops[True][2] == ops[False][2]  # the same bundles were needed
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo", "linking"])
+def test_cache_policies_serve_hits(packed, settings, policy):
+    settings.configure(mode="sparse", cache_mb=1, cache_policy=policy)
+    settings.reset_stats()
+    logits(packed.path, n_batch=1)
+    s = settings.stats()
+    assert settings.settings()["cache_policy"] == policy
+    assert s["cache_hits"] > 0 and s["cache_bytes"] <= s["cache_capacity"] <= 1 << 20
+
+
+def test_bad_settings_are_refused(settings):
+    with pytest.raises(ValueError, match="mode"):
+        settings.configure(mode="fast")
+    with pytest.raises(ValueError, match="cache_policy"):
+        settings.configure(cache_policy="mru")

@@ -57,6 +57,7 @@ typedef struct ripple_stats {
     uint64_t needed_bundles;   /* bundles in those runs */
     uint64_t max_run_length;   /* longest run of needed bundles */
     double   predictor_seconds;
+    uint64_t stream_reads;     /* layer fetches the cost model served by reading the whole layer */
 } ripple_stats;
 
 /* Versions of the ggml this library was compiled against (recorded at build time). */
@@ -101,6 +102,39 @@ int ripple_get_mode(void);
  * request (0 = off). */
 void ripple_set_collapse_bytes(int64_t gap_bytes);
 int64_t ripple_get_collapse_bytes(void);
+
+/* Cache budget as a fraction of each model's FFN bytes (bundles), instead of ripple_set_cache's
+ * absolute bytes; 0 < fraction <= 1. Returns 0, -1 for a bad fraction or policy. */
+int ripple_set_cache_fraction(double fraction, int policy);
+double ripple_get_cache_fraction(void); /* 0 when the budget is absolute */
+
+/* I/O engine: reader threads (= queue depth of a layer's batch of reads), O_DIRECT on or off
+ * (aligned bounce buffers; a file system that refuses it falls back to buffered reads with a
+ * warning), and the storage cost model: a batch of n requests of B bytes issued together takes
+ * n / min(threads, parallelism) * latency_s + B / bandwidth. It decides, for batches of several
+ * tokens, between reading the union of the needed bundles and streaming the whole layer. */
+int ripple_set_io_threads(int n);
+int ripple_get_io_threads(void);
+void ripple_set_direct_io(int on);
+int ripple_get_direct_io(void);
+void ripple_set_cost_model(double latency_s, double bandwidth_bps, double parallelism);
+
+/* Activity trace: while on, every layer fetch appends one record of int32s
+ * [model handle, layer index, tokens in the batch, n, n neuron ids needed]. ripple_trace_read copies
+ * up to cap int32s (NULL: none) and returns the number stored; ripple_trace_start clears it and
+ * keeps at most max_int32s (older records are kept, newer dropped when full). */
+int ripple_trace_start(int64_t max_int32s);
+void ripple_trace_stop(void);
+int64_t ripple_trace_read(int32_t * out, int64_t cap);
+int64_t ripple_trace_dropped(void);
+
+/* Standalone store (trace replay, benchmarks): the same reads, collapse, cache and counters as a
+ * model loaded by llama.cpp, without llama.cpp. ripple_store_fetch reads the bundles of the given
+ * neurons of a layer for a batch of n_tokens tokens. Returns a handle (> 0) or -1 with err. */
+int ripple_store_open(const char * path, uint64_t file_size, int32_t n_layers, const ripple_layer_desc * layers,
+                      char * err, size_t err_len);
+int ripple_store_fetch(int handle, int32_t layer, const int32_t * neurons, int64_t n, int64_t n_tokens);
+void ripple_store_close(int handle);
 
 #define RIPPLE_EXACT_DOWN_TENSOR 0
 #define RIPPLE_EXACT_DOWN_BUNDLES 1

@@ -278,7 +278,10 @@ static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, cons
     if (b->layer == 0) {
         RIPPLE_COUNT(tokens, (uint64_t) src1->ne[1]);
     }
-    if (ripple_fetch_bundles(m, b->layer, ctx->sparse ? need_neuron : NULL, (int32_t) (ripple_get_collapse_bytes() / (int64_t) L->d.bundle_size), ctx->ws) != 0) {
+    if (ctx->sparse) {
+        ripple_trace_record(m->handle, b->layer, src1->ne[1], neurons, ctx->n_sel);
+    }
+    if (ripple_fetch_bundles(m, b->layer, ctx->sparse ? need_neuron : NULL, src1->ne[1], ctx->ws) != 0) {
         return -1;
     }
     ctx->ws_model = m;

@@ -103,6 +103,11 @@ typedef struct ripple_model {
     int             n_bound;
     int             n_buffers;      /* weight buffers referencing the model */
     int             closed;         /* end_load(ok=0) or unloaded */
+    int             dfd;            /* O_DIRECT descriptor, opened on first use; -1 none */
+    int             direct_state;   /* 0 not tried, 1 dfd open, -1 refused (buffered reads used) */
+    uint8_t *       scratch;        /* ripple_store_fetch: one layer's bundles */
+    size_t          scratch_cap;
+    int             standalone;     /* opened by ripple_store_open (replay), not by llama.cpp */
     pthread_mutex_t mu;             /* guards the cache */
     ripple_cache    cache;
     struct ripple_model * next;
@@ -127,10 +132,30 @@ void ripple_predictor_free(ripple_predictor * p);
  * the union over tokens; returns the (token, neuron) pairs selected */
 int64_t ripple_predict(const ripple_predictor * p, const ripple_layer * L, const struct ggml_tensor * src1,
                        uint8_t * need, uint8_t * tok);
-/* read the bundles at positions flagged in need (NULL = all) into dst; collapse gaps <= gap */
-int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int32_t gap, uint8_t * dst);
+/* read the bundles at positions flagged in need (NULL = all) into dst, for a batch of n_tokens;
+ * access collapse, and for batches of several tokens the cost model's union-or-stream choice */
+int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int64_t n_tokens, uint8_t * dst);
+/* activity trace (ripple_trace_start): one record per layer fetch */
+void ripple_trace_record(int handle, int layer, int64_t n_tokens, const int32_t * neurons, int64_t n);
+/* cost of a batch of read requests issued together (ripple_set_cost_model) */
+double ripple_cost_batch(int64_t n_requests, uint64_t bytes);
+int ripple_get_direct_io(void);
 int ripple_get_mode(void);
 int64_t ripple_get_collapse_bytes(void);
+
+/* ---- I/O engine (ripple_io.c) ---- */
+typedef struct ripple_io_req {
+    int       fd;
+    int       direct; /* fd was opened with O_DIRECT: aligned transfers through a bounce buffer */
+    uint64_t  offset;
+    size_t    len;
+    uint8_t * dst;
+} ripple_io_req;
+/* Issue the requests together (queue depth = the io threads setting) and wait for all; bytes the
+ * device transferred (alignment included) in *dev_bytes. 0, or -1 with the error set. */
+int ripple_io_run(const ripple_io_req * reqs, int n, const char * path, uint64_t * dev_bytes);
+/* O_DIRECT descriptor of the file (same inode as dev/ino), or -1 with the reason in why */
+int ripple_open_direct(const char * path, dev_t dev, ino_t ino, char * why, size_t why_len);
 
 /* ---- kernels (ripple_kernels.c) ---- */
 typedef struct ripple_pool ripple_pool;
@@ -170,6 +195,7 @@ typedef struct ripple_counters {
     uint64_t cache_hits, cache_misses, fallback_reads;
     uint64_t io_ns, compute_ns, predictor_ns;
     uint64_t tokens, needed_bytes, dense_bytes, collapse_extra_bytes, needed_runs, needed_bundles, max_run_length;
+    uint64_t stream_reads;
 } ripple_counters;
 extern ripple_counters g_ripple_counters;
 #define RIPPLE_COUNT(field, v) __atomic_fetch_add(&g_ripple_counters.field, (uint64_t)(v), __ATOMIC_RELAXED)

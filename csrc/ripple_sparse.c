@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* ---- predictor blob (ripple_gguf/predictor.py, docs/FORMAT.md 3b) ---- */
 
@@ -108,19 +109,57 @@ int64_t ripple_predict(const ripple_predictor * p, const ripple_layer * L, const
 
 /* ---- reading a layer's needed bundles ---- */
 
+/* The descriptor reads go through: O_DIRECT when the setting is on and the file system accepts it
+ * (opened once per model; a refusal is reported once and buffered reads are used). */
+static int read_fd(ripple_model * m, int * direct) {
+    *direct = 0;
+    if (!ripple_get_direct_io()) {
+        return m->fd;
+    }
+    pthread_mutex_lock(&m->mu);
+    if (m->direct_state == 0) {
+        char why[256];
+        struct stat st;
+        m->dfd = fstat(m->fd, &st) == 0 ? ripple_open_direct(m->path, st.st_dev, st.st_ino, why, sizeof(why)) : -1;
+        m->direct_state = m->dfd >= 0 ? 1 : -1;
+        if (m->dfd < 0) {
+            fprintf(stderr, "ripple: warning: %s: O_DIRECT refused (%s); reading through the page cache\n", m->path, why);
+        }
+    }
+    int fd = m->direct_state == 1 ? m->dfd : m->fd;
+    pthread_mutex_unlock(&m->mu);
+    *direct = fd != m->fd;
+    return fd;
+}
+
+#define RIPPLE_STREAM_CHUNK (1u << 20) /* a streamed layer is read in requests of this size */
+
+static void count_max_run(uint64_t max_run) {
+    uint64_t prev = __atomic_load_n(&g_ripple_counters.max_run_length, __ATOMIC_RELAXED);
+    while (max_run > prev &&
+           !__atomic_compare_exchange_n(&g_ripple_counters.max_run_length, &prev, max_run, 0, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+    }
+}
+
 /* Fetch the bundles at the positions flagged in `need` (NULL = all) into dst (position order,
  * bundle_size apart): cache hits are copied, misses read as runs of consecutive positions, runs
- * separated by at most `gap` positions merged into one read (access collapse). Counts the runs of
- * needed positions (the placement's quality, before cache and collapse). */
-int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int32_t gap, uint8_t * dst) {
+ * separated by a gap the collapse setting covers merged into one request (access collapse), the
+ * layer's requests issued together to the I/O engine. For a batch of several tokens the cost model
+ * chooses between those requests and streaming the whole layer. Counts the runs of needed
+ * positions (the placement's quality, before cache and collapse). */
+int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int64_t n_tokens, uint8_t * dst) {
     const ripple_layer * L = &m->layers[layer];
     const size_t bs = L->d.bundle_size;
     const int64_t n = L->d.n_ff;
+    const int64_t gap = ripple_get_collapse_bytes() / (int64_t) bs;
     uint8_t * missing = malloc((size_t) n);
     int32_t * read_len = malloc(sizeof(int32_t) * (size_t) n); /* length of the read a bundle came in */
-    if (!missing || !read_len) {
+    ripple_io_req * reqs = malloc(sizeof(ripple_io_req) * (size_t) (n + 1));
+    if (!missing || !read_len || !reqs) {
         free(missing);
         free(read_len);
+        free(reqs);
         ripple_set_error("out of memory");
         return -1;
     }
@@ -150,17 +189,20 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int3
     }
     pthread_mutex_unlock(&m->mu);
 
-    int rc = 0;
-    uint64_t ops = 0, bytes = 0, extra = 0, t0 = ripple_now_ns();
-    for (int64_t p = 0; p < n && rc == 0;) {
+    int direct = 0;
+    const int fd = read_fd(m, &direct);
+    int n_req = 0;
+    uint64_t planned = 0, extra = 0;
+    for (int64_t p = 0; p < n;) {
         if (!missing[p]) {
             p++;
             continue;
         }
-        int64_t q = p, last = p; /* [p, last] is the request; extend over short gaps */
-        for (q = p + 1; q < n; q++) {
+        int64_t last = p; /* [p, last] is the request; extend over short gaps */
+        uint64_t gap_bytes = 0;
+        for (int64_t q = p + 1; q < n; q++) {
             if (missing[q]) {
-                extra += (uint64_t) (q - last - 1) * bs;
+                gap_bytes += (uint64_t) (q - last - 1) * bs;
                 last = q;
             } else if (q - last > gap) {
                 break;
@@ -169,27 +211,45 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int3
         for (int64_t r = p; r <= last; r++) {
             read_len[r] = (int32_t) (last - p + 1);
         }
-        size_t len = (size_t) (last - p + 1) * bs;
-        rc = ripple_pread_full(m->fd, dst + p * bs, len, L->d.bundles_offset + (uint64_t) p * bs, m->path);
-        ops++;
-        bytes += len;
+        extra += gap_bytes;
+        reqs[n_req++] = (ripple_io_req){ fd, direct, L->d.bundles_offset + (uint64_t) p * bs,
+                                         (size_t) (last - p + 1) * bs, dst + p * bs };
+        planned += (uint64_t) (last - p + 1) * bs;
         p = last + 1;
     }
+    int streamed = 0;
+    if (n_tokens > 1 && n_req > 1) {
+        const uint64_t dense = (uint64_t) n * bs;
+        const int64_t chunks = (int64_t) ((dense + RIPPLE_STREAM_CHUNK - 1) / RIPPLE_STREAM_CHUNK);
+        if (ripple_cost_batch(chunks, dense) < ripple_cost_batch(n_req, planned)) {
+            /* streaming the layer is cheaper: consecutive chunks covering every bundle */
+            const size_t per = (size_t) ((n + chunks - 1) / chunks) * bs;
+            n_req = 0;
+            for (uint64_t off = 0; off < dense; off += per) {
+                const size_t len = dense - off < per ? (size_t) (dense - off) : per;
+                reqs[n_req++] = (ripple_io_req){ fd, direct, L->d.bundles_offset + off, len, dst + off };
+            }
+            for (int64_t p = 0; p < n; p++) {
+                read_len[p] = (int32_t) n;
+            }
+            extra = dense - misses * bs - hits * bs;
+            streamed = 1;
+        }
+    }
+    uint64_t bytes = 0, t0 = ripple_now_ns();
+    int rc = ripple_io_run(reqs, n_req, m->path, &bytes);
     RIPPLE_COUNT(io_ns, ripple_now_ns() - t0);
-    RIPPLE_COUNT(read_ops, ops);
+    RIPPLE_COUNT(read_ops, n_req);
     RIPPLE_COUNT(bytes_read, bytes);
     RIPPLE_COUNT(collapse_extra_bytes, extra);
+    RIPPLE_COUNT(stream_reads, streamed);
     RIPPLE_COUNT(cache_hits, hits);
     RIPPLE_COUNT(cache_misses, misses);
     RIPPLE_COUNT(needed_runs, runs);
     RIPPLE_COUNT(needed_bundles, needed);
     RIPPLE_COUNT(needed_bytes, needed * bs);
     RIPPLE_COUNT(dense_bytes, (uint64_t) n * bs);
-    uint64_t prev = __atomic_load_n(&g_ripple_counters.max_run_length, __ATOMIC_RELAXED);
-    while (max_run > prev &&
-           !__atomic_compare_exchange_n(&g_ripple_counters.max_run_length, &prev, max_run, 0, __ATOMIC_RELAXED,
-                                        __ATOMIC_RELAXED)) {
-    }
+    count_max_run(max_run);
 
     if (rc == 0 && m->cache.n_slots > 0) {
         pthread_mutex_lock(&m->mu);
@@ -202,5 +262,6 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int3
     }
     free(missing);
     free(read_len);
+    free(reqs);
     return rc;
 }

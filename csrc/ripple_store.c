@@ -24,6 +24,10 @@ static int             g_exact_down = RIPPLE_EXACT_DOWN_TENSOR;
 static int             g_mode = RIPPLE_MODE_EXACT;
 static int64_t         g_collapse_bytes = 0;
 static int             g_cache_policy = RIPPLE_CACHE_LRU;
+static double          g_cache_fraction = 0.0; /* > 0: budget = fraction of each model's FFN bytes */
+static int             g_direct_io = 0;
+/* storage cost model (ripple_set_cost_model); the default matches ripple_gguf.storage.DEFAULT */
+static double          g_cost_latency = 100e-6, g_cost_bandwidth = 1.5e9, g_cost_parallelism = 8.0;
 static char            g_error[1024];
 
 uint64_t ripple_now_ns(void) {
@@ -81,6 +85,10 @@ static void model_free(ripple_model * m) {
     if (m->fd >= 0) {
         close(m->fd);
     }
+    if (m->dfd >= 0) {
+        close(m->dfd);
+    }
+    free(m->scratch);
     pthread_mutex_destroy(&m->mu);
     free(m->path);
     free(m);
@@ -100,31 +108,45 @@ static void model_maybe_release(ripple_model * m) {
     model_free(m);
 }
 
-int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_layers,
-                            const ripple_layer_desc * layers, char * err, size_t err_len) {
+/* cache budget of a model under the current settings; g_mu held */
+static size_t model_cache_budget(const ripple_model * m) {
+    if (g_cache_fraction > 0.0) {
+        double ffn = 0.0;
+        for (int l = 0; l < m->n_layers; l++) {
+            ffn += (double) m->layers[l].d.n_ff * (double) m->layers[l].d.bundle_size;
+        }
+        return (size_t) (g_cache_fraction * ffn);
+    }
+    return (size_t) (g_cache_bytes > 0 ? g_cache_bytes : 0);
+}
+
+/* A model from its descriptors (validated), not yet in the registry; NULL with err. */
+static ripple_model * model_create(const char * path, uint64_t file_size, int32_t n_layers,
+                                   const ripple_layer_desc * layers, char * err, size_t err_len) {
     if (n_layers <= 0 || !layers) {
         set_err(err, err_len, "%s: no FFN layers described", path);
-        return -1;
+        return NULL;
     }
     ripple_model * m = calloc(1, sizeof(*m));
     if (!m) {
         set_err(err, err_len, "out of memory");
-        return -1;
+        return NULL;
     }
     pthread_mutex_init(&m->mu, NULL);
+    m->dfd = -1;
     m->fd = open(path, O_RDONLY | O_CLOEXEC);
     m->path = strdup(path);
     if (m->fd < 0) {
         set_err(err, err_len, "%s: cannot open: %s", path, strerror(errno));
         model_free(m);
-        return -1;
+        return NULL;
     }
     struct stat st;
     if (fstat(m->fd, &st) != 0 || (uint64_t) st.st_size != file_size) {
         set_err(err, err_len, "%s: file size %lld does not match the %llu bytes recorded at conversion",
                 path, (long long) st.st_size, (unsigned long long) file_size);
         model_free(m);
-        return -1;
+        return NULL;
     }
     m->dev = st.st_dev;
     m->ino = st.st_ino;
@@ -145,7 +167,7 @@ int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_lay
             if (!L->pred) {
                 set_err(err, err_len, "%s: layer %d: %s", path, d->block, perr);
                 model_free(m);
-                return -1;
+                return NULL;
             }
         }
         if (d->n_ff <= 0 || d->n_embd <= 0 || d->up_type < 0 || d->up_type >= GGML_TYPE_COUNT ||
@@ -153,7 +175,7 @@ int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_lay
             d->down_src_type < 0 || d->down_src_type >= GGML_TYPE_COUNT) {
             set_err(err, err_len, "%s: layer %d: invalid descriptor", path, d->block);
             model_free(m);
-            return -1;
+            return NULL;
         }
         L->gate_row = d->gate_type >= 0 ? ggml_row_size((enum ggml_type) d->gate_type, d->n_embd) : 0;
         L->up_row = ggml_row_size((enum ggml_type) d->up_type, d->n_embd);
@@ -162,14 +184,14 @@ int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_lay
             set_err(err, err_len, "%s: layer %d: bundle size %llu does not match its parts (%zu+%zu+%zu)",
                     path, d->block, (unsigned long long) d->bundle_size, L->gate_row, L->up_row, L->down_row);
             model_free(m);
-            return -1;
+            return NULL;
         }
         uint64_t end = d->bundles_offset + (uint64_t) d->n_ff * d->bundle_size;
         if (end > file_size || end < d->bundles_offset) {
             set_err(err, err_len, "%s: layer %d: bundles end at %llu, past the end of the file (%llu bytes)",
                     path, d->block, (unsigned long long) end, (unsigned long long) file_size);
             model_free(m);
-            return -1;
+            return NULL;
         }
         L->order = malloc(sizeof(int32_t) * (size_t) d->n_ff);
         L->pos_of = malloc(sizeof(int32_t) * (size_t) d->n_ff);
@@ -181,7 +203,7 @@ int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_lay
             if (n < 0 || n >= d->n_ff || L->pos_of[n] != -1) {
                 set_err(err, err_len, "%s: layer %d: placement order is not a permutation", path, d->block);
                 model_free(m);
-                return -1;
+                return NULL;
             }
             L->order[p] = n;
             L->pos_of[n] = p;
@@ -201,11 +223,20 @@ int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_lay
         if (m->layers[l].d.block < 0 || m->layer_of_block[m->layers[l].d.block] != -1) {
             set_err(err, err_len, "%s: duplicate or negative block index %d", path, m->layers[l].d.block);
             model_free(m);
-            return -1;
+            return NULL;
         }
         m->layer_of_block[m->layers[l].d.block] = l;
     }
 
+    return m;
+}
+
+int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_layers,
+                            const ripple_layer_desc * layers, char * err, size_t err_len) {
+    ripple_model * m = model_create(path, file_size, n_layers, layers, err, err_len);
+    if (!m) {
+        return -1;
+    }
     pthread_mutex_lock(&g_mu);
     if (g_loading) {
         pthread_mutex_unlock(&g_mu);
@@ -213,7 +244,7 @@ int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_lay
         model_free(m);
         return -1;
     }
-    ripple_cache_init(&m->cache, m->n_layers, m->layers, (size_t) (g_cache_bytes > 0 ? g_cache_bytes : 0), g_cache_policy);
+    ripple_cache_init(&m->cache, m->n_layers, m->layers, model_cache_budget(m), g_cache_policy);
     m->handle = g_next_handle++;
     m->loading = 1;
     m->next = g_models;
@@ -366,21 +397,74 @@ int ripple_store_read_tensor(const ripple_binding * b, void * dst, size_t offset
 
 /* ---- settings and counters ---- */
 
+/* re-make every model's cache under the current budget and policy; g_mu held */
+static void remake_caches(void) {
+    for (ripple_model * m = g_models; m; m = m->next) {
+        pthread_mutex_lock(&m->mu);
+        ripple_cache_free(&m->cache);
+        ripple_cache_init(&m->cache, m->n_layers, m->layers, model_cache_budget(m), g_cache_policy);
+        pthread_mutex_unlock(&m->mu);
+    }
+}
+
 int ripple_set_cache(int64_t cache_bytes, int policy) {
     if (policy < RIPPLE_CACHE_LRU || policy > RIPPLE_CACHE_LINKING) {
         return -1;
     }
     pthread_mutex_lock(&g_mu);
     g_cache_bytes = cache_bytes > 0 ? cache_bytes : 0;
+    g_cache_fraction = 0.0;
     g_cache_policy = policy;
-    for (ripple_model * m = g_models; m; m = m->next) {
-        pthread_mutex_lock(&m->mu);
-        ripple_cache_free(&m->cache);
-        ripple_cache_init(&m->cache, m->n_layers, m->layers, (size_t) g_cache_bytes, g_cache_policy);
-        pthread_mutex_unlock(&m->mu);
-    }
+    remake_caches();
     pthread_mutex_unlock(&g_mu);
     return 0;
+}
+
+int ripple_set_cache_fraction(double fraction, int policy) {
+    if (!(fraction > 0.0 && fraction <= 1.0) || policy < RIPPLE_CACHE_LRU || policy > RIPPLE_CACHE_LINKING) {
+        return -1;
+    }
+    pthread_mutex_lock(&g_mu);
+    g_cache_fraction = fraction;
+    g_cache_bytes = 0;
+    g_cache_policy = policy;
+    remake_caches();
+    pthread_mutex_unlock(&g_mu);
+    return 0;
+}
+
+double ripple_get_cache_fraction(void) {
+    pthread_mutex_lock(&g_mu);
+    double v = g_cache_fraction;
+    pthread_mutex_unlock(&g_mu);
+    return v;
+}
+
+void ripple_set_direct_io(int on) {
+    __atomic_store_n(&g_direct_io, on ? 1 : 0, __ATOMIC_RELAXED);
+}
+
+int ripple_get_direct_io(void) {
+    return __atomic_load_n(&g_direct_io, __ATOMIC_RELAXED);
+}
+
+void ripple_set_cost_model(double latency_s, double bandwidth_bps, double parallelism) {
+    pthread_mutex_lock(&g_mu);
+    if (latency_s >= 0.0 && bandwidth_bps > 0.0 && parallelism >= 1.0) {
+        g_cost_latency = latency_s;
+        g_cost_bandwidth = bandwidth_bps;
+        g_cost_parallelism = parallelism;
+    }
+    pthread_mutex_unlock(&g_mu);
+}
+
+double ripple_cost_batch(int64_t n_requests, uint64_t bytes) {
+    pthread_mutex_lock(&g_mu);
+    double lat = g_cost_latency, bw = g_cost_bandwidth, par = g_cost_parallelism;
+    pthread_mutex_unlock(&g_mu);
+    double qd = (double) ripple_get_io_threads();
+    double depth = qd < par ? qd : par;
+    return (double) n_requests / (depth > 1.0 ? depth : 1.0) * lat + (double) bytes / bw;
 }
 
 int ripple_get_cache_policy(void) {
@@ -451,6 +535,7 @@ void ripple_get_stats(ripple_stats * out) {
     out->needed_runs = LOAD(needed_runs);
     out->needed_bundles = LOAD(needed_bundles);
     out->max_run_length = LOAD(max_run_length);
+    out->stream_reads = LOAD(stream_reads);
     pthread_mutex_lock(&g_mu);
     for (ripple_model * m = g_models; m; m = m->next) {
         pthread_mutex_lock(&m->mu);
@@ -463,4 +548,143 @@ void ripple_get_stats(ripple_stats * out) {
 
 void ripple_reset_stats(void) {
     memset(&g_ripple_counters, 0, sizeof(g_ripple_counters));
+}
+
+/* ---- standalone store (trace replay) ---- */
+
+int ripple_store_open(const char * path, uint64_t file_size, int32_t n_layers, const ripple_layer_desc * layers,
+                      char * err, size_t err_len) {
+    ripple_model * m = model_create(path, file_size, n_layers, layers, err, err_len);
+    if (!m) {
+        return -1;
+    }
+    pthread_mutex_lock(&g_mu);
+    ripple_cache_init(&m->cache, m->n_layers, m->layers, model_cache_budget(m), g_cache_policy);
+    m->handle = g_next_handle++;
+    m->standalone = 1;
+    m->n_buffers = 1; /* the caller's reference, dropped by ripple_store_close */
+    m->next = g_models;
+    g_models = m;
+    pthread_mutex_unlock(&g_mu);
+    return m->handle;
+}
+
+static ripple_model * find_standalone(int handle) {
+    pthread_mutex_lock(&g_mu);
+    ripple_model * m = find_handle(handle);
+    if (m && !m->standalone) {
+        m = NULL;
+    }
+    pthread_mutex_unlock(&g_mu);
+    return m;
+}
+
+int ripple_store_fetch(int handle, int32_t layer, const int32_t * neurons, int64_t n, int64_t n_tokens) {
+    ripple_model * m = find_standalone(handle);
+    if (!m || layer < 0 || layer >= m->n_layers) {
+        ripple_set_error("store fetch: no standalone store %d or no layer %d in it", handle, layer);
+        return -1;
+    }
+    const ripple_layer * L = &m->layers[layer];
+    const size_t need_bytes = (size_t) L->d.n_ff * (L->d.bundle_size + 1);
+    if (m->scratch_cap < need_bytes) {
+        free(m->scratch);
+        m->scratch = malloc(need_bytes);
+        m->scratch_cap = m->scratch ? need_bytes : 0;
+        if (!m->scratch) {
+            ripple_set_error("out of memory");
+            return -1;
+        }
+    }
+    uint8_t * need = m->scratch + (size_t) L->d.n_ff * L->d.bundle_size;
+    memset(need, 0, (size_t) L->d.n_ff);
+    for (int64_t i = 0; i < n; i++) {
+        if (neurons[i] < 0 || neurons[i] >= L->d.n_ff) {
+            ripple_set_error("store fetch: neuron %d out of range for layer %d (%d neurons)", neurons[i], layer,
+                             L->d.n_ff);
+            return -1;
+        }
+        need[L->pos_of[neurons[i]]] = 1;
+    }
+    if (layer == 0) {
+        RIPPLE_COUNT(tokens, (uint64_t) n_tokens);
+    }
+    return ripple_fetch_bundles(m, layer, need, n_tokens, m->scratch);
+}
+
+void ripple_store_close(int handle) {
+    pthread_mutex_lock(&g_mu);
+    ripple_model * m = find_handle(handle);
+    if (m && m->standalone && m->n_buffers > 0) {
+        m->n_buffers = 0;
+        m->closed = 1;
+        model_maybe_release(m);
+    }
+    pthread_mutex_unlock(&g_mu);
+}
+
+/* ---- activity trace ---- */
+
+static pthread_mutex_t g_trace_mu = PTHREAD_MUTEX_INITIALIZER;
+static int32_t *       g_trace;
+static int64_t         g_trace_len, g_trace_cap, g_trace_dropped;
+static int             g_trace_on;
+
+int ripple_trace_start(int64_t max_int32s) {
+    if (max_int32s <= 0) {
+        return -1;
+    }
+    pthread_mutex_lock(&g_trace_mu);
+    free(g_trace);
+    g_trace = malloc(sizeof(int32_t) * (size_t) max_int32s);
+    g_trace_cap = g_trace ? max_int32s : 0;
+    g_trace_len = 0;
+    g_trace_dropped = 0;
+    g_trace_on = g_trace != NULL;
+    pthread_mutex_unlock(&g_trace_mu);
+    return g_trace ? 0 : -1;
+}
+
+void ripple_trace_stop(void) {
+    pthread_mutex_lock(&g_trace_mu);
+    g_trace_on = 0;
+    pthread_mutex_unlock(&g_trace_mu);
+}
+
+int64_t ripple_trace_read(int32_t * out, int64_t cap) {
+    pthread_mutex_lock(&g_trace_mu);
+    int64_t n = g_trace_len;
+    if (out && cap > 0) {
+        memcpy(out, g_trace, sizeof(int32_t) * (size_t) (cap < n ? cap : n));
+    }
+    pthread_mutex_unlock(&g_trace_mu);
+    return n;
+}
+
+int64_t ripple_trace_dropped(void) {
+    pthread_mutex_lock(&g_trace_mu);
+    int64_t n = g_trace_dropped;
+    pthread_mutex_unlock(&g_trace_mu);
+    return n;
+}
+
+void ripple_trace_record(int handle, int layer, int64_t n_tokens, const int32_t * neurons, int64_t n) {
+    if (!__atomic_load_n(&g_trace_on, __ATOMIC_RELAXED)) {
+        return;
+    }
+    pthread_mutex_lock(&g_trace_mu);
+    if (g_trace_on) {
+        if (g_trace_len + 4 + n > g_trace_cap) {
+            g_trace_dropped++;
+        } else {
+            int32_t * r = g_trace + g_trace_len;
+            r[0] = handle;
+            r[1] = layer;
+            r[2] = (int32_t) n_tokens;
+            r[3] = (int32_t) n;
+            memcpy(r + 4, neurons, sizeof(int32_t) * (size_t) n);
+            g_trace_len += 4 + n;
+        }
+    }
+    pthread_mutex_unlock(&g_trace_mu);
 }

@@ -103,7 +103,9 @@ def _wrap_model_loader() -> None:
     raw.llama_model_load_from_file = llama_model_load_from_file
 
 
-def _begin_load(rf: RippleFile) -> int:
+def descriptors(rf: RippleFile):
+    """cffi ``ripple_layer_desc[]`` for the file's layers, and the buffers they point into (keep
+    both alive while the C side may read them)."""
     ffi = _native.ffi
     descs = ffi.new("ripple_layer_desc[]", len(rf.layers))
     keep = []
@@ -131,10 +133,17 @@ def _begin_load(rf: RippleFile) -> int:
             keep.append(blob)
             d.predictor = blob
             d.predictor_size = layer.predictor_size
+    return descs, keep
+
+
+def _begin_load(rf: RippleFile) -> int:
+    descs, keep = descriptors(rf)
+    _apply_storage(rf.path)
     err = _err_buf()
     handle = _native.lib.ripple_model_begin_load(
         os.fsencode(rf.path), rf.file_size, len(rf.layers), descs, err, 512
     )
+    del keep
     if handle < 0:
         raise RippleLoadError(_native.error_text(err))
     return handle
@@ -144,63 +153,136 @@ EXACT_DOWN = {"tensor": 0, "bundles": 1}
 MODES = {"exact": 0, "sparse": 1}
 CACHE_POLICIES = {"lru": 0, "s3fifo": 1, "linking": 2}
 _RULES = {"nonzero": 0, "magnitude": 1}
-# Access collapse merges two runs when the gap between them is at most this many bytes: the gap
-# costs gap / bandwidth, a separate request one latency. Measured on this project's virtual disk
-# (models-and-data.md: ~16K IOPS at 4 KiB, ~1.36 GB/s at 1 MiB) the break-even is ~64 KiB.
-DEFAULT_COLLAPSE_BYTES = 64 * 1024
+DEFAULT_IO_THREADS = 8
+_collapse = {"mode": "auto"}  # "auto": the storage cost model's threshold, "off", or fixed bytes
+_cost = {"model": None}  # the storage.CostModel in force (set at each ripple load)
+
+
+def _apply_storage(path: str) -> None:
+    """Cost model of the device holding ``path`` (its probe-storage profile, else the documented
+    default) into the backend: the union-or-stream choice for prompts and, with collapse on
+    ("auto"), the collapse threshold."""
+    from . import storage
+
+    cm = storage.model_for(path)
+    _cost["model"] = cm
+    _native.lib.ripple_set_cost_model(cm.latency_s, cm.bandwidth_bps, cm.parallelism)
+    if _collapse["mode"] == "auto":
+        _native.lib.ripple_set_collapse_bytes(int(_collapse_gap(cm)))
+
+
+def _collapse_gap(cm) -> int:
+    from dataclasses import replace
+
+    return int(replace(cm, queue_depth=_native.lib.ripple_get_io_threads()).collapse_gap_bytes())
+
+
+def _env_number(name: str, kind=float, lo: Optional[float] = None):
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        v = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}") from None
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {raw!r}")
+    return v
+
+
+def _env_01(name: str, default: str) -> bool:
+    raw = os.environ.get(name, default).strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
+    return raw == "1"
 
 
 def _configure_from_env() -> None:
-    mb = os.environ.get("RIPPLE_CACHE_MB")
-    if mb is None:
+    cache_mb = _env_number("RIPPLE_CACHE_MB")
+    cache_fraction = _env_number("RIPPLE_CACHE_FRACTION")
+    if cache_mb is not None and cache_fraction is not None:
+        raise ValueError("set RIPPLE_CACHE_MB or RIPPLE_CACHE_FRACTION, not both")
+    if cache_mb is None and cache_fraction is None:
         cache_mb = DEFAULT_CACHE_MB
-    else:
-        try:
-            cache_mb = float(mb)
-        except ValueError:
-            raise ValueError(f"RIPPLE_CACHE_MB must be a number of MiB, got {mb!r}") from None
-    collapse = os.environ.get("RIPPLE_COLLAPSE", "1")
-    if collapse not in ("0", "1"):
-        raise ValueError(f"RIPPLE_COLLAPSE must be 0 or 1, got {collapse!r}")
-    configure(cache_mb=cache_mb, exact_down=os.environ.get("RIPPLE_EXACT_DOWN", "tensor"),
-              mode=os.environ.get("RIPPLE_MODE", "exact"), cache_policy=os.environ.get("RIPPLE_CACHE_POLICY", "lru"),
-              collapse=collapse == "1")
+    io_threads = _env_number("RIPPLE_IO_THREADS", int, 1)
+    configure(cache_mb=cache_mb, cache_fraction=cache_fraction, exact_down=os.environ.get("RIPPLE_EXACT_DOWN", "tensor"),
+              mode=os.environ.get("RIPPLE_MODE", "sparse"), cache_policy=os.environ.get("RIPPLE_CACHE_POLICY", "lru"),
+              collapse=_env_01("RIPPLE_COLLAPSE", "1"), direct_io=_env_01("RIPPLE_DIRECT_IO", "0"),
+              io_threads=io_threads if io_threads is not None else DEFAULT_IO_THREADS)
 
 
-def configure(*, cache_mb: Optional[float] = None, exact_down: Optional[str] = None, mode: Optional[str] = None,
-              cache_policy: Optional[str] = None, collapse: Optional[bool] = None) -> Dict[str, object]:
-    """Change runtime settings; returns the settings in force.
+def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[float] = None,
+              exact_down: Optional[str] = None, mode: Optional[str] = None, cache_policy: Optional[str] = None,
+              collapse=None, direct_io: Optional[bool] = None, io_threads: Optional[int] = None) -> Dict[str, object]:
+    """Change runtime settings; returns the settings in force (:func:`settings`).
 
-    cache_mb: byte budget of the DRAM neuron cache of each loaded ripple model, in MiB
-    (0 disables the cache). Environment: ``RIPPLE_CACHE_MB``.
-    exact_down: where the down projection comes from when every neuron is computed:
-    ``"tensor"`` (default) runs stock llama.cpp's own dot products on the rows of the standard
-    ffn_down tensor, read from the file, so results equal stock's; ``"bundles"`` sums the down
-    columns of the bundles, the path that reads only the needed neurons.
-    Environment: ``RIPPLE_EXACT_DOWN``.
-    mode: ``"exact"`` (default: every neuron) or ``"sparse"`` (per token and layer only the bundles
-    the layer's predictor selects, the file's activity rule applied; layers without a predictor stay
-    exact). Environment: ``RIPPLE_MODE``.
+    mode: ``"sparse"`` (default: per token and layer only the bundles the layer's predictor
+    selects are read and computed, the file's activity rule applied; files or layers without
+    predictors run exact) or ``"exact"`` (every neuron; logits equal stock llama.cpp's).
+    Environment: ``RIPPLE_MODE``.
+    cache_mb: byte budget of the DRAM neuron cache of each loaded ripple model, in MiB (0: no
+    cache). cache_fraction: the budget as a fraction of each model's FFN bytes instead (0 < f <= 1).
+    Environment: ``RIPPLE_CACHE_MB`` (default 64) or ``RIPPLE_CACHE_FRACTION``.
     cache_policy: ``"lru"`` (default), ``"s3fifo"`` or ``"linking"`` (S3-FIFO with Ripple's
     linking-aware admission). Environment: ``RIPPLE_CACHE_POLICY``.
-    collapse: merge reads separated by small gaps (``DEFAULT_COLLAPSE_BYTES``). Environment:
-    ``RIPPLE_COLLAPSE=0|1`` (default 1).
+    collapse: ``True`` (default) merges reads whose gap is cheaper to read than a separate request,
+    the threshold taken from the storage cost model of the disk holding the model (``ripple-gguf
+    probe-storage``; a documented default without a profile), ``False`` never merges, an ``int``
+    fixes the threshold in bytes. Environment: ``RIPPLE_COLLAPSE=0|1``.
+    direct_io: read bundles with O_DIRECT (bypassing the page cache, aligned bounce buffers).
+    Environment: ``RIPPLE_DIRECT_IO=0|1`` (default 0).
+    io_threads: reader threads, i.e. the queue depth of a layer's batch of reads (default 8).
+    Environment: ``RIPPLE_IO_THREADS``.
+    exact_down: where exact mode takes the down projection from: ``"tensor"`` (default) runs stock
+    llama.cpp's own dot products on the rows of the standard ffn_down tensor, read from the file,
+    so results equal stock's; ``"bundles"`` sums the down columns of the bundles (the sparse path).
+    Environment: ``RIPPLE_EXACT_DOWN``.
     """
     if mode is not None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         _native.lib.ripple_set_mode(MODES[mode])
+    if io_threads is not None:
+        if _native.lib.ripple_set_io_threads(int(io_threads)) != 0:
+            raise ValueError(f"io_threads must be between 1 and 64, got {io_threads}")
     if collapse is not None:
-        _native.lib.ripple_set_collapse_bytes(DEFAULT_COLLAPSE_BYTES if collapse else 0)
+        if collapse is True:
+            _collapse["mode"] = "auto"
+        elif collapse is False:
+            _collapse["mode"] = "off"
+        elif isinstance(collapse, int) and collapse >= 0:
+            _collapse["mode"] = int(collapse)
+        else:
+            raise ValueError(f"collapse must be True, False or a number of bytes >= 0, got {collapse!r}")
+    if collapse is not None or io_threads is not None:
+        mode_c = _collapse["mode"]
+        if mode_c == "off":
+            _native.lib.ripple_set_collapse_bytes(0)
+        elif mode_c == "auto":
+            from . import storage
+
+            _native.lib.ripple_set_collapse_bytes(_collapse_gap(_cost["model"] or storage.DEFAULT))
+        else:
+            _native.lib.ripple_set_collapse_bytes(mode_c)
+    if direct_io is not None:
+        _native.lib.ripple_set_direct_io(1 if direct_io else 0)
     if cache_policy is not None and cache_policy not in CACHE_POLICIES:
         raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
+    if cache_mb is not None and cache_fraction is not None:
+        raise ValueError("give cache_mb or cache_fraction, not both")
     if cache_mb is not None and cache_mb < 0:
         raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
-    if cache_mb is not None or cache_policy is not None:
-        cur_bytes = _native.lib.ripple_get_cache_bytes()
-        _native.lib.ripple_set_cache(int(cache_mb * 1024 * 1024) if cache_mb is not None else cur_bytes,
-                                     CACHE_POLICIES[cache_policy] if cache_policy is not None
-                                     else _native.lib.ripple_get_cache_policy())
+    policy = CACHE_POLICIES[cache_policy] if cache_policy is not None else _native.lib.ripple_get_cache_policy()
+    if cache_fraction is not None:
+        if _native.lib.ripple_set_cache_fraction(float(cache_fraction), policy) != 0:
+            raise ValueError(f"cache_fraction must be in (0, 1], got {cache_fraction}")
+    elif cache_mb is not None or cache_policy is not None:
+        frac = _native.lib.ripple_get_cache_fraction()
+        if cache_mb is None and frac > 0:
+            _native.lib.ripple_set_cache_fraction(frac, policy)
+        else:
+            cur_bytes = _native.lib.ripple_get_cache_bytes()
+            _native.lib.ripple_set_cache(int(cache_mb * 1024 * 1024) if cache_mb is not None else cur_bytes, policy)
     if exact_down is not None:
         if exact_down not in EXACT_DOWN:
             raise ValueError(f"exact_down must be one of {', '.join(EXACT_DOWN)}, got {exact_down!r}")
@@ -214,8 +296,13 @@ def settings() -> Dict[str, object]:
     return {
         "mode": name(MODES, _native.lib.ripple_get_mode()),
         "cache_mb": _native.lib.ripple_get_cache_bytes() / (1024 * 1024),
+        "cache_fraction": _native.lib.ripple_get_cache_fraction(),
         "cache_policy": name(CACHE_POLICIES, _native.lib.ripple_get_cache_policy()),
+        "collapse": _collapse["mode"],
         "collapse_bytes": _native.lib.ripple_get_collapse_bytes(),
+        "direct_io": bool(_native.lib.ripple_get_direct_io()),
+        "io_threads": _native.lib.ripple_get_io_threads(),
+        "cost_model": _cost["model"].to_dict() if _cost["model"] is not None else None,
         "exact_down": next(k for k, v in EXACT_DOWN.items() if v == down),
         "load_hook": bool(_native.lib.ripple_loadhook_active()),
         "load_hook_error": _state["load_hook_error"],

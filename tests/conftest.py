@@ -22,3 +22,15 @@ def real_ripple(real_model, tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("real") / "smol.ripple.gguf"
     convert(real_model, dst, quiet=True)
     return dst
+
+
+@pytest.fixture
+def exact_mode():
+    """Exact mode (every neuron) for the test, the previous mode restored after it; sparse mode is
+    the default for files that carry predictors."""
+    import ripple_gguf
+
+    before = ripple_gguf.settings()["mode"]
+    ripple_gguf.configure(mode="exact")
+    yield
+    ripple_gguf.configure(mode=before)

@@ -46,7 +46,7 @@ def test_capture_matches_shapes_and_all_layers(model):
     assert np.corrcoef(np.abs(silu).ravel(), np.abs(c.h[0]).ravel())[0, 1] > 0.3
 
 
-def test_offline_file_contents_and_exactness(model, tmp_path):
+def test_offline_file_contents_and_exactness(model, tmp_path, exact_mode):
     dst = tmp_path / "m.ripple.gguf"
     times = {}
     rf = convert(model, dst, offline=small_cfg(), quiet=True, stage_seconds=times)
@@ -122,7 +122,7 @@ def test_cli_convert_and_inspect(model, tmp_path, capsys):
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_real_model_defaults(real_model, tmp_path):
+def test_real_model_defaults(real_model, tmp_path, exact_mode):
     """Default conversion of SmolLM2-135M: placement and predictor quality on held-out text."""
     times = {}
     rf = convert(real_model, tmp_path / "smol.ripple.gguf", offline=OfflineConfig(quiet=True), quiet=True,

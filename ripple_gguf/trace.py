@@ -1,0 +1,152 @@
+"""Activity traces and their replay.
+
+While a trace is on, the backend records, for every layer fetch of sparse mode, which neurons the
+predictors asked for (the union over the tokens of the batch). A trace is independent of the
+placement (neuron ids, not positions), so one recorded run can be replayed against files that
+hold the same bundles in other orders, or under other cache and collapse settings, with the same
+active sets: :func:`replay` performs the reads of each record through the backend's own store (the
+same run formation, collapse, cache, I/O engine and counters as inference) without llama.cpp.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from . import _native
+
+
+@dataclass
+class Record:
+    handle: int  # model handle the record came from
+    layer: int  # index into the file's FFN layers
+    n_tokens: int  # tokens in the batch
+    neurons: np.ndarray  # int32 neuron ids needed
+
+
+class Trace(List[Record]):
+    """Records in the order the backend fetched them."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.n_tokens for r in self if r.layer == 0)
+
+    def to_array(self) -> np.ndarray:
+        parts = [np.array([r.handle, r.layer, r.n_tokens, len(r.neurons)], np.int32) for r in self]
+        out: List[np.ndarray] = []
+        for head, r in zip(parts, self):
+            out += [head, r.neurons.astype(np.int32)]
+        return np.concatenate(out) if out else np.zeros(0, np.int32)
+
+    @classmethod
+    def from_array(cls, a: np.ndarray) -> "Trace":
+        t, i, a = cls(), 0, np.asarray(a, np.int32)
+        while i < len(a):
+            if i + 4 > len(a) or a[i + 3] < 0 or i + 4 + a[i + 3] > len(a):
+                raise ValueError(f"activity trace is truncated at int32 {i} of {len(a)}")
+            n = int(a[i + 3])
+            t.append(Record(int(a[i]), int(a[i + 1]), int(a[i + 2]), a[i + 4:i + 4 + n].copy()))
+            i += 4 + n
+        return t
+
+    def save(self, path: os.PathLike) -> None:
+        np.save(path, self.to_array())
+
+    @classmethod
+    def load(cls, path: os.PathLike) -> "Trace":
+        return cls.from_array(np.load(path))
+
+
+def start(max_mb: float = 256) -> None:
+    """Start recording (clears what was recorded); at most ``max_mb`` MiB are kept."""
+    if _native.lib.ripple_trace_start(int(max_mb * 1024 * 1024 / 4)) != 0:
+        raise MemoryError(f"cannot allocate a {max_mb} MiB activity trace")
+
+
+def stop() -> Trace:
+    """Stop recording and return what was recorded."""
+    _native.lib.ripple_trace_stop()
+    return read()
+
+
+def read() -> Trace:
+    n = _native.lib.ripple_trace_read(_native.ffi.NULL, 0)
+    buf = np.zeros(n, np.int32)
+    if n:
+        _native.lib.ripple_trace_read(_native.ffi.cast("int32_t *", buf.ctypes.data), n)
+    dropped = _native.lib.ripple_trace_dropped()
+    if dropped:
+        raise RuntimeError(f"activity trace full: {dropped} records dropped (start(max_mb=...) larger)")
+    return Trace.from_array(buf)
+
+
+class Store:
+    """A ripple-packed file opened for reads without llama.cpp (the backend's standalone store)."""
+
+    def __init__(self, path: os.PathLike):
+        from .format import RippleFile
+        from .runtime import _apply_storage, _err_buf, descriptors
+
+        self.file = RippleFile.open(path)
+        self.file.check_quick()
+        _apply_storage(self.file.path)
+        descs, keep = descriptors(self.file)
+        err = _err_buf()
+        self.handle = _native.lib.ripple_store_open(os.fsencode(self.file.path), self.file.file_size,
+                                                    len(self.file.layers), descs, err, 512)
+        del keep
+        if self.handle < 0:
+            raise RuntimeError(_native.error_text(err))
+
+    def fetch(self, layer: int, neurons: np.ndarray, n_tokens: int = 1) -> None:
+        ids = np.ascontiguousarray(neurons, dtype=np.int32)
+        rc = _native.lib.ripple_store_fetch(self.handle, layer, _native.ffi.cast("int32_t *", ids.ctypes.data),
+                                            len(ids), n_tokens)
+        if rc != 0:
+            from .runtime import last_error
+
+            raise OSError(f"{self.file.path}: {last_error()}")
+
+    def close(self) -> None:
+        if self.handle > 0:
+            _native.lib.ripple_store_close(self.handle)
+            self.handle = -1
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def replay(path: os.PathLike, trace: Trace, *, handle: Optional[int] = None, drop_page_cache: bool = True) -> Dict[str, float]:
+    """Perform the reads of ``trace`` (the records of model ``handle``; all when None) on the
+    ripple file ``path`` under the current settings (cache, collapse, direct I/O, I/O threads)
+    and return the backend's counters for exactly that replay. The store's cache starts empty.
+    Resets the process-wide counters."""
+    from .runtime import reset_stats, stats
+
+    with Store(path) as st:
+        n_layers = len(st.file.layers)
+        if drop_page_cache:
+            _drop_cache(st.file.path)
+        reset_stats()
+        for r in trace:
+            if handle is not None and r.handle != handle:
+                continue
+            if r.layer >= n_layers:
+                raise ValueError(f"{path}: trace refers to layer {r.layer}, the file has {n_layers}")
+            st.fetch(r.layer, r.neurons, r.n_tokens)
+        return stats()
+
+
+def _drop_cache(path: str) -> None:
+    """Evict the file's pages from the page cache (POSIX_FADV_DONTNEED)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+

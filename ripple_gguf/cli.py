@@ -1,4 +1,5 @@
-"""The ``ripple-gguf`` command: convert, inspect, verify, quickstart (one function per subcommand)."""
+"""The ``ripple-gguf`` command: convert, inspect, verify, perplexity, probe-storage, quickstart (one
+function per subcommand)."""
 from __future__ import annotations
 
 import argparse
@@ -97,6 +98,45 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe_storage(args: argparse.Namespace) -> int:
+    import os
+    from ripple_gguf import models, storage
+
+    path = args.path
+    if path is None:
+        try:
+            path = str(models.default_model_path(install=False, verify=False).parent)
+        except FileNotFoundError:
+            path = os.getcwd()
+    result = storage.probe(path, quick=args.quick, progress=not args.json)
+    saved = None if args.no_save else storage.save_profile(result)
+    if args.json:
+        print(json.dumps(dict(result, profile=str(saved) if saved else None), indent=2))
+        return 0
+    model = storage.CostModel.from_dict(result["model"])
+    dev = result["device"]
+    print(f"{result['path']}: device {dev['dev']} {dev['source']} ({dev['fstype']}), "
+          f"{'O_DIRECT' if result['direct'] else 'buffered reads, page cache dropped (O_DIRECT refused)'}, "
+          f"{result['file_bytes'] // (1 << 20)} MiB probe file, {result['elapsed_s']:.1f} s")
+    print(f"{'size':>8} {'QD':>3} {'MB/s':>8} {'IOPS':>8} {'mean us':>8} {'p50 us':>8} {'p99 us':>8} {'model MB/s':>10}")
+    for p in result["points"]:
+        size = f"{p['size'] // 1024} KiB" if p["size"] < (1 << 20) else f"{p['size'] >> 20} MiB"
+        print(f"{size:>8} {p['queue_depth']:>3} {p['mb_s']:>8.1f} {p['iops']:>8.0f} {p['lat_mean_us']:>8.0f} "
+              f"{p['lat_p50_us']:>8.0f} {p['lat_p99_us']:>8.0f} {model.throughput(p['size'], p['queue_depth']) / 1e6:>10.1f}")
+    print("sequential (" + f"{result['sequential'][0]['size'] >> 20} MiB requests): "
+          + ", ".join(f"QD{s['queue_depth']} {s['mb_s']:.0f} MB/s" for s in result["sequential"]))
+    fit = result["fit"]
+    print(f"model: latency {model.latency_s * 1e6:.1f} us, bandwidth {model.bandwidth_bps / 1e6:.0f} MB/s, "
+          f"parallelism {model.parallelism:.1f}, queue depth {model.queue_depth}; fit error over {fit['points']} "
+          f"points: rms {fit['rms_rel_error']:.1%}, median {fit['median_abs_rel_error']:.1%}, max {fit['max_abs_rel_error']:.1%}")
+    gap = model.collapse_gap_bytes()
+    print(f"collapse threshold: {gap:,} bytes" + (" (off: the device is bandwidth-bound)" if gap == 0 else
+          " (runs separated by a smaller gap are read as one request)"))
+    print(f"without a profile: {storage.DEFAULT.name}, threshold {storage.DEFAULT.collapse_gap_bytes():,} bytes")
+    print(f"profile saved to {saved}" if saved else "profile not saved (--no-save)")
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from ripple_gguf import quickstart
 
@@ -149,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--threads", type=int)
     pp.add_argument("--json", action="store_true", help="print ppl, tokens and the backend's stats as JSON")
     pp.set_defaults(func=_cmd_perplexity)
+
+    ps = sub.add_parser("probe-storage", help="measure the disk holding a model and save its storage cost profile")
+    ps.add_argument("path", nargs="?", metavar="PATH",
+                    help="model file or directory on the disk to measure (default: the default model's "
+                         "directory, else the current directory)")
+    ps.add_argument("--quick", action="store_true", help="fewer points on a smaller file (a few seconds)")
+    ps.add_argument("--json", action="store_true", help="print the measurements and the fitted model as JSON")
+    ps.add_argument("--no-save", action="store_true", help="do not save the profile")
+    ps.set_defaults(func=_cmd_probe_storage)
 
     q = sub.add_parser("quickstart", add_help=False,
                        help="install the default model (SmolLM2-135M), pack it and generate with the plugin")

@@ -127,6 +127,9 @@ int ripple_trace_start(int64_t max_int32s);
 void ripple_trace_stop(void);
 int64_t ripple_trace_read(int32_t * out, int64_t cap);
 int64_t ripple_trace_dropped(void);
+/* Read log (on while a trace is on): per layer fetch, int64s [layer index, tokens in the batch,
+ * n requests, n request lengths in bytes] in the order issued; what a storage cost model replays. */
+int64_t ripple_iolog_read(int64_t * out, int64_t cap);
 
 /* Standalone store (trace replay, benchmarks): the same reads, collapse, cache and counters as a
  * model loaded by llama.cpp, without llama.cpp. ripple_store_fetch reads the bundles of the given

@@ -156,6 +156,8 @@ typedef struct ripple_io_req {
 int ripple_io_run(const ripple_io_req * reqs, int n, const char * path, uint64_t * dev_bytes);
 /* O_DIRECT descriptor of the file (same inode as dev/ino), or -1 with the reason in why */
 int ripple_open_direct(const char * path, dev_t dev, ino_t ino, char * why, size_t why_len);
+/* append a layer fetch's requests to the read log when tracing */
+void ripple_iolog_record(int layer, int64_t n_tokens, const ripple_io_req * reqs, int n);
 
 /* ---- kernels (ripple_kernels.c) ---- */
 typedef struct ripple_pool ripple_pool;

@@ -236,6 +236,7 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
             streamed = 1;
         }
     }
+    ripple_iolog_record(layer, n_tokens, reqs, n_req);
     uint64_t bytes = 0, t0 = ripple_now_ns();
     int rc = ripple_io_run(reqs, n_req, m->path, &bytes);
     RIPPLE_COUNT(io_ns, ripple_now_ns() - t0);

@@ -27,7 +27,7 @@ static int             g_cache_policy = RIPPLE_CACHE_LRU;
 static double          g_cache_fraction = 0.0; /* > 0: budget = fraction of each model's FFN bytes */
 static int             g_direct_io = 0;
 /* storage cost model (ripple_set_cost_model); the default matches ripple_gguf.storage.DEFAULT */
-static double          g_cost_latency = 100e-6, g_cost_bandwidth = 1.5e9, g_cost_parallelism = 8.0;
+static double          g_cost_latency = 51.5e-6, g_cost_bandwidth = 3.5e9, g_cost_parallelism = 104.0;
 static char            g_error[1024];
 
 uint64_t ripple_now_ns(void) {
@@ -629,6 +629,8 @@ static pthread_mutex_t g_trace_mu = PTHREAD_MUTEX_INITIALIZER;
 static int32_t *       g_trace;
 static int64_t         g_trace_len, g_trace_cap, g_trace_dropped;
 static int             g_trace_on;
+static int64_t *       g_iolog;
+static int64_t         g_iolog_len, g_iolog_cap;
 
 int ripple_trace_start(int64_t max_int32s) {
     if (max_int32s <= 0) {
@@ -640,6 +642,15 @@ int ripple_trace_start(int64_t max_int32s) {
     g_trace_cap = g_trace ? max_int32s : 0;
     g_trace_len = 0;
     g_trace_dropped = 0;
+    free(g_iolog);
+    g_iolog_cap = max_int32s / 2 > 0 ? max_int32s / 2 : 1;
+    g_iolog = malloc(sizeof(int64_t) * (size_t) g_iolog_cap);
+    g_iolog_len = 0;
+    if (!g_iolog) {
+        free(g_trace);
+        g_trace = NULL;
+        g_trace_cap = 0;
+    }
     g_trace_on = g_trace != NULL;
     pthread_mutex_unlock(&g_trace_mu);
     return g_trace ? 0 : -1;
@@ -687,4 +698,36 @@ void ripple_trace_record(int handle, int layer, int64_t n_tokens, const int32_t 
         }
     }
     pthread_mutex_unlock(&g_trace_mu);
+}
+
+void ripple_iolog_record(int layer, int64_t n_tokens, const ripple_io_req * reqs, int n) {
+    if (!__atomic_load_n(&g_trace_on, __ATOMIC_RELAXED)) {
+        return;
+    }
+    pthread_mutex_lock(&g_trace_mu);
+    if (g_trace_on) {
+        if (g_iolog_len + 3 + n > g_iolog_cap) {
+            g_trace_dropped++;
+        } else {
+            int64_t * r = g_iolog + g_iolog_len;
+            r[0] = layer;
+            r[1] = n_tokens;
+            r[2] = n;
+            for (int i = 0; i < n; i++) {
+                r[3 + i] = (int64_t) reqs[i].len;
+            }
+            g_iolog_len += 3 + n;
+        }
+    }
+    pthread_mutex_unlock(&g_trace_mu);
+}
+
+int64_t ripple_iolog_read(int64_t * out, int64_t cap) {
+    pthread_mutex_lock(&g_trace_mu);
+    int64_t n = g_iolog_len;
+    if (out && cap > 0) {
+        memcpy(out, g_iolog, sizeof(int64_t) * (size_t) (cap < n ? cap : n));
+    }
+    pthread_mutex_unlock(&g_trace_mu);
+    return n;
 }

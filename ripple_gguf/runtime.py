@@ -211,6 +211,12 @@ def _configure_from_env() -> None:
               io_threads=io_threads if io_threads is not None else DEFAULT_IO_THREADS)
 
 
+def reset_settings() -> Dict[str, object]:
+    """Back to the defaults (and the ``RIPPLE_*`` environment variables); returns the settings."""
+    _configure_from_env()
+    return settings()
+
+
 def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[float] = None,
               exact_down: Optional[str] = None, mode: Optional[str] = None, cache_policy: Optional[str] = None,
               collapse=None, direct_io: Optional[bool] = None, io_threads: Optional[int] = None) -> Dict[str, object]:

@@ -121,25 +121,61 @@ class Store:
         self.close()
 
 
-def replay(path: os.PathLike, trace: Trace, *, handle: Optional[int] = None, drop_page_cache: bool = True) -> Dict[str, float]:
+@dataclass
+class Batch:
+    layer: int
+    n_tokens: int
+    lengths: np.ndarray  # bytes of each read request, issued together
+
+
+def read_iolog() -> List[Batch]:
+    """The read requests of every layer fetch since :func:`start` (recorded while tracing)."""
+    n = _native.lib.ripple_iolog_read(_native.ffi.NULL, 0)
+    a = np.zeros(n, np.int64)
+    if n:
+        _native.lib.ripple_iolog_read(_native.ffi.cast("int64_t *", a.ctypes.data), n)
+    out, i = [], 0
+    while i < n:
+        k = int(a[i + 2])
+        out.append(Batch(int(a[i]), int(a[i + 1]), a[i + 3:i + 3 + k].copy()))
+        i += 3 + k
+    return out
+
+
+def modeled_io_seconds(iolog: List[Batch], cost_model) -> float:
+    """I/O time of a read log on a storage cost model (each fetch's requests issued together)."""
+    return sum(cost_model.batch_time(b.lengths) for b in iolog)
+
+
+def replay(path: os.PathLike, trace: Trace, *, handle: Optional[int] = None, drop_page_cache: bool = True,
+           log: bool = False) -> Dict[str, object]:
     """Perform the reads of ``trace`` (the records of model ``handle``; all when None) on the
     ripple file ``path`` under the current settings (cache, collapse, direct I/O, I/O threads)
-    and return the backend's counters for exactly that replay. The store's cache starts empty.
-    Resets the process-wide counters."""
+    and return the backend's counters for exactly that replay (with ``log``, also its read log
+    under "iolog"). The store's cache starts empty. Resets the process-wide counters."""
     from .runtime import reset_stats, stats
 
     with Store(path) as st:
         n_layers = len(st.file.layers)
         if drop_page_cache:
             _drop_cache(st.file.path)
+        if log:
+            start(max_mb=max(16, 8 * sum(4 + len(r.neurons) for r in trace) / 2**20))
         reset_stats()
-        for r in trace:
-            if handle is not None and r.handle != handle:
-                continue
-            if r.layer >= n_layers:
-                raise ValueError(f"{path}: trace refers to layer {r.layer}, the file has {n_layers}")
-            st.fetch(r.layer, r.neurons, r.n_tokens)
-        return stats()
+        try:
+            for r in trace:
+                if handle is not None and r.handle != handle:
+                    continue
+                if r.layer >= n_layers:
+                    raise ValueError(f"{path}: trace refers to layer {r.layer}, the file has {n_layers}")
+                st.fetch(r.layer, r.neurons, r.n_tokens)
+            out: Dict[str, object] = dict(stats())
+        finally:
+            if log:
+                _native.lib.ripple_trace_stop()
+        if log:
+            out["iolog"] = read_iolog()
+        return out
 
 
 def _drop_cache(path: str) -> None:

@@ -31,8 +31,7 @@ def packed(tmp_path_factory):
 @pytest.fixture
 def settings():
     yield ripple_gguf
-    ripple_gguf.configure(mode="exact", exact_down="tensor", cache_mb=ripple_gguf.runtime.DEFAULT_CACHE_MB,
-                          cache_policy="lru", collapse=True)
+    ripple_gguf.runtime.reset_settings()
 
 
 def logits(path, tokens=TOKENS, n_batch=64):
@@ -128,3 +127,25 @@ def test_bad_settings_are_refused(settings):
         settings.configure(mode="fast")
     with pytest.raises(ValueError, match="cache_policy"):
         settings.configure(cache_policy="mru")
+
+
+def test_trace_replay_reproduces_the_live_reads(packed, settings):
+    """A recorded activity trace replayed on the same file performs the same reads as inference."""
+    from ripple_gguf import trace
+
+    settings.configure(mode="sparse", cache_mb=0, collapse=False)
+    trace.start()
+    settings.reset_stats()
+    logits(packed.path, n_batch=4)
+    live = settings.stats()
+    t = trace.stop()
+    assert len(t) == len(packed.layers) * 4 and t.tokens == len(TOKENS)
+    assert all(r.n_tokens == 4 and 0 < len(r.neurons) <= packed.layers[r.layer].n_ff for r in t)
+    assert all((a.layer, a.n_tokens) == (b.layer, b.n_tokens) and np.array_equal(a.neurons, b.neurons)
+               for a, b in zip(trace.Trace.from_array(t.to_array()), t))
+    rep = trace.replay(packed.path, t, log=True)
+    for key in ("tokens", "needed_bytes", "dense_bytes", "read_ops", "bytes_read", "max_run_length", "stream_reads"):
+        assert rep[key] == live[key], key
+    assert rep["mean_run_length"] == pytest.approx(live["mean_run_length"])
+    assert sum(len(b.lengths) for b in rep["iolog"]) == rep["read_ops"]
+    assert sum(int(b.lengths.sum()) for b in rep["iolog"]) == rep["bytes_read"]

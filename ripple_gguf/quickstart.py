@@ -29,7 +29,8 @@ def packed_path_for(source: os.PathLike, out_dir: os.PathLike) -> Path:
 
 
 def reusable(packed: Path, source_sha256: str) -> bool:
-    """True if ``packed`` is an intact ripple file converted from the source with this sha256."""
+    """True if ``packed`` is an intact ripple file converted from the source with this sha256 by
+    the full offline stage (predictors present)."""
     from ripple_gguf.format import RippleFile, RippleFormatError
 
     if not packed.exists():
@@ -39,14 +40,16 @@ def reusable(packed: Path, source_sha256: str) -> bool:
         rf.check_quick()
     except (RippleFormatError, OSError):
         return False
-    return rf.source.sha256 == source_sha256
+    return rf.source.sha256 == source_sha256 and any(l.predictor_size for l in rf.layers)
 
 
 def ensure_default_ripple(out_dir: Optional[os.PathLike] = None, *, quiet: bool = False) -> Path:
-    """Path of the default model packed into ``out_dir`` (default: ~/.cache/ripple-gguf/),
-    converting it unless a packed file of the same source is already there."""
+    """Path of the default model packed into ``out_dir`` (default: ~/.cache/ripple-gguf/) by the
+    full converter (profiling, placement, predictors; about a minute on 2 cores), unless a packed
+    file of the same source is already there."""
     from ripple_gguf import models
     from ripple_gguf.convert import convert
+    from ripple_gguf.offline import OfflineConfig
 
     src = models.default_model_path()  # verifies the published sha256
     out = Path(out_dir) if out_dir is not None else default_cache_dir()
@@ -58,7 +61,10 @@ def ensure_default_ripple(out_dir: Optional[os.PathLike] = None, *, quiet: bool 
     out.mkdir(parents=True, exist_ok=True)
     if not quiet:
         print(f"packing {src} -> {dst}", file=sys.stderr)
-    convert(src, dst, quiet=True)
+    times: dict = {}
+    convert(src, dst, quiet=True, offline=OfflineConfig(quiet=quiet), stage_seconds=times)
+    if not quiet:
+        print("converted: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()), file=sys.stderr)
     return dst
 
 
@@ -105,9 +111,12 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
           f"FFN tensors on the RIPPLE backend, load hook {'on' if ripple_gguf.settings()['load_hook'] else 'off'})")
     print(f"tokens: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated in {gen_s:.2f} s "
           f"({usage['completion_tokens'] / gen_s:.1f} tokens/s)")
-    print(f"FFN matmuls served: {s['ffn_matmuls']:,}; neurons computed {s['neurons_computed']:,} "
-          f"of {s['neurons_total']:,}")
-    print(f"read from the file: {_mib(s['bytes_read'])} in {s['read_ops']:,} reads, "
+    settings = ripple_gguf.settings()
+    print(f"mode {settings['mode']}: FFN matmuls served {s['ffn_matmuls']:,}; neurons computed "
+          f"{s['neurons_computed']:,} of {s['neurons_total']:,} ({s['neurons_computed'] / max(1, s['neurons_total']):.1%}); "
+          f"needed bundles {s['needed_bytes'] / max(1, s['dense_bytes']):.1%} of the dense FFN bytes")
+    print(f"read from the file: {_mib(s['bytes_read'])} in {s['read_ops']:,} reads (mean run of needed bundles "
+          f"{s['mean_run_length']:.1f}, collapse threshold {settings['collapse_bytes']:,} bytes), "
           f"{s['io_seconds'] * 1e3:.1f} ms of I/O")
     print(f"neuron cache: {s['cache_hits']:,} hits, {s['cache_misses']:,} misses "
           f"(hit rate {s['cache_hit_rate']:.1%}), {_mib(s['cache_bytes'])} of {_mib(s['cache_capacity'])} used")

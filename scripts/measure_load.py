@@ -17,7 +17,9 @@ page cache (posix_fadvise DONTNEED, checked with mincore), then
 
 Bytes read = max(file_resident, io_read). Cases: stock llama.cpp on the source GGUF, stock on the
 ripple file (ripple_gguf not imported), ripple with the load hook, ripple with RIPPLE_NO_LOAD_HOOK=1.
-PASS/FAIL is judged for the hooked case.
+PASS/FAIL is judged for the hooked case. The case ``ripple-sparse-run`` goes on to inference
+(sparse mode, O_DIRECT, a cache of 10% of the FFN: a 64-token prompt, then 64 generated tokens)
+and judges peak resident memory against non-FFN bytes + predictors + cache budget + 64 MiB.
 
     python scripts/measure_load.py [RIPPLE.gguf] [--source SRC.gguf] [--json OUT]
 """
@@ -40,6 +42,10 @@ CASES: Dict[str, dict] = {
     "stock-ripple": {"file": "ripple", "ripple": False, "env": {}},
     "ripple-hook": {"file": "ripple", "ripple": True, "env": {}},
     "ripple-nohook": {"file": "ripple", "ripple": True, "env": {"RIPPLE_NO_LOAD_HOOK": "1"}},
+    # inference, not just the load: sparse mode (the default for files with predictors), O_DIRECT,
+    # a cache of 10% of the FFN; a prompt then token-by-token generation
+    "ripple-sparse-run": {"file": "ripple", "ripple": True, "run_tokens": 64,
+                          "env": {"RIPPLE_MODE": "sparse", "RIPPLE_DIRECT_IO": "1", "RIPPLE_CACHE_FRACTION": "0.1"}},
 }
 
 
@@ -135,6 +141,23 @@ def _child(case: str, path: str) -> dict:
                    "rss_delta": st2["VmRSS"] - st0["VmRSS"]}
     if ripple_gguf is not None:
         out["eval"]["ripple_bytes_read"] = ripple_gguf.stats()["bytes_read"]
+    if spec.get("run_tokens"):
+        from ripple_gguf.quality import heldout_text
+
+        prompt = llm.tokenize(heldout_text(4000).encode())[:64]
+        llm.reset()
+        llm.eval(prompt)
+        n = 0
+        for _ in llm.generate(prompt, temp=0.0, reset=False):
+            n += 1
+            if n >= spec["run_tokens"]:
+                break
+        st3 = _proc_kv("status")
+        out["run"] = {"prompt_tokens": len(prompt), "generated": n, "rss_delta": st3["VmRSS"] - st0["VmRSS"],
+                      "peak_delta": st3["VmHWM"] - st0["VmRSS"]}
+        if ripple_gguf is not None:
+            out["run"]["stats"] = ripple_gguf.stats()
+            out["run"]["settings"] = ripple_gguf.settings()
     del llm
     return out
 
@@ -166,6 +189,18 @@ def limits(path: os.PathLike, cache_mb: float) -> dict:
     nf = non_ffn_bytes(path)
     return {"non_ffn_bytes": nf, "cache_mb": cache_mb, "read_limit": nf + READ_SLACK,
             "rss_limit": nf + int(cache_mb * MiB) + RSS_SLACK}
+
+
+def run_limit(path: os.PathLike, cache_bytes: int) -> dict:
+    """Inference bound: non-FFN bytes + predictors (held as f32 by the backend: twice the f16
+    blobs) + the cache budget + 64 MiB."""
+    from ripple_gguf.format import RippleFile
+
+    rf = RippleFile.open(path)
+    pred = 2 * sum(l.predictor_size for l in rf.layers)
+    nf = non_ffn_bytes(path)
+    return {"non_ffn_bytes": nf, "predictor_bytes": pred, "cache_bytes": cache_bytes,
+            "rss_limit": nf + pred + cache_bytes + RSS_SLACK}
 
 
 def check(result: dict, lim: dict) -> dict:
@@ -242,6 +277,19 @@ def main(argv=None) -> int:
         print(f"  {case:<14} file resident {e['file_resident'] / MiB:8.2f} MiB, io_read {e['io_read'] / MiB:8.2f} MiB, "
               f"RSS +{e['rss_delta'] / MiB:.2f} MiB{extra}")
 
+    run_verdict = None
+    for case, r in results.items():
+        if "run" not in r:
+            continue
+        st = r["run"]["stats"]
+        rl = run_limit(ripple_path, int(st["cache_capacity"]))
+        ok = r["run"]["peak_delta"] <= rl["rss_limit"]
+        run_verdict = {"rss_ok": ok, "limit": rl}
+        print(f"{case}: {r['run']['prompt_tokens']} prompt + {r['run']['generated']} generated tokens "
+              f"(mode {r['run']['settings']['mode']}, direct I/O {r['run']['settings']['direct_io']}): peak RSS "
+              f"+{r['run']['peak_delta'] / MiB:.2f} MiB <= non-FFN {rl['non_ffn_bytes'] / MiB:.2f} + predictors "
+              f"{rl['predictor_bytes'] / MiB:.2f} + cache {rl['cache_bytes'] / MiB:.2f} + 64 = "
+              f"{rl['rss_limit'] / MiB:.2f} MiB: {'PASS' if ok else 'FAIL'}")
     verdict = None
     if "ripple-hook" in results:
         verdict = check(results["ripple-hook"], lim)
@@ -255,10 +303,9 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"file": str(ripple_path), "source": source, "limits": lim, "results": results,
-                       "verdict": verdict}, f, indent=2)
-    if verdict is None:
-        return 0
-    return 0 if all(verdict.values()) else 1
+                       "verdict": verdict, "run_verdict": run_verdict}, f, indent=2)
+    ok = (verdict is None or all(verdict.values())) and (run_verdict is None or run_verdict["rss_ok"])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("perplexity", help="perplexity of a model through llama.cpp with the plugin")
     pp.add_argument("file", metavar="FILE")
     pp.add_argument("--text", help="UTF-8 text file (default: the held-out pydoc_data text)")
-    pp.add_argument("--mode", choices=["exact", "sparse"], default="exact")
+    pp.add_argument("--mode", choices=["exact", "sparse"], default="sparse",
+                    help="sparse (default: predictor-gated, as the runtime runs) or exact (every neuron)")
     pp.add_argument("--tokens", type=int, default=2048, help="tokens evaluated (default 2048)")
     pp.add_argument("--chunk", type=int, default=512, help="tokens per evaluation window (default 512)")
     pp.add_argument("--threads", type=int)

@@ -58,6 +58,9 @@ typedef struct ripple_stats {
     uint64_t max_run_length;   /* longest run of needed bundles */
     double   predictor_seconds;
     uint64_t stream_reads;     /* layer fetches the cost model served by reading the whole layer */
+    uint64_t prefetch_bytes;   /* bytes read ahead for the next layer (also in bytes_read/read_ops) */
+    uint64_t prefetch_used_bytes; /* bytes of prefetched bundles the next layer needed */
+    double   prefetch_seconds; /* wall time of the read-ahead, overlapped with compute (not in io_seconds) */
 } ripple_stats;
 
 /* Versions of the ggml this library was compiled against (recorded at build time). */
@@ -118,6 +121,12 @@ int ripple_get_io_threads(void);
 void ripple_set_direct_io(int on);
 int ripple_get_direct_io(void);
 void ripple_set_cost_model(double latency_s, double bandwidth_bps, double parallelism);
+/* Next-layer prefetch (sparse mode, one-token batches): after a layer's fetch, layer l+1's
+ * predictor runs on layer l's FFN input and a background thread reads what it selects (minus
+ * cached bundles) while layer l and the attention of l+1 compute; io_seconds then counts only the
+ * time the next fetch waits. */
+void ripple_set_prefetch(int on);
+int ripple_get_prefetch(void);
 
 /* Activity trace: while on, every layer fetch appends one record of int32s
  * [model handle, layer index, tokens in the batch, n, n neuron ids needed]. ripple_trace_read copies

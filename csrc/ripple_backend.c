@@ -192,6 +192,7 @@ typedef struct {
     uint8_t *      tokmask; /* n_tokens x n_ff: selected per token */
     size_t         tokmask_cap;
     int64_t        n_selected; /* (token, neuron) pairs selected */
+    ripple_prefetch pf;        /* next-layer read-ahead */
 } ripple_backend_ctx;
 
 static const char * ggml_backend_ripple_get_name(ggml_backend_t backend) {
@@ -201,6 +202,7 @@ static const char * ggml_backend_ripple_get_name(ggml_backend_t backend) {
 
 static void ggml_backend_ripple_free(ggml_backend_t backend) {
     ripple_backend_ctx * ctx = backend->context;
+    ripple_prefetch_free(&ctx->pf);
     ripple_pool_free(ctx->pool);
     free(ctx->ws);
     free(ctx->dbuf);
@@ -281,8 +283,13 @@ static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, cons
     if (ctx->sparse) {
         ripple_trace_record(m->handle, b->layer, src1->ne[1], neurons, ctx->n_sel);
     }
-    if (ripple_fetch_bundles(m, b->layer, ctx->sparse ? need_neuron : NULL, src1->ne[1], ctx->ws) != 0) {
+    /* a read-ahead in flight is waited for; its data serves this fetch when it is for this layer */
+    const ripple_prefetch * pf = ripple_prefetch_take(&ctx->pf, m, ctx->sparse ? b->layer : -1);
+    if (ripple_fetch_bundles(m, b->layer, ctx->sparse ? need_neuron : NULL, src1->ne[1], ctx->ws, pf) != 0) {
         return -1;
+    }
+    if (ctx->sparse && src1->ne[1] == 1 && ripple_get_prefetch()) {
+        ripple_prefetch_start(&ctx->pf, m, b->layer + 1, src1);
     }
     ctx->ws_model = m;
     ctx->ws_layer = b->layer;

@@ -124,25 +124,6 @@ bool ripple_store_is_ripple_fd(int fd);
 int ripple_store_read_tensor(const ripple_binding * b, void * dst, size_t offset, size_t size);
 int ripple_pread_full(int fd, void * dst, size_t size, uint64_t offset, const char * path);
 
-/* ---- sparse mode (ripple_sparse.c) ---- */
-ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int n_embd, int n_ff,
-                                         char * err, size_t err_len);
-void ripple_predictor_free(ripple_predictor * p);
-/* tok[t * n_ff + neuron] = 1 for the neurons the predictor selects for token t of src1, need[neuron]
- * the union over tokens; returns the (token, neuron) pairs selected */
-int64_t ripple_predict(const ripple_predictor * p, const ripple_layer * L, const struct ggml_tensor * src1,
-                       uint8_t * need, uint8_t * tok);
-/* read the bundles at positions flagged in need (NULL = all) into dst, for a batch of n_tokens;
- * access collapse, and for batches of several tokens the cost model's union-or-stream choice */
-int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int64_t n_tokens, uint8_t * dst);
-/* activity trace (ripple_trace_start): one record per layer fetch */
-void ripple_trace_record(int handle, int layer, int64_t n_tokens, const int32_t * neurons, int64_t n);
-/* cost of a batch of read requests issued together (ripple_set_cost_model) */
-double ripple_cost_batch(int64_t n_requests, uint64_t bytes);
-int ripple_get_direct_io(void);
-int ripple_get_mode(void);
-int64_t ripple_get_collapse_bytes(void);
-
 /* ---- I/O engine (ripple_io.c) ---- */
 typedef struct ripple_io_req {
     int       fd;
@@ -158,6 +139,58 @@ int ripple_io_run(const ripple_io_req * reqs, int n, const char * path, uint64_t
 int ripple_open_direct(const char * path, dev_t dev, ino_t ino, char * why, size_t why_len);
 /* append a layer fetch's requests to the read log when tracing */
 void ripple_iolog_record(int layer, int64_t n_tokens, const ripple_io_req * reqs, int n);
+
+/* ---- sparse mode (ripple_sparse.c) ---- */
+ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int n_embd, int n_ff,
+                                         char * err, size_t err_len);
+void ripple_predictor_free(ripple_predictor * p);
+/* tok[t * n_ff + neuron] = 1 for the neurons the predictor selects for token t of src1, need[neuron]
+ * the union over tokens; returns the (token, neuron) pairs selected */
+int64_t ripple_predict(const ripple_predictor * p, const ripple_layer * L, const struct ggml_tensor * src1,
+                       uint8_t * need, uint8_t * tok);
+/* Next-layer prefetch: while layer l computes (and the attention of l+1 after it), a thread reads
+ * the bundles layer l+1's predictor selects from layer l's FFN input, minus those cached. */
+typedef struct ripple_prefetch {
+    pthread_mutex_t mu;
+    pthread_cond_t  cv;
+    int             started;  /* thread running */
+    int             queued;   /* a batch waits for the thread */
+    int             busy;     /* a batch is queued or being read */
+    int             quit;
+    ripple_model *  m;        /* target of the batch / of the data in buf */
+    int             layer;
+    int             valid;    /* buf holds the batch's bundles (read without error) */
+    uint8_t *       buf;      /* n_ff * bundle_size of the target layer, position order */
+    size_t          buf_cap;
+    uint8_t *       have;     /* per position: 1 = in buf */
+    int32_t *       read_len; /* per position: bundles in its request */
+    uint8_t *       scratch;  /* predictor output (n_ff) */
+    size_t          n_cap;    /* capacity of have/read_len/scratch/reqs in positions */
+    ripple_io_req * reqs;
+    int             n_req;
+    int             rc;
+    uint64_t        bytes, ns;
+    pthread_t       tid;
+} ripple_prefetch;
+void ripple_prefetch_free(ripple_prefetch * pf);
+/* Start reading the predicted bundles of layer `layer` of m for the token in src1 (one token). */
+void ripple_prefetch_start(ripple_prefetch * pf, ripple_model * m, int layer, const struct ggml_tensor * src1);
+/* Wait for the batch; the prefetched data when it is for (m, layer), else NULL (and dropped). */
+const ripple_prefetch * ripple_prefetch_take(ripple_prefetch * pf, ripple_model * m, int layer);
+
+/* read the bundles at positions flagged in need (NULL = all) into dst, for a batch of n_tokens;
+ * access collapse, and for batches of several tokens the cost model's union-or-stream choice;
+ * bundles in pf (a prefetch of this layer, may be NULL) are taken from it */
+int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int64_t n_tokens, uint8_t * dst,
+                         const ripple_prefetch * pf);
+int ripple_read_fd(ripple_model * m, int * direct);
+/* activity trace (ripple_trace_start): one record per layer fetch */
+void ripple_trace_record(int handle, int layer, int64_t n_tokens, const int32_t * neurons, int64_t n);
+/* cost of a batch of read requests issued together (ripple_set_cost_model) */
+double ripple_cost_batch(int64_t n_requests, uint64_t bytes);
+int ripple_get_direct_io(void);
+int ripple_get_mode(void);
+int64_t ripple_get_collapse_bytes(void);
 
 /* ---- kernels (ripple_kernels.c) ---- */
 typedef struct ripple_pool ripple_pool;
@@ -197,7 +230,7 @@ typedef struct ripple_counters {
     uint64_t cache_hits, cache_misses, fallback_reads;
     uint64_t io_ns, compute_ns, predictor_ns;
     uint64_t tokens, needed_bytes, dense_bytes, collapse_extra_bytes, needed_runs, needed_bundles, max_run_length;
-    uint64_t stream_reads;
+    uint64_t stream_reads, prefetch_bytes, prefetch_used_bytes, prefetch_ns;
 } ripple_counters;
 extern ripple_counters g_ripple_counters;
 #define RIPPLE_COUNT(field, v) __atomic_fetch_add(&g_ripple_counters.field, (uint64_t)(v), __ATOMIC_RELAXED)

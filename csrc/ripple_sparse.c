@@ -111,7 +111,7 @@ int64_t ripple_predict(const ripple_predictor * p, const ripple_layer * L, const
 
 /* The descriptor reads go through: O_DIRECT when the setting is on and the file system accepts it
  * (opened once per model; a refusal is reported once and buffered reads are used). */
-static int read_fd(ripple_model * m, int * direct) {
+int ripple_read_fd(ripple_model * m, int * direct) {
     *direct = 0;
     if (!ripple_get_direct_io()) {
         return m->fd;
@@ -142,57 +142,13 @@ static void count_max_run(uint64_t max_run) {
     }
 }
 
-/* Fetch the bundles at the positions flagged in `need` (NULL = all) into dst (position order,
- * bundle_size apart): cache hits are copied, misses read as runs of consecutive positions, runs
- * separated by a gap the collapse setting covers merged into one request (access collapse), the
- * layer's requests issued together to the I/O engine. For a batch of several tokens the cost model
- * chooses between those requests and streaming the whole layer. Counts the runs of needed
- * positions (the placement's quality, before cache and collapse). */
-int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int64_t n_tokens, uint8_t * dst) {
-    const ripple_layer * L = &m->layers[layer];
+/* Requests for the positions flagged in `missing`: runs of consecutive positions, runs separated by
+ * at most `gap` positions merged (access collapse); read_len[p] = bundles in p's request. */
+static void form_requests(const ripple_layer * L, int fd, int direct, const uint8_t * missing, int64_t gap,
+                          uint8_t * dst, ripple_io_req * reqs, int * n_req, int32_t * read_len, uint64_t * planned,
+                          uint64_t * extra) {
     const size_t bs = L->d.bundle_size;
     const int64_t n = L->d.n_ff;
-    const int64_t gap = ripple_get_collapse_bytes() / (int64_t) bs;
-    uint8_t * missing = malloc((size_t) n);
-    int32_t * read_len = malloc(sizeof(int32_t) * (size_t) n); /* length of the read a bundle came in */
-    ripple_io_req * reqs = malloc(sizeof(ripple_io_req) * (size_t) (n + 1));
-    if (!missing || !read_len || !reqs) {
-        free(missing);
-        free(read_len);
-        free(reqs);
-        ripple_set_error("out of memory");
-        return -1;
-    }
-    uint64_t hits = 0, misses = 0, runs = 0, needed = 0, max_run = 0, cur = 0;
-    pthread_mutex_lock(&m->mu);
-    for (int64_t p = 0; p < n; p++) {
-        missing[p] = 0;
-        if (need && !need[p]) {
-            cur = 0;
-            continue;
-        }
-        needed++;
-        if (++cur == 1) {
-            runs++;
-        }
-        if (cur > max_run) {
-            max_run = cur;
-        }
-        const uint8_t * c = ripple_cache_get(&m->cache, layer, p);
-        if (c) {
-            memcpy(dst + p * bs, c, bs);
-            hits++;
-        } else {
-            missing[p] = 1;
-            misses++;
-        }
-    }
-    pthread_mutex_unlock(&m->mu);
-
-    int direct = 0;
-    const int fd = read_fd(m, &direct);
-    int n_req = 0;
-    uint64_t planned = 0, extra = 0;
     for (int64_t p = 0; p < n;) {
         if (!missing[p]) {
             p++;
@@ -211,12 +167,75 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
         for (int64_t r = p; r <= last; r++) {
             read_len[r] = (int32_t) (last - p + 1);
         }
-        extra += gap_bytes;
-        reqs[n_req++] = (ripple_io_req){ fd, direct, L->d.bundles_offset + (uint64_t) p * bs,
-                                         (size_t) (last - p + 1) * bs, dst + p * bs };
-        planned += (uint64_t) (last - p + 1) * bs;
+        *extra += gap_bytes;
+        reqs[(*n_req)++] = (ripple_io_req){ fd, direct, L->d.bundles_offset + (uint64_t) p * bs,
+                                            (size_t) (last - p + 1) * bs, dst + p * bs };
+        *planned += (uint64_t) (last - p + 1) * bs;
         p = last + 1;
     }
+}
+
+/* Fetch the bundles at the positions flagged in `need` (NULL = all) into dst (position order,
+ * bundle_size apart): cache hits are copied, misses read as runs of consecutive positions, runs
+ * separated by a gap the collapse setting covers merged into one request (access collapse), the
+ * layer's requests issued together to the I/O engine. For a batch of several tokens the cost model
+ * chooses between those requests and streaming the whole layer. Counts the runs of needed
+ * positions (the placement's quality, before cache and collapse). */
+int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int64_t n_tokens, uint8_t * dst,
+                         const ripple_prefetch * pf) {
+    const ripple_layer * L = &m->layers[layer];
+    const size_t bs = L->d.bundle_size;
+    const int64_t n = L->d.n_ff;
+    const int64_t gap = ripple_get_collapse_bytes() / (int64_t) bs;
+    uint8_t * missing = malloc((size_t) n);
+    int32_t * read_len = malloc(sizeof(int32_t) * (size_t) n); /* length of the read a bundle came in */
+    ripple_io_req * reqs = malloc(sizeof(ripple_io_req) * (size_t) (n + 1));
+    if (!missing || !read_len || !reqs) {
+        free(missing);
+        free(read_len);
+        free(reqs);
+        ripple_set_error("out of memory");
+        return -1;
+    }
+    uint64_t hits = 0, misses = 0, runs = 0, needed = 0, max_run = 0, cur = 0, pf_used = 0;
+    uint8_t * from_pf = pf ? calloc((size_t) n, 1) : NULL;
+    pthread_mutex_lock(&m->mu);
+    for (int64_t p = 0; p < n; p++) {
+        missing[p] = 0;
+        if (need && !need[p]) {
+            cur = 0;
+            continue;
+        }
+        needed++;
+        if (++cur == 1) {
+            runs++;
+        }
+        if (cur > max_run) {
+            max_run = cur;
+        }
+        const uint8_t * c = ripple_cache_get(&m->cache, layer, p);
+        if (c) {
+            memcpy(dst + p * bs, c, bs);
+            hits++;
+        } else if (from_pf && pf->have[p]) {
+            memcpy(dst + p * bs, pf->buf + p * bs, bs); /* read ahead: a miss whose read is done */
+            read_len[p] = pf->read_len[p];
+            from_pf[p] = 1;
+            pf_used++;
+            misses++;
+        } else {
+            missing[p] = 1;
+            misses++;
+        }
+    }
+    pthread_mutex_unlock(&m->mu);
+    RIPPLE_COUNT(prefetch_used_bytes, pf_used * bs);
+
+    int direct = 0;
+    const int fd = ripple_read_fd(m, &direct);
+    int n_req = 0;
+    uint64_t planned = 0, extra = 0;
+    form_requests(L, fd, direct, missing, gap, dst, reqs, &n_req, read_len, &planned, &extra);
     int streamed = 0;
     if (n_tokens > 1 && n_req > 1) {
         const uint64_t dense = (uint64_t) n * bs;
@@ -255,14 +274,175 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
     if (rc == 0 && m->cache.n_slots > 0) {
         pthread_mutex_lock(&m->mu);
         for (int64_t p = 0; p < n; p++) {
-            if (missing[p]) {
+            if (missing[p] || (from_pf && from_pf[p])) {
                 ripple_cache_put(&m->cache, layer, p, dst + p * bs, bs, read_len[p]);
             }
         }
         pthread_mutex_unlock(&m->mu);
     }
+    free(from_pf);
     free(missing);
     free(read_len);
     free(reqs);
     return rc;
+}
+
+/* ---- next-layer prefetch ---- */
+
+static void * prefetch_main(void * arg) {
+    ripple_prefetch * pf = arg;
+    pthread_mutex_lock(&pf->mu);
+    for (;;) {
+        while (!pf->queued && !pf->quit) {
+            pthread_cond_wait(&pf->cv, &pf->mu);
+        }
+        if (pf->quit) {
+            break;
+        }
+        pf->queued = 0;
+        pthread_mutex_unlock(&pf->mu);
+        uint64_t bytes = 0, t0 = ripple_now_ns();
+        int rc = ripple_io_run(pf->reqs, pf->n_req, pf->m->path, &bytes);
+        uint64_t ns = ripple_now_ns() - t0;
+        pthread_mutex_lock(&pf->mu);
+        pf->rc = rc;
+        pf->bytes = bytes;
+        pf->ns = ns;
+        pf->valid = rc == 0;
+        pf->busy = 0;
+        pthread_cond_broadcast(&pf->cv);
+    }
+    pthread_mutex_unlock(&pf->mu);
+    return NULL;
+}
+
+static void prefetch_wait(ripple_prefetch * pf) {
+    pthread_mutex_lock(&pf->mu);
+    while (pf->busy) {
+        pthread_cond_wait(&pf->cv, &pf->mu);
+    }
+    pthread_mutex_unlock(&pf->mu);
+}
+
+void ripple_prefetch_free(ripple_prefetch * pf) {
+    if (pf->started) {
+        prefetch_wait(pf);
+        pthread_mutex_lock(&pf->mu);
+        pf->quit = 1;
+        pthread_cond_broadcast(&pf->cv);
+        pthread_mutex_unlock(&pf->mu);
+        pthread_join(pf->tid, NULL);
+        pthread_mutex_destroy(&pf->mu);
+        pthread_cond_destroy(&pf->cv);
+    }
+    free(pf->buf);
+    free(pf->have);
+    free(pf->read_len);
+    free(pf->scratch);
+    free(pf->reqs);
+    memset(pf, 0, sizeof(*pf));
+}
+
+void ripple_prefetch_start(ripple_prefetch * pf, ripple_model * m, int layer, const struct ggml_tensor * src1) {
+    if (layer < 0 || layer >= m->n_layers || src1->ne[1] != 1) {
+        return;
+    }
+    const ripple_layer * L = &m->layers[layer];
+    if (!L->pred || L->d.n_embd != src1->ne[0]) {
+        return;
+    }
+    prefetch_wait(pf);
+    pf->valid = 0;
+    const int64_t n = L->d.n_ff;
+    const size_t bs = L->d.bundle_size;
+    if (pf->buf_cap < (size_t) n * bs) {
+        free(pf->buf);
+        pf->buf = malloc((size_t) n * bs);
+        pf->buf_cap = pf->buf ? (size_t) n * bs : 0;
+    }
+    if (pf->n_cap < (size_t) n) {
+        free(pf->have);
+        free(pf->read_len);
+        free(pf->scratch);
+        free(pf->reqs);
+        pf->have = malloc((size_t) n);
+        pf->read_len = malloc(sizeof(int32_t) * (size_t) n);
+        pf->scratch = malloc(2 * (size_t) n);
+        pf->reqs = malloc(sizeof(ripple_io_req) * (size_t) n);
+        pf->n_cap = pf->have && pf->read_len && pf->scratch && pf->reqs ? (size_t) n : 0;
+    }
+    if (!pf->buf || pf->n_cap < (size_t) n) {
+        return; /* no memory: no prefetch, the fetch reads everything itself */
+    }
+    if (!pf->started) {
+        pthread_mutex_init(&pf->mu, NULL);
+        pthread_cond_init(&pf->cv, NULL);
+        if (pthread_create(&pf->tid, NULL, prefetch_main, pf) != 0) {
+            return;
+        }
+        pf->started = 1;
+    }
+    uint64_t t0 = ripple_now_ns();
+    uint8_t * need = pf->scratch, * tok = pf->scratch + n;
+    ripple_predict(L->pred, L, src1, need, tok);
+    RIPPLE_COUNT(predictor_ns, ripple_now_ns() - t0);
+    pthread_mutex_lock(&m->mu);
+    for (int64_t p = 0; p < n; p++) {
+        pf->have[p] = need[L->order[p]] && ripple_cache_where(&m->cache, layer, p) < 0;
+    }
+    pthread_mutex_unlock(&m->mu);
+    int direct = 0;
+    const int fd = ripple_read_fd(m, &direct);
+    uint64_t planned = 0, extra = 0;
+    pf->n_req = 0;
+    form_requests(L, fd, direct, pf->have, ripple_get_collapse_bytes() / (int64_t) bs, pf->buf, pf->reqs,
+                  &pf->n_req, pf->read_len, &planned, &extra);
+    if (pf->n_req == 0) {
+        return;
+    }
+    for (int i = 0; i < pf->n_req; i++) { /* gap bundles merged into a request are in buf too */
+        const int64_t p0 = (int64_t) ((pf->reqs[i].offset - L->d.bundles_offset) / bs);
+        memset(pf->have + p0, 1, pf->reqs[i].len / bs);
+    }
+    ripple_iolog_record(layer, 1, pf->reqs, pf->n_req);
+    RIPPLE_COUNT(read_ops, pf->n_req);
+    RIPPLE_COUNT(collapse_extra_bytes, extra);
+    pthread_mutex_lock(&pf->mu);
+    pf->m = m;
+    pf->layer = layer;
+    pf->busy = 1;
+    pf->queued = 1;
+    pthread_cond_broadcast(&pf->cv);
+    pthread_mutex_unlock(&pf->mu);
+}
+
+const ripple_prefetch * ripple_prefetch_take(ripple_prefetch * pf, ripple_model * m, int layer) {
+    if (!pf->started) {
+        return NULL;
+    }
+    uint64_t t0 = ripple_now_ns();
+    pthread_mutex_lock(&pf->mu);
+    const int was_busy = pf->busy;
+    while (pf->busy) {
+        pthread_cond_wait(&pf->cv, &pf->mu);
+    }
+    const int hit = pf->valid && pf->m == m && pf->layer == layer;
+    const uint64_t bytes = pf->bytes, ns = pf->ns;
+    const int had = pf->valid || pf->rc != 0;
+    pf->bytes = 0;
+    pf->ns = 0;
+    pf->rc = 0;
+    if (!hit) {
+        pf->valid = 0;
+    }
+    pthread_mutex_unlock(&pf->mu);
+    if (was_busy) {
+        RIPPLE_COUNT(io_ns, ripple_now_ns() - t0); /* the wait is I/O the compute did not hide */
+    }
+    if (had) {
+        RIPPLE_COUNT(bytes_read, bytes);
+        RIPPLE_COUNT(prefetch_bytes, bytes);
+        RIPPLE_COUNT(prefetch_ns, ns);
+    }
+    return hit ? pf : NULL;
 }

@@ -208,6 +208,7 @@ def _configure_from_env() -> None:
     configure(cache_mb=cache_mb, cache_fraction=cache_fraction, exact_down=os.environ.get("RIPPLE_EXACT_DOWN", "tensor"),
               mode=os.environ.get("RIPPLE_MODE", "sparse"), cache_policy=os.environ.get("RIPPLE_CACHE_POLICY", "lru"),
               collapse=_env_01("RIPPLE_COLLAPSE", "1"), direct_io=_env_01("RIPPLE_DIRECT_IO", "0"),
+              prefetch=_env_01("RIPPLE_PREFETCH", "0"),
               io_threads=io_threads if io_threads is not None else DEFAULT_IO_THREADS)
 
 
@@ -219,7 +220,8 @@ def reset_settings() -> Dict[str, object]:
 
 def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[float] = None,
               exact_down: Optional[str] = None, mode: Optional[str] = None, cache_policy: Optional[str] = None,
-              collapse=None, direct_io: Optional[bool] = None, io_threads: Optional[int] = None) -> Dict[str, object]:
+              collapse=None, direct_io: Optional[bool] = None, io_threads: Optional[int] = None,
+              prefetch: Optional[bool] = None) -> Dict[str, object]:
     """Change runtime settings; returns the settings in force (:func:`settings`).
 
     mode: ``"sparse"`` (default: per token and layer only the bundles the layer's predictor
@@ -239,6 +241,9 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     Environment: ``RIPPLE_DIRECT_IO=0|1`` (default 0).
     io_threads: reader threads, i.e. the queue depth of a layer's batch of reads (default 8).
     Environment: ``RIPPLE_IO_THREADS``.
+    prefetch: in sparse mode, while a layer computes, read the bundles the next layer's predictor
+    selects from this layer's FFN input (one-token batches). Environment: ``RIPPLE_PREFETCH=0|1``
+    (default 0).
     exact_down: where exact mode takes the down projection from: ``"tensor"`` (default) runs stock
     llama.cpp's own dot products on the rows of the standard ffn_down tensor, read from the file,
     so results equal stock's; ``"bundles"`` sums the down columns of the bundles (the sparse path).
@@ -272,6 +277,8 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
             _native.lib.ripple_set_collapse_bytes(mode_c)
     if direct_io is not None:
         _native.lib.ripple_set_direct_io(1 if direct_io else 0)
+    if prefetch is not None:
+        _native.lib.ripple_set_prefetch(1 if prefetch else 0)
     if cache_policy is not None and cache_policy not in CACHE_POLICIES:
         raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
     if cache_mb is not None and cache_fraction is not None:
@@ -308,6 +315,7 @@ def settings() -> Dict[str, object]:
         "collapse_bytes": _native.lib.ripple_get_collapse_bytes(),
         "direct_io": bool(_native.lib.ripple_get_direct_io()),
         "io_threads": _native.lib.ripple_get_io_threads(),
+        "prefetch": bool(_native.lib.ripple_get_prefetch()),
         "cost_model": _cost["model"].to_dict() if _cost["model"] is not None else None,
         "exact_down": next(k for k, v in EXACT_DOWN.items() if v == down),
         "load_hook": bool(_native.lib.ripple_loadhook_active()),

@@ -149,3 +149,15 @@ def test_trace_replay_reproduces_the_live_reads(packed, settings):
     assert rep["mean_run_length"] == pytest.approx(live["mean_run_length"])
     assert sum(len(b.lengths) for b in rep["iolog"]) == rep["read_ops"]
     assert sum(int(b.lengths.sum()) for b in rep["iolog"]) == rep["bytes_read"]
+
+
+def test_prefetch_changes_where_bytes_come_from_not_the_result(packed, settings):
+    settings.configure(mode="sparse", cache_mb=0, collapse=False)
+    plain = logits(packed.path, n_batch=1)
+    settings.configure(prefetch=True)
+    settings.reset_stats()
+    ahead = logits(packed.path, n_batch=1)
+    s = settings.stats()
+    assert np.array_equal(plain, ahead)
+    assert 0 < s["prefetch_used_bytes"] <= s["prefetch_bytes"] <= s["bytes_read"]
+    assert s["prefetch_seconds"] > 0

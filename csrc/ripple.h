@@ -118,6 +118,12 @@ double ripple_get_cache_fraction(void); /* 0 when the budget is absolute */
  * tokens, between reading the union of the needed bundles and streaming the whole layer. */
 int ripple_set_io_threads(int n);
 int ripple_get_io_threads(void);
+/* Engine: 0 reader threads, 1 io_uring (raw system calls, used when the kernel allows it), 2 auto
+ * (default: io_uring for batches of small requests, mean < 64 KiB, threads for large ones).
+ * ripple_get_io_engine returns the engine in force (0 when io_uring is wanted but refused, the
+ * reason in why). ripple_set_io_engine returns -1 for io_uring in a build without it. */
+int ripple_set_io_engine(int engine);
+int ripple_get_io_engine(char * why, size_t why_len);
 void ripple_set_direct_io(int on);
 int ripple_get_direct_io(void);
 void ripple_set_cost_model(double latency_s, double bandwidth_bps, double parallelism);

@@ -152,6 +152,7 @@ def _begin_load(rf: RippleFile) -> int:
 EXACT_DOWN = {"tensor": 0, "bundles": 1}
 MODES = {"exact": 0, "sparse": 1}
 CACHE_POLICIES = {"lru": 0, "s3fifo": 1, "linking": 2}
+IO_ENGINES = {"threads": 0, "uring": 1, "auto": 2}
 _RULES = {"nonzero": 0, "magnitude": 1}
 DEFAULT_IO_THREADS = 8
 _collapse = {"mode": "auto"}  # "auto": the storage cost model's threshold, "off", or fixed bytes
@@ -208,7 +209,7 @@ def _configure_from_env() -> None:
     configure(cache_mb=cache_mb, cache_fraction=cache_fraction, exact_down=os.environ.get("RIPPLE_EXACT_DOWN", "tensor"),
               mode=os.environ.get("RIPPLE_MODE", "sparse"), cache_policy=os.environ.get("RIPPLE_CACHE_POLICY", "lru"),
               collapse=_env_01("RIPPLE_COLLAPSE", "1"), direct_io=_env_01("RIPPLE_DIRECT_IO", "0"),
-              prefetch=_env_01("RIPPLE_PREFETCH", "0"),
+              prefetch=_env_01("RIPPLE_PREFETCH", "0"), io_engine=os.environ.get("RIPPLE_IO_ENGINE", "auto"),
               io_threads=io_threads if io_threads is not None else DEFAULT_IO_THREADS)
 
 
@@ -221,7 +222,7 @@ def reset_settings() -> Dict[str, object]:
 def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[float] = None,
               exact_down: Optional[str] = None, mode: Optional[str] = None, cache_policy: Optional[str] = None,
               collapse=None, direct_io: Optional[bool] = None, io_threads: Optional[int] = None,
-              prefetch: Optional[bool] = None) -> Dict[str, object]:
+              prefetch: Optional[bool] = None, io_engine: Optional[str] = None) -> Dict[str, object]:
     """Change runtime settings; returns the settings in force (:func:`settings`).
 
     mode: ``"sparse"`` (default: per token and layer only the bundles the layer's predictor
@@ -241,6 +242,10 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     Environment: ``RIPPLE_DIRECT_IO=0|1`` (default 0).
     io_threads: reader threads, i.e. the queue depth of a layer's batch of reads (default 8).
     Environment: ``RIPPLE_IO_THREADS``.
+    io_engine: ``"auto"`` (default: io_uring for batches of small requests, the reader threads for
+    large ones), ``"uring"`` (io_uring through raw system calls) or ``"threads"``. Where the kernel
+    refuses io_uring the threads are used and ``settings()["io_engine_note"]`` says why.
+    Environment: ``RIPPLE_IO_ENGINE``.
     prefetch: in sparse mode, while a layer computes, read the bundles the next layer's predictor
     selects from this layer's FFN input (one-token batches). Environment: ``RIPPLE_PREFETCH=0|1``
     (default 0).
@@ -279,6 +284,11 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
         _native.lib.ripple_set_direct_io(1 if direct_io else 0)
     if prefetch is not None:
         _native.lib.ripple_set_prefetch(1 if prefetch else 0)
+    if io_engine is not None:
+        if io_engine not in IO_ENGINES:
+            raise ValueError(f"io_engine must be one of {', '.join(IO_ENGINES)}, got {io_engine!r}")
+        if _native.lib.ripple_set_io_engine(IO_ENGINES[io_engine]) != 0:
+            warnings.warn("ripple-gguf: this build has no io_uring; reading with threads", RuntimeWarning, stacklevel=2)
     if cache_policy is not None and cache_policy not in CACHE_POLICIES:
         raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
     if cache_mb is not None and cache_fraction is not None:
@@ -303,6 +313,13 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     return settings()
 
 
+def _io_engine() -> Dict[str, object]:
+    why = _native.ffi.new("char[]", 256)
+    engine = _native.lib.ripple_get_io_engine(why, 256)
+    name = next(k for k, v in IO_ENGINES.items() if v == engine)
+    return {"io_engine": name, "io_engine_note": _native.error_text(why)}
+
+
 def settings() -> Dict[str, object]:
     down = _native.lib.ripple_get_exact_down()
     name = lambda table, v: next(k for k, x in table.items() if x == v)
@@ -316,6 +333,7 @@ def settings() -> Dict[str, object]:
         "direct_io": bool(_native.lib.ripple_get_direct_io()),
         "io_threads": _native.lib.ripple_get_io_threads(),
         "prefetch": bool(_native.lib.ripple_get_prefetch()),
+        **_io_engine(),
         "cost_model": _cost["model"].to_dict() if _cost["model"] is not None else None,
         "exact_down": next(k for k, v in EXACT_DOWN.items() if v == down),
         "load_hook": bool(_native.lib.ripple_loadhook_active()),

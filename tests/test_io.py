@@ -76,15 +76,41 @@ def test_direct_io_reads_aligned_blocks(packed, cfg):
     assert [list(b.lengths) for b in s["iolog"]] == [[204], [408]]
 
 
-def test_direct_io_inference_matches_stock(tmp_path, cfg):
+@pytest.mark.parametrize("engine", ["uring", "threads"])
+def test_direct_io_inference_matches_stock(tmp_path, cfg, engine):
     src = make_model(tmp_path / "src.gguf", ffn_type="Q4_0", n_embd=64, n_ff=192, n_layers=2)
     rf = convert(src, tmp_path / "m.ripple.gguf", quiet=True)
-    cfg.configure(direct_io=True, cache_mb=0, io_threads=4)
+    run = lambda: quality.run(rf.path, tokens=TOKENS, n_ctx=256, n_threads=1, n_batch=64)["logits"]
+    # bundles (gate, up and down columns) through buffered reads on threads, then O_DIRECT on the engine
+    cfg.configure(cache_mb=0, exact_down="bundles", io_engine="threads", direct_io=False)
+    ref = run()
+    cfg.configure(direct_io=True, io_threads=4, io_engine=engine)
     ripple_gguf.reset_stats()
-    got = quality.run(rf.path, tokens=TOKENS, n_ctx=256, n_threads=1, n_batch=64)["logits"]
+    assert np.array_equal(run(), ref)
     assert ripple_gguf.stats()["read_ops"] > 0
+    cfg.configure(exact_down="tensor")  # and exact mode's stock arithmetic
+    got = run()
     (stock,) = stock_logits([rf.path], TOKENS)
     assert np.abs(got - stock).max() / (stock.max() - stock.min()) < 2e-3
+
+
+def test_engines_perform_the_same_reads(packed, cfg):
+    """io_uring and the reader threads: same requests, same bytes (buffered and O_DIRECT), many
+    requests in flight, requests larger than one O_DIRECT bounce slot."""
+    rng = np.random.default_rng(0)
+    batches = [np.sort(rng.choice(256, size=k, replace=False)) for k in (1, 2, 17, 100, 256)]
+    for direct in (False, True):
+        out = {}
+        for engine in ("uring", "threads", "auto"):
+            cfg.configure(cache_mb=0, collapse=False, direct_io=direct, io_engine=engine, io_threads=8)
+            s = fetch(packed, *batches)
+            out[engine] = (s["read_ops"], s["bytes_read"], s["needed_bytes"])
+        assert out["uring"] == out["threads"] == out["auto"], (direct, out)
+    settings = cfg.configure(io_engine="uring")
+    assert settings["io_engine"] in ("uring", "threads")
+    assert cfg.configure(io_engine="auto")["io_engine"] in ("auto", "threads")
+    if settings["io_engine"] == "threads":
+        assert settings["io_engine_note"]  # io_uring refused: the reason is reported
 
 
 def test_cache_fraction_budget_and_hits(packed, cfg):

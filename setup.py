@@ -21,6 +21,8 @@ class CMakeBuild(build_ext):
         cfg = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"]
         if os.environ.get("RIPPLE_NATIVE") == "0":
             cfg.append("-DRIPPLE_NATIVE=OFF")
+        if os.environ.get("RIPPLE_OPENMP") == "0":
+            cfg.append("-DRIPPLE_NO_OPENMP=ON")
         subprocess.run(cfg, check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1)], check=True)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,10 @@
 
 #include "ggml-cpu.h"
 
+#ifdef RIPPLE_OPENMP
+#include <omp.h>
+#endif
+
 /* ---- thread pool: workers 1..n-1, the caller is thread 0 ---- */
 
 #define RIPPLE_MAX_THREADS 256
@@ -93,6 +97,14 @@ void ripple_pool_run(ripple_pool * p, int n_threads, ripple_task_fn fn, void * a
         fn(arg, 0, 1);
         return;
     }
+#ifdef RIPPLE_OPENMP
+    /* the OpenMP team ggml's CPU backend uses (see CMakeLists.txt) */
+    #pragma omp parallel num_threads(n_threads)
+    {
+        fn(arg, omp_get_thread_num(), omp_get_num_threads());
+    }
+    return;
+#endif
     pthread_mutex_lock(&p->mu);
     while (p->n_workers < n_threads) {
         worker_arg * a = malloc(sizeof(*a));

@@ -30,9 +30,10 @@ from ripple_gguf.convert import convert
 PROMPT = "The capital of France is"
 
 _SPEED = r"""
-import sys, time, llama_cpp
+import sys, time
 if sys.argv[2] == "plugin":
     import ripple_gguf
+import llama_cpp
 llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=512, n_threads=2, verbose=False)
 toks = llm.tokenize(sys.argv[3].encode())
 llm.eval(toks)
@@ -45,8 +46,11 @@ print(n / (time.perf_counter() - t))
 
 
 def speed(path, plugin: bool, n: int = 64) -> float:
+    from ripple_gguf.runtime import stock_env
+
+    env = None if plugin else stock_env()  # the plugin's child sets its own OpenMP wait policy at import
     r = subprocess.run([sys.executable, "-c", _SPEED, os.fspath(path), "plugin" if plugin else "stock", PROMPT, str(n)],
-                       capture_output=True, text=True, check=True)
+                       capture_output=True, text=True, check=True, env=env)
     return float(r.stdout.strip().splitlines()[-1])
 
 

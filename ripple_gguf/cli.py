@@ -1,5 +1,5 @@
-"""The ``ripple-gguf`` command: convert, inspect, verify, perplexity, probe-storage, quickstart (one
-function per subcommand)."""
+"""The ``ripple-gguf`` command: convert, inspect, verify, perplexity, probe-storage, bench, quickstart
+(one function per subcommand)."""
 from __future__ import annotations
 
 import argparse
@@ -137,6 +137,33 @@ def _cmd_probe_storage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ripple_gguf import bench
+    from ripple_gguf.profile import read_text
+
+    text, text_name = (read_text(args.text), args.text) if args.text else (None, "held-out pydoc_data.topics")
+    calib = [(path, read_text(path)) for path in args.calib] if args.calib else None
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (fail before the measurements, not after)
+        except ImportError:
+            raise RuntimeError('--plot needs matplotlib: pip install ".[bench]"') from None
+    fractions = sorted(set(args.cache_fraction or [0.05, 0.1]))
+    result = bench.run(args.src, text=text, text_name=text_name, calib=calib, tokens=args.tokens,
+                       fractions=fractions, rounds=args.rounds, n_threads=args.threads, ppl_tokens=args.ppl_tokens,
+                       cross_dataset=not args.no_cross_dataset, work_dir=args.work_dir)
+    print(bench.report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"results written to {args.json}")
+    if args.plot:
+        from ripple_gguf.bench_plot import plot
+
+        print(f"figure written to {plot(result, args.plot)}")
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from ripple_gguf import quickstart
 
@@ -199,6 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true", help="print the measurements and the fitted model as JSON")
     ps.add_argument("--no-save", action="store_true", help="do not save the profile")
     ps.set_defaults(func=_cmd_probe_storage)
+
+    b = sub.add_parser("bench", help="measure llama.cpp, LLM in a flash, frequency order and ripple side by side")
+    b.add_argument("src", metavar="SRC.gguf", help="source GGUF model (the variants are packed from it and cached)")
+    b.add_argument("--calib", nargs="+", metavar="TEXT",
+                   help="calibration text files (default: CPython's pydoc_data topics, first half)")
+    b.add_argument("--text", metavar="TEXT", help="evaluation text file (default: the held-out pydoc_data text)")
+    b.add_argument("--tokens", type=int, default=64, help="tokens decoded one at a time (default 64)")
+    b.add_argument("--cache-fraction", type=float, action="append", metavar="F",
+                   help="neuron cache budget as a fraction of the FFN; repeat for several (default 0.05 and 0.1)")
+    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds on the local disk (default 3)")
+    b.add_argument("--threads", type=int, default=1,
+                   help="llama.cpp threads (default 1: see docs/BENCHMARKS.md on 2 threads of 2 shared cores)")
+    b.add_argument("--ppl-tokens", type=int, default=512, help="tokens of the perplexity comparison (default 512)")
+    b.add_argument("--no-cross-dataset", action="store_true", help="skip the placement robustness table")
+    b.add_argument("--work-dir", help="where variants are cached (default ~/.cache/ripple-gguf/bench)")
+    b.add_argument("--json", metavar="OUT.json", help="write every figure as JSON")
+    b.add_argument("--plot", metavar="OUT.png", help="write the figures (needs matplotlib: the bench extra)")
+    b.set_defaults(func=_cmd_bench)
 
     q = sub.add_parser("quickstart", add_help=False,
                        help="install the default model (SmolLM2-135M), pack it and generate with the plugin")

@@ -158,15 +158,17 @@ def sha256_file(path: str, chunk: int = 8 << 20) -> str:
 
 def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = "original",
             orders: Mapping[int, np.ndarray] | None = None, down_type: str = "auto",
-            offline: "OfflineConfig | None" = None, quiet: bool = False,
+            offline: "OfflineConfig | OfflineResult | None" = None, quiet: bool = False,
             stage_seconds: dict | None = None) -> RippleFile:
     """Pack ``src`` into ``dst``.
 
     Without ``offline`` the bundles keep the original order (or ``orders``: block -> permutation)
     and the file carries no predictors. With an :class:`~ripple_gguf.offline.OfflineConfig` the
     source is profiled first: its placement (``offline.placement``), activity thresholds,
-    predictors and held-out quality figures go into the file. ``stage_seconds``, when given, is
-    filled with the time of each stage."""
+    predictors and held-out quality figures go into the file. An
+    :class:`~ripple_gguf.offline.OfflineResult` already computed (``offline.run``, then
+    ``result.for_placement(method)``) is packed as it is, without profiling again. ``stage_seconds``,
+    when given, is filled with the time of each stage."""
     src, dst = os.fspath(src), os.fspath(dst)
     times = stage_seconds if stage_seconds is not None else {}
     if offline is None and placement not in PLACEMENTS and orders is None:
@@ -178,11 +180,15 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = 
     blocks = validate_source(hdr)
     data_offline = None
     if offline is not None:
-        from ripple_gguf.offline import run as run_offline
+        from ripple_gguf.offline import OfflineResult, run as run_offline
 
-        result = run_offline(src, offline)
-        orders, data_offline, placement = result.orders, result.data, offline.placement
-        times.update(result.stage_seconds)
+        if isinstance(offline, OfflineResult):
+            result = offline
+        else:
+            result = run_offline(src, offline)
+            times.update(result.stage_seconds)
+        orders, data_offline = result.orders, result.data
+        placement = data_offline.placement_quality.get("method", placement)
     t0 = time.perf_counter()
     layers = plan_layers(hdr, blocks, down_type=down_type, orders=orders)
     source = SourceInfo(os.path.basename(src), sha256_file(src), hdr.file_size)

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -61,6 +61,36 @@ class OfflineResult:
     orders: Dict[int, np.ndarray]  # block -> placement order
     data: OfflineData
     stage_seconds: Dict[str, float] = field(default_factory=dict)
+    # every placement computed (original, frequency and the configured one): method -> block -> order,
+    # and their held-out figures, so one profile can pack the same bundles in several orders
+    orders_by_method: Dict[str, Dict[int, np.ndarray]] = field(default_factory=dict)
+    quality_by_method: Dict[str, dict] = field(default_factory=dict)
+    eval_tokens: int = 0
+    needed: str = "predicted"
+
+    def for_placement(self, method: str) -> "OfflineResult":
+        """The same offline result (thresholds, predictors) with the bundles in ``method``'s order."""
+        if method not in self.orders_by_method:
+            raise ValueError(f"placement {method!r} was not computed (have {', '.join(self.orders_by_method)})")
+        pq = _placement_quality(self.quality_by_method, method, self.eval_tokens, self.needed)
+        return replace(self, orders=self.orders_by_method[method], data=replace(self.data, placement_quality=pq))
+
+
+def _placement_quality(quality: Dict[str, dict], method: str, eval_tokens: int, needed: str) -> dict:
+    """The placement figures stored in the file: the chosen method's, the others' for comparison."""
+    chosen = quality[method]
+    return {
+        "method": method, "eval_tokens": eval_tokens, "eval_text": "held-out pydoc_data.topics",
+        # the bundles a token needs: those its predictors select (what the runtime reads), or the
+        # truly active ones for a file without predictors
+        "needed": needed,
+        "mean_run_length": chosen["mean_run_length"], "max_run_length": chosen["max_run_length"],
+        "reads_per_token": chosen["reads_per_token"], "needed_per_token": chosen["needed_per_token"],
+        "per_layer": chosen["per_layer"],
+        **{f"{m}_{k}": quality[m][k] for m in quality if m != method
+           for k in ("mean_run_length", "max_run_length", "reads_per_token")},
+        **{f"{m}_per_layer": quality[m]["per_layer"] for m in quality if m != method},
+    }
 
 
 def _progress(quiet: bool) -> Callable[..., Iterable]:
@@ -222,24 +252,14 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
                           "max_run_length": [r["max_run_length"] for r in per],
                           "reads_per_token": [r["reads_per_token"] for r in per]},
         }
-    chosen = quality[cfg.placement]
-    placement_quality = {
-        "method": cfg.placement, "eval_tokens": int(eval_m[blocks[0]].shape[0]),
-        "eval_text": "held-out pydoc_data.topics",
-        # the bundles a token needs: those its predictors select (what the runtime reads), or the
-        # truly active ones for a file without predictors
-        "needed": "predicted" if blobs else "active",
-        "mean_run_length": chosen["mean_run_length"], "max_run_length": chosen["max_run_length"],
-        "reads_per_token": chosen["reads_per_token"], "needed_per_token": chosen["needed_per_token"],
-        "per_layer": chosen["per_layer"],
-        **{f"{m}_{k}": quality[m][k] for m in methods if m != cfg.placement
-           for k in ("mean_run_length", "max_run_length", "reads_per_token")},
-        **{f"{m}_per_layer": quality[m]["per_layer"] for m in methods if m != cfg.placement},
-    }
+    eval_tokens = int(eval_m[blocks[0]].shape[0])
+    needed = "predicted" if blobs else "active"
+    placement_quality = _placement_quality(quality, cfg.placement, eval_tokens, needed)
 
     data = OfflineData(
         rule=rule, active_fraction=cfg.active_fraction, thresholds=[thresholds[b] for b in blocks],
         predictors=blobs, predictor_rank=cfg.predictor_rank, recall_target=cfg.predictor_recall,
         placement_quality=placement_quality, predictor_metrics=predictor_metrics,
         calib_text=", ".join(n for n, _ in texts), calib_tokens=len(calib) * cfg.chunk_tokens, seed=cfg.seed)
-    return OfflineResult({b: orders_all[b][cfg.placement] for b in blocks}, data, times)
+    by_method = {m: {b: orders_all[b][m] for b in blocks} for m in methods}
+    return OfflineResult(by_method[cfg.placement], data, times, by_method, quality, eval_tokens, needed)

@@ -21,8 +21,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         calib = [(path, read_text(path)) for path in args.calib] if args.calib else None
         offline = OfflineConfig(calib=calib, calib_tokens=args.calib_tokens, placement=args.placement,
                                 active_fraction=args.active_fraction, predictor_rank=args.predictor_rank,
-                                predictor_recall=args.predictor_recall, seed=args.seed, threads=args.threads,
-                                quiet=args.quiet)
+                                predictor_recall=args.predictor_recall,
+                                predictor_fit_fraction=args.predictor_fit_fraction or None, seed=args.seed,
+                                threads=args.threads, quiet=args.quiet)
     elif args.placement != "original":
         raise ValueError(f"--placement {args.placement} needs profiling (drop --no-profile)")
     t0 = time.perf_counter()
@@ -73,19 +74,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_perplexity(args: argparse.Namespace) -> int:
-    import ripple_gguf
     from ripple_gguf import quality
     from ripple_gguf.profile import read_text
 
-    text = read_text(args.text) if args.text else quality.heldout_text(60 * args.tokens)
-    tokens = quality.tokenize(args.file, text, None)[: args.tokens]
+    tokens = quality.heldout_tokens(args.file, args.tokens, read_text(args.text) if args.text else None)
     if len(tokens) < 2:
         raise ValueError(f"{args.text or 'the held-out text'}: fewer than 2 tokens")
-    ripple_gguf.configure(mode=args.mode)
-    ripple_gguf.reset_stats()
-    ppl = quality.perplexity_of_file(args.file, tokens, chunk=args.chunk, n_threads=args.threads)
-    out = {"file": str(args.file), "mode": args.mode, "ppl": ppl, "tokens": len(tokens),
-           "stats": ripple_gguf.stats()}
+    r = quality.mode_perplexity(args.file, tokens, args.mode, chunk=args.chunk, n_threads=args.threads)
+    ppl = r["ppl"]
+    out = {"file": str(args.file), "mode": args.mode, "ppl": ppl, "tokens": len(tokens), "stats": r["stats"]}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -183,11 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", nargs="+", metavar="TEXT",
                    help="UTF-8 calibration text files (default: CPython's pydoc_data topics, first half)")
     c.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
-    c.add_argument("--active-fraction", type=float, default=0.5,
-                   help="target fraction of active neurons for magnitude thresholds (default 0.5)")
+    c.add_argument("--active-fraction", type=float, default=0.7,
+                   help="target fraction of active neurons for magnitude thresholds (default 0.7)")
     c.add_argument("--predictor-rank", type=int, default=64, help="predictor rank, 0 = no predictors (default 64)")
-    c.add_argument("--predictor-recall", type=float, default=0.96,
-                   help="recall the predictor threshold is tuned to on validation tokens (default 0.96)")
+    c.add_argument("--predictor-recall", type=float, default=0.9,
+                   help="recall the predictor threshold is tuned to on validation tokens (default 0.9)")
+    c.add_argument("--predictor-fit-fraction", type=float, default=0.25,
+                   help="fit the predictors to the neurons of this top fraction of |h| (at most the active "
+                        "fraction; 0 = to the active neurons); thresholds stay tuned to recall of the active "
+                        "neurons (default 0.25)")
     c.add_argument("--seed", type=int, default=0, help="seed of predictor training (default 0)")
     c.add_argument("--threads", type=int, help="threads for profiling and placement (default: all cores)")
     c.add_argument("--no-profile", action="store_true",

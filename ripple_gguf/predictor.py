@@ -58,7 +58,9 @@ _HEADER = struct.Struct("<4sIIIIfI")
 # Defaults measured on SmolLM2-135M (30 layers, n_embd 576, n_ff 1536, ~7.4k training tokens per layer):
 # rank 128 cuts over-prediction by only ~5% against rank 64 at twice the cost; plain BCE beat
 # per-neuron pos_weight and focal loss (the tuned threshold already handles the imbalance);
-# lr 8e-3 beat 1e-3..4e-3. ~0.8 s per layer on 2 idle cores.
+# lr 8e-3 beat 1e-3..4e-3. ~0.8 s per layer on 2 idle cores. Fitting to the strongly activated
+# neurons only (``Y_fit``, the offline stage's top 25% of |h|) is what helped most: sparse-mode
+# perplexity +2.3% instead of +14.8% at ~86% of the bundles (docs/BENCHMARKS.md).
 DEFAULT_RANK = 64
 DEFAULT_EPOCHS = 12
 DEFAULT_BATCH = 256
@@ -201,12 +203,18 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
           recall_target: float = 0.95, seed: int = 0, epochs: int = DEFAULT_EPOCHS,
           batch: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, loss: str = DEFAULT_LOSS,
           val_fraction: float = 0.1, X_val: Optional[np.ndarray] = None,
-          Y_val: Optional[np.ndarray] = None) -> Tuple[Predictor, Dict[str, float]]:
+          Y_val: Optional[np.ndarray] = None, Y_fit: Optional[np.ndarray] = None,
+          ) -> Tuple[Predictor, Dict[str, float]]:
     """Train one layer's predictor on X (N, n_embd) -> Y (N, n_ff) and tune its threshold.
 
     Y is a bool mask, or ``np.packbits(mask, axis=1)`` (uint8) with ``n_ff`` given. Without
     X_val/Y_val the last ``val_fraction`` of the tokens is held out for threshold tuning (the tail,
     not a random sample: adjacent tokens are correlated, a tail is the more honest estimate).
+
+    ``Y_fit`` (same shape and encoding as Y), when given, is the mask the loss is fitted to, while
+    the threshold is still tuned to ``recall_target`` of Y: e.g. the most strongly activated
+    neurons only (a subset of Y), which ranks the neurons a token must not miss above the barely
+    active ones (measured on SmolLM2: docs/BENCHMARKS.md, sparse mode).
 
     Adam with a linearly decaying learning rate over ``epochs`` passes of shuffled minibatches; the
     output biases start at the per-neuron log-odds of the training set. ``loss``: "bce" (plain
@@ -224,6 +232,10 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
     Y = _as_mask(Y, n_ff, "Y")
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"train: X has {X.shape[0]} tokens, Y has {Y.shape[0]}")
+    if Y_fit is not None:
+        Y_fit = _as_mask(Y_fit, n_ff, "Y_fit")
+        if Y_fit.shape != Y.shape:
+            raise ValueError(f"train: Y_fit has shape {Y_fit.shape}, Y has {Y.shape}")
     n_embd, n_ff = X.shape[1], Y.shape[1]
     if (X_val is None) != (Y_val is None):
         raise ValueError("train: give both X_val and Y_val or neither")
@@ -233,14 +245,14 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
         if X_val.shape[0] != Y_val.shape[0] or X_val.shape[0] == 0:
             raise ValueError(f"train: X_val has {X_val.shape[0]} tokens, Y_val has {Y_val.shape[0]}; "
                              "need the same positive number")
-        X_tr, Y_tr = X, Y
+        X_tr, Y_tr = X, (Y if Y_fit is None else Y_fit)
     else:
         if not 0 < val_fraction < 1:
             raise ValueError(f"train: val_fraction must be in (0, 1), got {val_fraction}")
         n_val = int(round(X.shape[0] * val_fraction))
         if n_val < 1 or n_val >= X.shape[0]:
             raise ValueError(f"train: {X.shape[0]} tokens are too few to hold out {val_fraction:.0%} for validation")
-        X_tr, Y_tr, X_val, Y_val = X[:-n_val], Y[:-n_val], X[-n_val:], Y[-n_val:]
+        X_tr, Y_tr, X_val, Y_val = X[:-n_val], (Y if Y_fit is None else Y_fit)[:-n_val], X[-n_val:], Y[-n_val:]
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -304,7 +316,7 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
     out = {f"val_{k}": v for k, v in metrics(val_logits > np.float32(pred.threshold), Y_val).items()}
     out.update({f"val_f32_{k}": v for k, v in metrics(exact.predict(X_val), Y_val).items()})
     out.update(threshold=pred.threshold, rank=rank, epochs=epochs, batch=batch, lr=lr, loss=loss,
-               n_train=int(n), n_val=int(X_val.shape[0]), train_loss_first=loss_first,
+               fit_fraction=float(Y_tr.mean()), n_train=int(n), n_val=int(X_val.shape[0]), train_loss_first=loss_first,
                train_loss_last=loss_last, train_seconds=train_seconds,
                total_seconds=time.perf_counter() - t0)
     return pred, out

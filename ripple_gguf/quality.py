@@ -145,3 +145,38 @@ def perplexity_of_file(path: os.PathLike, tokens: Sequence[int], *, chunk: int =
         logp = lg - np.log(np.exp(lg).sum(axis=-1, keepdims=True))
         nll.append(-logp[np.arange(len(c) - 1), np.asarray(c[1:])])
     return float(np.exp(np.concatenate(nll).mean()))
+
+
+def heldout_tokens(path: os.PathLike, n_tokens: int, text: Optional[str] = None) -> List[int]:
+    """The first ``n_tokens`` tokens (fewer if the text is shorter) of ``text``, by default the
+    held-out text (:func:`heldout_text`), with the model's tokenizer."""
+    if text is None:
+        text = heldout_text(60 * n_tokens)
+    return tokenize(path, text, None)[:n_tokens]
+
+
+def mode_perplexity(path: os.PathLike, tokens: Sequence[int], mode: str, *, chunk: int = 512,
+                    n_threads: Optional[int] = None, decode_tokens: int = 0) -> Dict[str, object]:
+    """Perplexity of ``tokens`` on ``path`` with the RIPPLE backend in ``mode`` ("exact" or
+    "sparse") and the backend's counters of that run: {"ppl", "tokens", "stats"}. Windows of
+    ``chunk`` tokens are decoded as prompt batches, so "needed_bytes" there counts the union of
+    each batch's sets. With ``decode_tokens`` > 0 the first that many tokens are also decoded one at a
+    time (generation), and "decode_stats" holds the counters of that run, where "needed_bytes" /
+    "tokens" is the bytes of the bundles a single token needs. The previous mode is restored."""
+    from . import runtime
+
+    previous = runtime.settings()["mode"]
+    runtime.configure(mode=mode)
+    try:
+        runtime.reset_stats()
+        ppl = perplexity_of_file(path, tokens, chunk=chunk, n_threads=n_threads)
+        out: Dict[str, object] = {"mode": mode, "ppl": ppl, "tokens": len(tokens), "stats": runtime.stats()}
+        if decode_tokens > 0:
+            runtime.reset_stats()
+            run(path, tokens=list(tokens[:decode_tokens]), n_ctx=max(decode_tokens, 8), n_batch=1,
+                n_threads=n_threads or 2)
+            out["decode_stats"] = runtime.stats()
+            out["decode_tokens"] = min(decode_tokens, len(tokens))
+        return out
+    finally:
+        runtime.configure(mode=previous)

@@ -53,7 +53,8 @@ def test_offline_file_contents_and_exactness(model, tmp_path, exact_mode):
     assert {"profile", "predictors", "placement", "write"} <= set(times)
     assert rf.placement_method == "ripple"
     sp = rf.sparsity
-    assert sp["rule"] == "magnitude" and sp["active_fraction"] == 0.5 and all(t > 0 for t in sp["thresholds"])
+    assert sp["rule"] == "magnitude" and all(t > 0 for t in sp["thresholds"])
+    assert sp["active_fraction"] == pytest.approx(OfflineConfig().active_fraction)  # stored as f32
     assert rf.has_predictors
     for l in rf.layers:
         assert sorted(l.order.tolist()) == list(range(128))
@@ -81,6 +82,24 @@ def test_deterministic_for_a_seed(model, tmp_path):
     a = convert(model, tmp_path / "a.gguf", offline=small_cfg(seed=3), quiet=True)
     b = convert(model, tmp_path / "b.gguf", offline=small_cfg(seed=3), quiet=True)
     assert open(a.path, "rb").read() == open(b.path, "rb").read()
+
+
+def test_predictor_fit_fraction(model, tmp_path):
+    """Predictors fitted to the top 25% of |h| (default) or to the active sets (None): different
+    predictors, thresholds tuned to the same recall of the active sets either way."""
+    cfg = dict(active_fraction=0.5, predictor_recall=0.96)
+    top = convert(model, tmp_path / "top.gguf", offline=small_cfg(**cfg), quiet=True)
+    act = convert(model, tmp_path / "act.gguf", offline=small_cfg(predictor_fit_fraction=None, **cfg), quiet=True)
+    assert top.predictor_metrics["fit_fraction"] == 0.25 and act.predictor_metrics["fit_fraction"] is None
+    assert any(top.read_predictor(l).to_bytes() != act.read_predictor(l).to_bytes() for l in top.layers)
+    for rf in (top, act):
+        assert rf.predictor_metrics["recall"] > 0.85  # tuned to 0.96 on validation tokens
+    # a fit fraction at or above the active fraction fits the active sets: the same file as None
+    same = convert(model, tmp_path / "same.gguf", offline=small_cfg(predictor_fit_fraction=0.6, **cfg), quiet=True)
+    assert same.predictor_metrics["fit_fraction"] is None
+    assert all(same.read_predictor(l).to_bytes() == act.read_predictor(l).to_bytes() for l in act.layers)
+    with pytest.raises(ProfileError, match="predictor-fit-fraction"):
+        convert(model, tmp_path / "x.gguf", offline=small_cfg(predictor_fit_fraction=0.0), quiet=True)
 
 
 @pytest.mark.parametrize("method", ["original", "frequency"])
@@ -133,7 +152,7 @@ def test_real_model_defaults(real_model, tmp_path, exact_mode):
           f"recall {p['recall']:.3f} over-prediction {p['over_prediction']:.2f}")
     assert q["mean_run_length"] > q["frequency_mean_run_length"] > q["original_mean_run_length"]
     assert q["reads_per_token"] < q["original_reads_per_token"]
-    assert p["recall"] >= 0.95
+    assert p["recall"] >= 0.88  # tuned to 0.9 on validation tokens (held-out: 0.909 measured)
     ripple_gguf.reset_stats()
     got = quality.run(rf.path, tokens=TOKENS)["logits"]
     (stock,) = stock_logits([real_model], TOKENS)

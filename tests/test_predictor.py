@@ -173,3 +173,33 @@ def test_bad_inputs(data):
         Predictor.from_bytes(blob, N_EMBD, N_FF + 1)
     with pytest.raises(ValueError, match="blob_size"):
         Predictor.from_bytes(blob[:-64], N_EMBD, N_FF)
+
+
+def test_fit_mask_is_fitted_threshold_tuned_on_y(data):
+    """Y_fit is what the loss fits; the threshold is still tuned to the recall target of Y."""
+    X, Y, X_test, Y_test = data
+    Xo = np.concatenate([X, X_test])  # another teacher's mask (10% active) on the same inputs
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((N_EMBD, 16)).astype(np.float32)
+    B = rng.standard_normal((16, N_FF)).astype(np.float32)
+    s = np.maximum(Xo.astype(np.float32) @ A, 0) @ B
+    Yo = s > np.quantile(s, 0.9)
+    F, F_test = Yo[:2400], Yo[2400:]
+    pred, m = train(X, Y, rank=32, recall_target=0.9, seed=3, epochs=15, batch=64, Y_fit=F)
+    plain, _ = train(X, Y, rank=32, recall_target=0.9, seed=3, epochs=15, batch=64)
+    assert m["fit_fraction"] == pytest.approx(F[:-240].mean())
+    # threshold: recall 0.9 of Y on the validation tail, as without Y_fit
+    assert metrics(pred.predict(X[-240:]), Y[-240:])["recall"] >= 0.9
+    assert m["val_recall"] >= 0.9
+    # the logits rank the fitted mask's neurons, not Y's: top 10% of test logits
+    def top_recall(p, mask):
+        lg = p.logits(X_test)
+        return metrics(lg > np.quantile(lg, 0.9), mask)["recall"]
+    assert top_recall(pred, F_test) > 0.6 > top_recall(plain, F_test)
+    assert top_recall(plain, Y_test) > top_recall(pred, Y_test)
+
+
+def test_fit_mask_shape_checked(data):
+    X, Y, _, _ = data
+    with pytest.raises(ValueError, match="Y_fit has shape"):
+        train(X, Y, rank=4, epochs=1, Y_fit=Y[:-1])

@@ -40,7 +40,16 @@ def reusable(packed: Path, source_sha256: str) -> bool:
         rf.check_quick()
     except (RippleFormatError, OSError):
         return False
-    return rf.source.sha256 == source_sha256 and any(l.predictor_size for l in rf.layers)
+    if rf.source.sha256 != source_sha256 or not any(l.predictor_size for l in rf.layers):
+        return False
+    # packed with today's default offline settings (older defaults: convert again)
+    from ripple_gguf.offline import OfflineConfig
+
+    cfg, pm, sp = OfflineConfig(), rf.predictor_metrics or {}, rf.sparsity or {}
+    fit = pm.get("fit_fraction")
+    return (abs(float(sp.get("active_fraction", -1)) - cfg.active_fraction) < 1e-4
+            and (fit is None if cfg.predictor_fit_fraction is None
+                 else fit is not None and abs(float(fit) - cfg.predictor_fit_fraction) < 1e-4))
 
 
 def ensure_default_ripple(out_dir: Optional[os.PathLike] = None, *, quiet: bool = False) -> Path:

@@ -438,7 +438,7 @@ def _modeled(m: Mapping[str, object], seconds: float) -> Dict[str, object]:
 
 def run(src: os.PathLike, *, text: Optional[str] = None, text_name: str = "held-out pydoc_data.topics",
         calib: Optional[Sequence[tuple]] = None, offline=None, tokens: int = 64, fractions: Sequence[float] = (0.05, 0.1),
-        rounds: int = 3, n_threads: int = 1, ppl_tokens: int = 512, cross_dataset: bool = True,
+        rounds: int = 3, n_threads: int = 2, ppl_tokens: int = 512, cross_dataset: bool = True,
         work_dir: Optional[os.PathLike] = None, quiet: bool = False) -> Dict[str, object]:
     """Measure every system on every storage at every cache fraction; the result that
     ``ripple-gguf bench`` prints and saves (docs/BENCHMARKS.md documents every field).

@@ -237,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache-fraction", type=float, action="append", metavar="F",
                    help="neuron cache budget as a fraction of the FFN; repeat for several (default 0.05 and 0.1)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds on the local disk (default 3)")
-    b.add_argument("--threads", type=int, default=1,
-                   help="llama.cpp threads (default 1: see docs/BENCHMARKS.md on 2 threads of 2 shared cores)")
+    b.add_argument("--threads", type=int, default=2, help="llama.cpp threads of every system (default 2)")
     b.add_argument("--ppl-tokens", type=int, default=512, help="tokens of the perplexity comparison (default 512)")
     b.add_argument("--no-cross-dataset", action="store_true", help="skip the placement robustness table")
     b.add_argument("--work-dir", help="where variants are cached (default ~/.cache/ripple-gguf/bench)")

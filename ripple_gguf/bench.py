@@ -308,10 +308,7 @@ def stock_offload(src: os.PathLike, tokens: Sequence[int], *, n_threads: int = 2
             json.dump({"model": os.path.realpath(src), "tokens": list(map(int, tokens)), "n_threads": n_threads,
                        "ffn_ranges": ranges, "disk_stat": _disk_stat_path(src)}, f)
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_stock_offload.py")
-        from .runtime import stock_env
-
-        r = subprocess.run([sys.executable, script, spec, out], capture_output=True, text=True, timeout=timeout,
-                           env=stock_env())
+        r = subprocess.run([sys.executable, script, spec, out], capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError(f"stock llama.cpp with offloaded FFN failed on {src}: {r.stderr[-2000:]}")
         with open(out) as f:

@@ -40,10 +40,8 @@ def run(path: os.PathLike, *, tokens: Sequence[int] = (), prompt_tokens: Sequenc
         with tempfile.TemporaryDirectory() as d:
             out = os.path.join(d, "out.npz")
             script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_stock_eval.py")
-            from .runtime import stock_env
-
             r = subprocess.run([sys.executable, script, os.fspath(path), out, json.dumps(spec)],
-                               capture_output=True, text=True, env=stock_env())
+                               capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"stock llama.cpp failed on {path}: {r.stderr[-2000:]}")
             with np.load(out) as z:

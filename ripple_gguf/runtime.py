@@ -37,17 +37,6 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def stock_env() -> Dict[str, str]:
-    """The environment for a stock llama.cpp subprocess: this one, minus the OpenMP wait policy
-    that ``import ripple_gguf`` chose (a user's own setting is kept)."""
-    import ripple_gguf
-
-    env = dict(os.environ)
-    if ripple_gguf._OMP_POLICY_SET:
-        env.pop("OMP_WAIT_POLICY", None)
-    return env
-
-
 def register() -> None:
     """Register the backend (idempotent). Called by ``import ripple_gguf``."""
     with _lock:

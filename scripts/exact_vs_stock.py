@@ -46,11 +46,8 @@ print(n / (time.perf_counter() - t))
 
 
 def speed(path, plugin: bool, n: int = 64) -> float:
-    from ripple_gguf.runtime import stock_env
-
-    env = None if plugin else stock_env()  # the plugin's child sets its own OpenMP wait policy at import
     r = subprocess.run([sys.executable, "-c", _SPEED, os.fspath(path), "plugin" if plugin else "stock", PROMPT, str(n)],
-                       capture_output=True, text=True, check=True, env=env)
+                       capture_output=True, text=True, check=True)
     return float(r.stdout.strip().splitlines()[-1])
 
 

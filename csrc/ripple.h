@@ -34,6 +34,9 @@ typedef struct ripple_layer_desc {
     float    act_threshold;  /* rule magnitude: a neuron is active iff |h| > act_threshold */
     const uint8_t * predictor; /* predictor blob (ripple_gguf/predictor.py layout), NULL = none; copied */
     uint64_t predictor_size;
+    int32_t  down_layout;    /* 0 column (a row of down_type), 1 split (the source's integers; scales in down_table) */
+    const uint8_t * down_table; /* split: f32 (d, m)[n_ff/32][n_embd], value = d * (q - offset) + m; copied */
+    uint64_t down_table_size;
 } ripple_layer_desc;
 
 typedef struct ripple_stats {

@@ -40,6 +40,9 @@ typedef struct ripple_layer {
     size_t    gate_row; /* bytes of each part of a bundle */
     size_t    up_row;
     size_t    down_row;
+    float *   down_tab;  /* split down columns: (d, m) per [n_ff/32][n_embd], NULL for column layouts */
+    int       down_bits; /* split: bits per stored value (4, 5 or 8) */
+    int       down_qoff; /* split: offset subtracted from the stored integer */
 } ripple_layer;
 
 /* ---- neuron cache (ripple_cache.c): bundles in DRAM under a byte budget ---- */

@@ -259,6 +259,32 @@ static int round_like_stock(enum ggml_type weight_type, const struct ggml_tensor
 
 /* ---- down: out[:, t] = sum_i h[i, t] * column_i, per-thread partial sums then a reduction ---- */
 
+/* Column of neuron i from a split down part: value r = d * (q_r - offset) + m with (d, m) of row r
+ * in the scale-table entry of i's source block, the formulas of ggml's dequantize_row_q4_0 etc. */
+static void split_to_float(const ripple_layer * L, const uint8_t * src, int64_t i, float * y) {
+    const int64_t n = L->d.n_embd;
+    const float * dm = L->down_tab + (size_t) (i / 32) * (size_t) n * 2;
+    const float off = (float) L->down_qoff;
+    if (L->down_bits == 8) {
+        const int8_t * q = (const int8_t *) src;
+        for (int64_t r = 0; r < n; r++) {
+            y[r] = (float) q[r] * dm[2 * r];
+        }
+        return;
+    }
+    const uint8_t * hi = L->down_bits == 5 ? src + n / 2 : NULL;
+    for (int64_t b = 0; b < n / 2; b++) {
+        int q0 = src[b] & 0x0F, q1 = src[b] >> 4;
+        if (hi) {
+            const int r = (int) (2 * b);
+            q0 |= ((hi[r >> 3] >> (r & 7)) & 1) << 4;
+            q1 |= ((hi[(r + 1) >> 3] >> ((r + 1) & 7)) & 1) << 4;
+        }
+        y[2 * b] = ((float) q0 - off) * dm[4 * b] + dm[4 * b + 1];
+        y[2 * b + 1] = ((float) q1 - off) * dm[4 * b + 2] + dm[4 * b + 3];
+    }
+}
+
 typedef struct {
     const ripple_layer *       L;
     const uint8_t *            ws;
@@ -288,7 +314,11 @@ static void down_task(void * v, int ith, int nth) {
     for (int64_t k = k0; k < k1; k++) {
         const int64_t p = j->positions ? j->positions[k] : k;
         const int64_t i = j->L->order[p];
-        j->to_float(j->ws + (size_t) p * bs + off, col, n_embd);
+        if (j->L->down_tab) {
+            split_to_float(j->L, j->ws + (size_t) p * bs + off, i, col);
+        } else {
+            j->to_float(j->ws + (size_t) p * bs + off, col, n_embd);
+        }
         for (int64_t t = 0; t < j->n_tokens; t++) {
             const float h = j->h[t * n_ff + i];
             if (h == 0.0f) {
@@ -327,7 +357,7 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
                        const int32_t * positions, int64_t n_positions, int apply_rule,
                        const uint8_t * token_mask, const struct ggml_tensor * src1, struct ggml_tensor * dst) {
     ggml_to_float_t to_float = to_float_of((enum ggml_type) L->d.down_type);
-    if (!to_float) {
+    if (!to_float && !L->down_tab) {
         ripple_set_error("no to_float for type %s", ggml_type_name((enum ggml_type) L->d.down_type));
         return -1;
     }

@@ -73,12 +73,39 @@ static void set_err(char * err, size_t err_len, const char * fmt, ...) {
 
 /* ---- models ---- */
 
+/* Split down columns (docs/FORMAT.md section 3): bits and integer offset per source type, the
+ * column size, and a copy of the scale table. */
+static int split_layout(ripple_layer * L, const ripple_layer_desc * d) {
+    switch (d->down_type) {
+        case GGML_TYPE_Q4_0: L->down_bits = 4; L->down_qoff = 8;  break;
+        case GGML_TYPE_Q4_1: L->down_bits = 4; L->down_qoff = 0;  break;
+        case GGML_TYPE_Q5_0: L->down_bits = 5; L->down_qoff = 16; break;
+        case GGML_TYPE_Q5_1: L->down_bits = 5; L->down_qoff = 0;  break;
+        case GGML_TYPE_Q8_0: L->down_bits = 8; L->down_qoff = 0;  break;
+        default: return -1;
+    }
+    const uint64_t tab = (uint64_t) d->n_ff / 32 * (uint64_t) d->n_embd * 2 * sizeof(float);
+    if (d->n_ff % 32 || d->n_embd % 8 || d->down_type != d->down_src_type || !d->down_table ||
+        d->down_table_size != tab) {
+        return -1;
+    }
+    L->down_row = L->down_bits == 4 ? (size_t) d->n_embd / 2 :
+                  L->down_bits == 5 ? (size_t) d->n_embd / 2 + (size_t) d->n_embd / 8 : (size_t) d->n_embd;
+    L->down_tab = malloc(tab);
+    if (!L->down_tab) {
+        return -1;
+    }
+    memcpy(L->down_tab, d->down_table, tab);
+    return 0;
+}
+
 static void model_free(ripple_model * m) {
     ripple_cache_free(&m->cache);
     for (int l = 0; l < m->n_layers; l++) {
         free(m->layers[l].order);
         free(m->layers[l].pos_of);
         ripple_predictor_free(m->layers[l].pred);
+        free(m->layers[l].down_tab);
     }
     free(m->layers);
     free(m->layer_of_block);
@@ -162,6 +189,7 @@ static ripple_model * model_create(const char * path, uint64_t file_size, int32_
         L->d = *d;
         L->d.order = NULL;
         L->d.predictor = NULL;
+        L->d.down_table = NULL;
         if (d->predictor) {
             char perr[256];
             L->pred = ripple_predictor_load(d->predictor, d->predictor_size, d->n_embd, d->n_ff, perr, sizeof(perr));
@@ -180,7 +208,24 @@ static ripple_model * model_create(const char * path, uint64_t file_size, int32_
         }
         L->gate_row = d->gate_type >= 0 ? ggml_row_size((enum ggml_type) d->gate_type, d->n_embd) : 0;
         L->up_row = ggml_row_size((enum ggml_type) d->up_type, d->n_embd);
-        L->down_row = ggml_row_size((enum ggml_type) d->down_type, d->n_embd);
+        if (d->down_layout == 0 && d->n_embd % ggml_blck_size((enum ggml_type) d->down_type) == 0) {
+            L->down_row = ggml_row_size((enum ggml_type) d->down_type, d->n_embd);
+        } else if (d->down_layout == 1) {
+            if (split_layout(L, d) != 0) {
+                set_err(err, err_len, "%s: layer %d: split down columns of type %s need n_ff a multiple of 32, "
+                        "n_embd a multiple of 8 and a %llu-byte scale table (got %llu bytes)", path, d->block,
+                        ggml_type_name((enum ggml_type) d->down_type),
+                        (unsigned long long) ((uint64_t) d->n_ff / 32 * (uint64_t) d->n_embd * 8),
+                        (unsigned long long) d->down_table_size);
+                model_free(m);
+                return NULL;
+            }
+        } else {
+            set_err(err, err_len, "%s: layer %d: down layout %d with type %s does not fit n_embd %d", path,
+                    d->block, d->down_layout, ggml_type_name((enum ggml_type) d->down_type), d->n_embd);
+            model_free(m);
+            return NULL;
+        }
         if (L->gate_row + L->up_row + L->down_row != d->bundle_size) {
             set_err(err, err_len, "%s: layer %d: bundle size %llu does not match its parts (%zu+%zu+%zu)",
                     path, d->block, (unsigned long long) d->bundle_size, L->gate_row, L->up_row, L->down_row);

@@ -57,10 +57,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"source: {rf.source.name} ({rf.source.size:,} bytes, sha256 {rf.source.sha256})")
     print(f"region: offset {rf.region_offset:,}, size {rf.region_size:,}, id {rf.region_id}")
     print(f"placement: {rf.placement_method}; n_embd {rf.n_embd}; {rf.n_layers} layers")
-    print(f"{'block':>5} {'n_ff':>6} {'gate':>6} {'up':>6} {'down':>6} {'down_src':>8} {'bundle':>7} {'offset':>12}")
+    print(f"{'block':>5} {'n_ff':>6} {'gate':>6} {'up':>6} {'down':>6} {'layout':>6} {'down_src':>8} {'bundle':>7} "
+          f"{'offset':>12}")
     for l in info["layers"]:
         print(f"{l['block']:>5} {l['n_ff']:>6} {l['gate_type']:>6} {l['up_type']:>6} {l['down_type']:>6} "
-              f"{l['down_src_type']:>8} {l['bundle_size']:>7} {l['bundles_offset']:>12}")
+              f"{l['down_layout']:>6} {l['down_src_type']:>8} {l['bundle_size']:>7} {l['bundles_offset']:>12}")
     return 0
 
 
@@ -193,9 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, help="threads for profiling and placement (default: all cores)")
     c.add_argument("--no-profile", action="store_true",
                    help="skip the offline stage: original order, no predictors (fast; exact mode only)")
-    c.add_argument("--down-type", choices=["auto", "same", "f16", "f32", "q8_0"], default="auto",
-                   help="type of the transposed down columns: auto (default) keeps float and Q8_0 sources' "
-                        "type and stores Q8_0 for lower-bit sources; same = the type of ffn_down")
+    c.add_argument("--down-type", choices=["auto", "split", "same", "f16", "f32", "q8_0"], default="auto",
+                   help="how bundles store the down column: auto (default) keeps float sources' type, "
+                        "splits Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (the source's own values, exact; scales in a "
+                        "per-layer table) and stores Q8_0 columns for k-quants; split = the same; "
+                        "same/f16/f32/q8_0 = columns re-quantized to that type (same = ffn_down's)")
     c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=_cmd_convert)
 

@@ -14,7 +14,7 @@ LLAMA_CPP_SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 LLAMA_CPP_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 GGML_COMMIT_PREFIX = "0c1e570"  # llama.cpp commit vendored by the pinned release
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: split down columns (ripple.layer.down_layout) and their scale tables
 ALIGNMENT = 4096  # every layer's bundle block starts on this boundary (direct I/O)
 
 REGION_MAGIC = b"RIPPLE01"  # first 8 bytes of the ripple region header
@@ -25,6 +25,15 @@ FOOTER_SIZE = 64
 # Bundle layout: one record per FFN neuron, the three parts back to back.
 BUNDLE_PARTS = ("gate", "up", "down")
 NO_GATE = -1  # gate_type value of layers without ffn_gate
+
+# How a bundle stores its down column (docs/FORMAT.md section 3):
+#   column: column i of ffn_down as one row of ripple.layer.down_type (re-quantized unless the
+#           types are float and equal)
+#   split:  the quantized values of column i exactly as ffn_down holds them (down_type = the
+#           tensor's type); the block scales, shared by the 32 neurons of a block, sit in a
+#           per-layer table the runtime keeps in memory
+DOWN_LAYOUTS = ("column", "split")
+DOWN_COLUMN, DOWN_SPLIT = 0, 1
 
 
 class Keys:
@@ -56,6 +65,9 @@ class Keys:
         GATE_TYPE = "ripple.layer.gate_type"  # ggml type, NO_GATE when the FFN is ungated
         UP_TYPE = "ripple.layer.up_type"
         DOWN_TYPE = "ripple.layer.down_type"
+        DOWN_LAYOUT = "ripple.layer.down_layout"  # DOWN_LAYOUTS index
+        DOWN_TABLE_OFFSET = "ripple.layer.down_table_offset"  # u64[L] from the region start, 0 = none
+        DOWN_TABLE_SIZE = "ripple.layer.down_table_size"  # u64[L] bytes, 0 = none
 
     class Placement:
         METHOD = "ripple.placement.method"

@@ -18,15 +18,18 @@ from gguf.constants import GGMLQuantizationType as T
 
 from ripple_gguf import _native as rows  # ggml's own row conversions
 from ripple_gguf import constants as C
-from ripple_gguf.format import (FLOAT_TYPES, SUPPORTED_FFN_TYPES, GGUFHeader, RippleFile,
-                                RippleFormatError, RippleLayer, SourceInfo, block_size, ffn_layers_of,
-                                read_gguf_header, row_size, type_name, write_ripple_gguf)
+from ripple_gguf.format import (FLOAT_TYPES, SPLIT_GROUP, SPLIT_TYPES, SUPPORTED_FFN_TYPES, GGUFHeader,
+                                RippleFile, RippleFormatError, RippleLayer, SourceInfo, block_size,
+                                can_split, ffn_layers_of, read_gguf_header, row_size, type_name,
+                                write_ripple_gguf)
 
-DOWN_TYPES = {"auto": None, "same": None, "f16": T.F16, "f32": T.F32, "q8_0": T.Q8_0}
+DOWN_TYPES = {"auto": None, "split": None, "same": None, "f16": T.F16, "f32": T.F32, "q8_0": T.Q8_0}
 # Measured on SmolLM2-135M Q4_1 (docs/BENCHMARKS.md): down columns re-quantized to Q4_1 along n_embd
-# raise perplexity by 8.6% when the columns are what the runtime multiplies; Q8_0 columns by 0.65%.
-# "auto" keeps float and 8-bit sources exact/as they are and stores Q8_0 columns for the rest.
-_AUTO_KEEPS = (T.F32, T.F16, T.BF16, T.Q8_0)
+# raise perplexity by 8.6% when the columns are what the runtime multiplies; Q8_0 columns by 0.65%;
+# split columns (the source's own values, scales in a table) are exact and smaller than either.
+# "auto" keeps float sources as they are, splits the types that can be split and stores Q8_0
+# columns for the rest (k-quants).
+_AUTO_KEEPS = (T.F32, T.F16, T.BF16)
 PLACEMENTS = ("original",)
 
 # llama.cpp's fallback (llama-quant.cpp) when a row is not a whole number of 256-value super-blocks.
@@ -65,9 +68,57 @@ def down_columns(raw: np.ndarray, src_type: int, dst_type: int, n_ff: int, n_emb
     return from_f32(dst_type, np.ascontiguousarray(to_f32(src_type, raw, n_embd, n_ff).T))
 
 
+def split_values(raw: np.ndarray, src_type: int, n_ff: int, n_embd: int) -> tuple[np.ndarray, np.ndarray]:
+    """The integers and block scales of ffn_down (``raw``: n_embd rows of n_ff values of a
+    ``SPLIT_TYPES`` type): q (n_embd x n_ff; uint8, int8 for Q8_0) and f32 (d, m) per row and
+    block (n_embd x n_ff/32 x 2), such that value = d * (q - offset) + m (ggml's formulas)."""
+    t = T(src_type)
+    nb = n_ff // SPLIT_GROUP
+    blocks = np.ascontiguousarray(raw).reshape(n_embd, nb, row_size(t, SPLIT_GROUP))
+    f16 = lambda a, b: np.ascontiguousarray(blocks[..., a:b]).view("<f2")[..., 0].astype(np.float32)
+    dm = np.zeros((n_embd, nb, 2), dtype=np.float32)
+    dm[..., 0] = f16(0, 2)
+    has_m = t in (T.Q4_1, T.Q5_1)
+    if has_m:
+        dm[..., 1] = f16(2, 4)
+    if t == T.Q8_0:
+        q = blocks[..., 2:].view(np.int8)
+    else:
+        qh_at = 4 if has_m else 2
+        qs_at = qh_at + (4 if t in (T.Q5_0, T.Q5_1) else 0)
+        qs = blocks[..., qs_at:qs_at + 16]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # value j: low nibble of qs[j], j+16: high
+        if t in (T.Q5_0, T.Q5_1):
+            qh = np.ascontiguousarray(blocks[..., qh_at:qh_at + 4]).view("<u4")[..., 0]
+            q = q | (((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
+    return q.reshape(n_embd, n_ff), dm
+
+
+def split_down(raw: np.ndarray, src_type: int, n_ff: int, n_embd: int) -> tuple[np.ndarray, bytes]:
+    """Split down columns (uint8, n_ff x split_row_size) and the layer's scale table (f32
+    n_ff/32 x n_embd x 2: (d, m) of row r for the block holding neuron i at [i // 32, r]).
+
+    Column i holds value r = 0..n_embd-1 of neuron i as the source stores it: 4 bits (value r in
+    the low nibble of byte r/2 when r is even, the high one when odd), 8 bits (int8), or 5 bits
+    (4-bit plane as for 4 bits, then bit 4 of value r at bit r%8 of byte n_embd/2 + r/8)."""
+    bits = SPLIT_TYPES[T(src_type)][0]
+    q, dm = split_values(raw, src_type, n_ff, n_embd)
+    qt = np.ascontiguousarray(q.T).view(np.uint8)  # n_ff x n_embd
+    if bits == 8:
+        cols = qt
+    else:
+        lo = qt & 0x0F
+        cols = lo[:, 0::2] | (lo[:, 1::2] << 4)
+        if bits == 5:
+            cols = np.concatenate([cols, np.packbits(qt >> 4, axis=1, bitorder="little")], axis=1)
+    table = np.ascontiguousarray(dm.transpose(1, 0, 2), dtype="<f4")
+    return np.ascontiguousarray(cols), table.tobytes()
+
+
 def make_layer_bundles(data: np.ndarray, layer: RippleLayer,
-                       offsets: tuple[int, int, int] | None = None) -> np.ndarray:
-    """Bundles of one layer in neuron-id order (uint8, n_ff x bundle_size).
+                       offsets: tuple[int, int, int] | None = None) -> tuple[np.ndarray, bytes]:
+    """Bundles of one layer in neuron-id order (uint8, n_ff x bundle_size) and its down scale
+    table (b"" unless the layer's down columns are split).
 
     ``data`` maps a whole file; ``offsets`` = absolute (gate, up, down) data offsets in it
     (default: the layer's own, i.e. the packed file's standard tensors).
@@ -79,16 +130,30 @@ def make_layer_bundles(data: np.ndarray, layer: RippleLayer,
         out[:, :g] = data[go:go + n_ff * g].reshape(n_ff, g)
     out[:, g:g + u] = data[uo:uo + n_ff * u].reshape(n_ff, u)
     down = data[do:do + layer.n_embd * layer.down_src_row_size]
+    if layer.split:
+        out[:, g + u:], table = split_down(down, layer.down_src_type, n_ff, layer.n_embd)
+        return out, table
     out[:, g + u:] = down_columns(down, layer.down_src_type, layer.down_type, n_ff, layer.n_embd)
-    return out
+    return out, b""
 
 
 # --- planning ---------------------------------------------------------------------------------
 
-def resolve_down_type(requested: str, down_src_type: int, n_embd: int) -> int:
+def resolve_down(requested: str, down_src_type: int, n_ff: int, n_embd: int) -> tuple[int, int]:
+    """(down_type, down_layout) for a ``--down-type`` choice: "split" and "auto" split the
+    columns when the source type allows it (``SPLIT_TYPES``), the other choices store columns."""
     if requested not in DOWN_TYPES:
         raise ValueError(f"unknown down type {requested!r} (choose from {', '.join(DOWN_TYPES)})")
-    if requested == "auto":
+    if requested in ("auto", "split") and can_split(down_src_type, n_ff, n_embd):
+        return int(down_src_type), C.DOWN_SPLIT
+    return resolve_down_type("auto" if requested == "split" else requested, down_src_type, n_embd), C.DOWN_COLUMN
+
+
+def resolve_down_type(requested: str, down_src_type: int, n_embd: int) -> int:
+    """Type of re-quantized/transposed down columns (column layout)."""
+    if requested not in DOWN_TYPES:
+        raise ValueError(f"unknown down type {requested!r} (choose from {', '.join(DOWN_TYPES)})")
+    if requested in ("auto", "split"):
         t = T(down_src_type) if T(down_src_type) in _AUTO_KEEPS else T.Q8_0
     else:
         t = T(down_src_type) if DOWN_TYPES[requested] is None else DOWN_TYPES[requested]
@@ -142,9 +207,10 @@ def plan_layers(hdr: GGUFHeader, blocks: list[int], *, down_type: str,
             np.asarray(orders[b], dtype=np.int32)
         if order.shape != (n_ff,) or not np.array_equal(np.sort(order), np.arange(n_ff)):
             raise ValueError(f"placement order of layer {b} is not a permutation of {n_ff} neurons")
+        dt, layout = resolve_down(down_type, down.type, n_ff, n_embd)
         layers.append(RippleLayer(
             block=b, n_ff=n_ff, n_embd=n_embd, gate_type=gate.type if gate else C.NO_GATE, up_type=up.type,
-            down_type=resolve_down_type(down_type, down.type, n_embd), down_src_type=down.type, order=order))
+            down_type=dt, down_src_type=down.type, order=order, down_layout=layout))
     return layers
 
 

@@ -83,6 +83,24 @@ def align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
+# Split down columns (constants.DOWN_LAYOUTS): source types whose 32-value blocks are one or two
+# scales plus one small integer per value. Per type: bits per stored value, and the offset the
+# integer is shifted by (value = d * (q - offset) + m, as ggml's dequantize_row_* computes it).
+SPLIT_TYPES = {T.Q4_0: (4, 8), T.Q4_1: (4, 0), T.Q5_0: (5, 16), T.Q5_1: (5, 0), T.Q8_0: (8, 0)}
+SPLIT_GROUP = 32  # neurons sharing one scale table entry (the source block)
+
+
+def split_row_size(src_type: int, n_embd: int) -> int:
+    """Bytes of one split down column: n_embd values of the type's bits (5 bits: a nibble plane
+    then a plane of high bits)."""
+    bits = SPLIT_TYPES[T(src_type)][0]
+    return n_embd // 2 if bits == 4 else n_embd // 2 + n_embd // 8 if bits == 5 else n_embd
+
+
+def can_split(src_type: int, n_ff: int, n_embd: int) -> bool:
+    return src_type in SPLIT_TYPES and n_ff % SPLIT_GROUP == 0 and n_embd % 8 == 0
+
+
 # --- GGUF header parsing ----------------------------------------------------------------------
 
 @dataclass
@@ -274,6 +292,17 @@ class RippleLayer:
     threshold: float = 0.0  # activity threshold on |post-activation| (rule "magnitude")
     predictor_offset: int = 0  # absolute offset of the predictor blob, 0 = none
     predictor_size: int = 0
+    down_layout: int = C.DOWN_COLUMN
+    down_table_offset: int = 0  # absolute offset of the split layout's scale table, 0 = none
+
+    @property
+    def split(self) -> bool:
+        return self.down_layout == C.DOWN_SPLIT
+
+    @property
+    def down_table_size(self) -> int:
+        """f32 (d, m) for every source block of ffn_down: n_ff/32 x n_embd x 2 (split layout)."""
+        return self.n_ff // SPLIT_GROUP * self.n_embd * 8 if self.split else 0
 
     @property
     def gate_row_size(self) -> int:
@@ -285,6 +314,8 @@ class RippleLayer:
 
     @property
     def down_row_size(self) -> int:
+        if self.split:
+            return split_row_size(self.down_type, self.n_embd)
         return row_size(self.down_type, self.n_embd)
 
     @property
@@ -330,7 +361,7 @@ def region_id_for(source_sha256: str, layers: Sequence[RippleLayer]) -> bytes:
         h.update(struct.pack("<7i", l.block, l.n_ff, l.n_embd, l.gate_type, l.up_type, l.down_type,
                              l.down_src_type))
         h.update(np.ascontiguousarray(l.order, dtype="<i4").tobytes())
-        h.update(struct.pack("<Q", l.predictor_size))
+        h.update(struct.pack("<QiQ", l.predictor_size, l.down_layout, l.down_table_size))
     return h.digest()
 
 
@@ -360,7 +391,8 @@ class SourceInfo:
 
 # --- writer -----------------------------------------------------------------------------------
 
-BundleMaker = Callable[[RippleLayer], np.ndarray]  # -> uint8 (n_ff, bundle_size), neuron-id order
+# -> (uint8 (n_ff, bundle_size) in neuron-id order, the layer's down scale table: bytes, b"" if none)
+BundleMaker = Callable[[RippleLayer], "tuple[np.ndarray, bytes]"]
 
 
 def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[RippleLayer], *,
@@ -390,6 +422,9 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
     for l in layers:
         l.bundles_offset = rel  # relative for now
         rel = align(rel + l.block_bytes, C.ALIGNMENT)
+    for l in layers:  # down scale tables (split layout) follow the bundles, 64-byte aligned
+        l.down_table_offset = rel if l.down_table_size else 0
+        rel = align(rel + l.down_table_size, 64)
     for l, blob in zip(layers, blobs):  # predictors follow the bundles, 64-byte aligned
         l.predictor_offset, l.predictor_size = rel, len(blob)
         rel = align(rel + len(blob), 64)
@@ -420,6 +455,9 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
             arr(Keys.Layout.GATE_TYPE, I32, [l.gate_type for l in layers]),
             arr(Keys.Layout.UP_TYPE, I32, [l.up_type for l in layers]),
             arr(Keys.Layout.DOWN_TYPE, I32, [l.down_type for l in layers]),
+            arr(Keys.Layout.DOWN_LAYOUT, I32, [l.down_layout for l in layers]),
+            arr(Keys.Layout.DOWN_TABLE_OFFSET, U64, [l.down_table_offset for l in layers]),
+            arr(Keys.Layout.DOWN_TABLE_SIZE, U64, [l.down_table_size for l in layers]),
             pack_kv(Keys.Placement.METHOD, V.STRING, placement_method),
             arr(Keys.Placement.ORDER, I32, np.concatenate([l.order for l in layers])),
             *offline_kvs(),
@@ -479,6 +517,8 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
         l.bundles_offset += region_offset
         if l.predictor_size:
             l.predictor_offset += region_offset
+        if l.down_table_size:
+            l.down_table_offset += region_offset
         l.gate_offset = new_abs[C.ffn_tensor_name(l.block, "gate")] if l.gated else 0
         l.up_offset = new_abs[C.ffn_tensor_name(l.block, "up")]
         l.down_offset = new_abs[C.ffn_tensor_name(l.block, "down")]
@@ -498,13 +538,21 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
 
         emit(_REGION_HEADER.pack(C.REGION_MAGIC, C.FORMAT_VERSION, len(layers), region_size, region_id)
              .ljust(C.HEADER_SIZE, b"\0"))
+        tables = []
         for l in progress(layers):
-            bundles = make_bundles(l)
+            bundles, table = make_bundles(l)
             assert bundles.shape == (l.n_ff, l.bundle_size) and bundles.dtype == np.uint8
+            assert len(table) == l.down_table_size, (len(table), l.down_table_size)
             emit(memoryview(np.ascontiguousarray(bundles[l.order])).cast("B"))
             del bundles
+            tables.append(table)
             end = l.bundles_offset - region_offset + l.block_bytes
             emit(bytes(align(end, C.ALIGNMENT) - end))
+        for l, table in zip(layers, tables):
+            if table:
+                assert fout.tell() == l.down_table_offset, (fout.tell(), l.down_table_offset)
+                emit(table)
+                emit(bytes(align(len(table), 64) - len(table)))
         for l, blob in zip(layers, blobs):
             assert fout.tell() == l.predictor_offset, (fout.tell(), l.predictor_offset)
             emit(blob)
@@ -606,7 +654,8 @@ class RippleFile:
         n_layers, n_embd = int(need(Keys.Layout.N_LAYERS)), int(need(Keys.Layout.N_EMBD))
         arrays = {}
         for key in (Keys.Layout.LAYER_INDEX, Keys.Layout.N_FF, Keys.Layout.OFFSET, Keys.Layout.BUNDLE_SIZE,
-                    Keys.Layout.GATE_TYPE, Keys.Layout.UP_TYPE, Keys.Layout.DOWN_TYPE):
+                    Keys.Layout.GATE_TYPE, Keys.Layout.UP_TYPE, Keys.Layout.DOWN_TYPE,
+                    Keys.Layout.DOWN_LAYOUT, Keys.Layout.DOWN_TABLE_OFFSET, Keys.Layout.DOWN_TABLE_SIZE):
             arr = np.asarray(need(key))
             if arr.shape != (n_layers,):
                 raise RippleFormatError(p, f"{key} has {arr.size} entries, expected {n_layers}")
@@ -642,6 +691,14 @@ class RippleFile:
                 gate_offset=hdr.data_offset + tensors["gate"].offset if tensors["gate"] else 0,
                 up_offset=hdr.data_offset + tensors["up"].offset,
                 down_offset=hdr.data_offset + tensors["down"].offset)
+            layout = g(Keys.Layout.DOWN_LAYOUT)
+            if layout not in range(len(C.DOWN_LAYOUTS)):
+                raise RippleFormatError(p, f"layer {blk}: unknown down layout {layout}")
+            layer.down_layout = layout
+            if layer.split and (layer.down_type != layer.down_src_type or
+                                not can_split(layer.down_type, n_ff, n_embd)):
+                raise RippleFormatError(p, f"layer {blk}: split down columns of type {type_name(layer.down_type)} "
+                                           f"from ffn_down of type {type_name(layer.down_src_type)}")
             if tensors["up"].shape != (n_embd, n_ff) or tensors["down"].shape != (n_ff, n_embd):
                 raise RippleFormatError(p, f"layer {blk}: FFN tensor shapes disagree with n_ff={n_ff}, n_embd={n_embd}")
             try:
@@ -653,6 +710,12 @@ class RippleFile:
             if g(Keys.Layout.OFFSET) % C.ALIGNMENT or \
                     layer.bundles_offset + layer.block_bytes > region_offset + region_size - C.FOOTER_SIZE:
                 raise RippleFormatError(p, f"layer {blk}: bundle block outside the region")
+            t_off, t_size = g(Keys.Layout.DOWN_TABLE_OFFSET), g(Keys.Layout.DOWN_TABLE_SIZE)
+            if t_size != layer.down_table_size or (t_size and (
+                    t_off % 64 or t_off < C.HEADER_SIZE or t_off + t_size > region_size - C.FOOTER_SIZE)):
+                raise RippleFormatError(p, f"layer {blk}: down scale table ({t_size} bytes at {t_off}) does not fit "
+                                           f"the layout (expected {layer.down_table_size} bytes inside the region)")
+            layer.down_table_offset = region_offset + t_off if t_size else 0
             layers.append(layer)
         _attach_offline(p, md, layers, region_offset, region_size)
         src = SourceInfo(str(md.get(Keys.Source.NAME, "")), str(md.get(Keys.Source.SHA256, "")),
@@ -695,6 +758,16 @@ class RippleFile:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             return _pread(self.path, fd, layer.predictor_offset, layer.predictor_size)
+        finally:
+            os.close(fd)
+
+    def read_down_table(self, layer: RippleLayer) -> bytes:
+        """The layer's down scale table (split layout; b"" for column layouts)."""
+        if not layer.down_table_size:
+            return b""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return _pread(self.path, fd, layer.down_table_offset, layer.down_table_size)
         finally:
             os.close(fd)
 
@@ -772,8 +845,11 @@ class RippleFile:
         data = np.memmap(p, dtype=np.uint8, mode="r")
         try:
             for l in progress(self.layers):
-                want = make_layer_bundles(data, l)[l.order]
+                want, table = make_layer_bundles(data, l)
+                want = want[l.order]
                 got = data[l.bundles_offset:l.bundles_offset + l.block_bytes].reshape(l.n_ff, l.bundle_size)
+                if table != bytes(data[l.down_table_offset:l.down_table_offset + l.down_table_size]):
+                    raise RippleFormatError(p, f"layer {l.block}: down scale table differs from ffn_down's scales")
                 bad = np.flatnonzero(np.any(want != got, axis=1))
                 if bad.size:
                     pos = int(bad[0])
@@ -810,6 +886,7 @@ class RippleFile:
             "layers": [{
                 "block": l.block, "n_ff": l.n_ff, "gate_type": type_name(l.gate_type),
                 "up_type": type_name(l.up_type), "down_type": type_name(l.down_type),
+                "down_layout": C.DOWN_LAYOUTS[l.down_layout],
                 "down_src_type": type_name(l.down_src_type), "bundles_offset": l.bundles_offset,
                 "bundle_size": l.bundle_size,
             } for l in self.layers],

@@ -128,6 +128,12 @@ def descriptors(rf: RippleFile):
         d.down_src_type = layer.down_src_type
         d.act_rule = _RULES.get(sparsity["rule"], -1) if sparsity else -1
         d.act_threshold = layer.threshold
+        d.down_layout = layer.down_layout
+        if layer.down_table_size:
+            table = ffi.from_buffer("uint8_t[]", rf.read_down_table(layer))
+            keep.append(table)
+            d.down_table = table
+            d.down_table_size = layer.down_table_size
         if layer.predictor_size:
             blob = ffi.from_buffer("uint8_t[]", rf.read_predictor_blob(layer))
             keep.append(blob)

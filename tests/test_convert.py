@@ -34,6 +34,22 @@ def _f32(raw: np.ndarray, qtype: int, shape: tuple[int, int]) -> np.ndarray:
     return gguf.quants.dequantize(np.asarray(raw).view(np.uint8), T(qtype)).reshape(shape).astype(np.float32)
 
 
+def _split_decode(cols: np.ndarray, table: np.ndarray, l) -> np.ndarray:
+    """Split down columns decoded as docs/FORMAT.md section 3 describes them (position order)."""
+    bits, off = {T.Q4_0: (4, 8), T.Q4_1: (4, 0), T.Q5_0: (5, 16), T.Q5_1: (5, 0), T.Q8_0: (8, 0)}[T(l.down_type)]
+    n = l.n_embd
+    if bits == 8:
+        q = cols.view(np.int8).astype(np.float32)
+    else:
+        q = np.empty((cols.shape[0], n), dtype=np.int32)
+        q[:, 0::2], q[:, 1::2] = cols[:, :n // 2] & 15, cols[:, :n // 2] >> 4
+        if bits == 5:
+            q |= np.unpackbits(cols[:, n // 2:], axis=1, bitorder="little").astype(np.int32) << 4
+        q = q.astype(np.float32)
+    dm = table.reshape(l.n_ff // 32, n, 2)[l.order // 32]  # entry of each neuron's block
+    return (q - np.float32(off)) * dm[..., 0] + dm[..., 1]
+
+
 def _check_bundles(src: str, rf: RippleFile) -> None:
     """Every bundle equals the source's rows/column, read through gguf-py (independent of our reader)."""
     r = gguf.GGUFReader(src)
@@ -50,6 +66,11 @@ def _check_bundles(src: str, rf: RippleFile) -> None:
         down_t = ts[f"blk.{l.block}.ffn_down.weight"]
         down_f = _f32(down_t.data, down_t.tensor_type, (l.n_embd, l.n_ff))  # n_embd rows of n_ff
         cols = blk[:, g + u:]
+        if l.split:
+            table = data[l.down_table_offset:l.down_table_offset + l.down_table_size]
+            assert np.array_equal(_split_decode(cols, table.view("<f4"), l), down_f.T[l.order])  # exact
+            continue
+        assert l.down_table_size == 0 and l.down_table_offset == 0
         if l.down_type == down_t.tensor_type and l.down_type in (T.F32, T.F16, T.BF16):
             raw = np.asarray(down_t.data).view(np.uint8).reshape(l.n_embd, l.n_ff, -1)
             assert np.array_equal(cols, raw.transpose(1, 0, 2).reshape(l.n_ff, -1)[l.order])  # exact
@@ -83,13 +104,41 @@ def test_round_trip_ungated(tmp_path, type_name):
     rf.verify_full()
 
 
-@pytest.mark.parametrize("down_type, expect", [("f16", T.F16), ("f32", T.F32), ("q8_0", T.Q8_0), ("same", T.Q4_0),
-                                               ("auto", T.Q8_0)])
-def test_down_type_option(tmp_path, down_type, expect):
+@pytest.mark.parametrize("down_type, expect, layout", [
+    ("f16", T.F16, "column"), ("f32", T.F32, "column"), ("q8_0", T.Q8_0, "column"), ("same", T.Q4_0, "column"),
+    ("auto", T.Q4_0, "split"), ("split", T.Q4_0, "split")])
+def test_down_type_option(tmp_path, down_type, expect, layout):
     src = make_model(tmp_path / "m.gguf", ffn_type="Q4_0")
     rf = convert(src, tmp_path / "m.ripple.gguf", down_type=down_type, quiet=True)
     assert [l.down_type for l in rf.layers] == [expect] * 2
+    assert [C.DOWN_LAYOUTS[l.down_layout] for l in rf.layers] == [layout] * 2
     _check_bundles(src, rf)
+
+
+@pytest.mark.parametrize("type_name", LEGACY)
+def test_split_down_columns_every_type(tmp_path, type_name):
+    """Split columns hold the source's own values: decoded, they equal ffn_down's columns bit for
+    bit, and the bundle is smaller than with re-quantized Q8_0 columns (except for Q8_0 itself)."""
+    src = make_model(tmp_path / "m.gguf", ffn_type=type_name, n_embd=64, n_ff=128)
+    rf = convert(src, tmp_path / "m.ripple.gguf", down_type="split", quiet=True)
+    l = rf.layers[0]
+    assert l.split and l.down_type == getattr(T, type_name) and l.down_table_size == 128 // 32 * 64 * 8
+    assert l.down_row_size == {"Q8_0": 64, "Q5_0": 40, "Q5_1": 40}.get(type_name, 32)
+    _check_bundles(src, rf)
+    rf.verify_full()
+    # a damaged scale table is caught by verify
+    with open(rf.path, "r+b") as f:
+        f.seek(l.down_table_offset + 8)
+        f.write(b"\x7f")
+    with pytest.raises(RippleFormatError, match="sha256|scale table"):
+        RippleFile.open(rf.path).verify_full()
+
+
+def test_split_needs_whole_blocks(tmp_path):
+    # n_ff not a multiple of 32 cannot hold Q4_0 rows at all; a Q4_K source cannot be split
+    src = make_model(tmp_path / "m.gguf", n_embd=64, n_ff=256, ffn_type={"gate": "Q8_0", "up": "Q8_0", "down": "Q4_K"})
+    rf = convert(src, tmp_path / "m.ripple.gguf", down_type="split", quiet=True)
+    assert all(not l.split and l.down_type == T.Q8_0 for l in rf.layers)
 
 
 def test_kquant_down_falls_back_like_llama_cpp(tmp_path):
@@ -251,7 +300,7 @@ def test_real_model(tmp_path, real_model):
     dst = tmp_path / "smol.ripple.gguf"
     rf = convert(REAL_MODEL, dst, quiet=True)
     assert rf.n_layers == 30 and rf.n_embd == 576 and all(l.n_ff == 1536 for l in rf.layers)
-    assert all(l.down_type == T.Q8_0 for l in rf.layers)  # auto: Q8_0 columns for a Q4_1 source
+    assert all(l.down_type == T.Q4_1 and l.split for l in rf.layers)  # auto: split Q4_1 columns
     rf.check_quick()
     rf.verify_full()
     toks = [1, 504, 3575, 282, 4649, 314]

@@ -66,7 +66,7 @@ def test_region_layout(packed):
         f.seek(rf.file_size - C.FOOTER_SIZE)
         foot = f.read()
     magic, version, n_layers, size, rid = struct.unpack_from("<8sIIQ32s", head)
-    assert (magic, version, n_layers, size, rid.hex()) == (C.REGION_MAGIC, 1, 3, rf.region_size, rf.region_id)
+    assert (magic, version, n_layers, size, rid.hex()) == (C.REGION_MAGIC, C.FORMAT_VERSION, 3, rf.region_size, rf.region_id)
     assert head[struct.calcsize("<8sIIQ32s"):] == bytes(C.HEADER_SIZE - struct.calcsize("<8sIIQ32s"))
     fmagic, fsize, fid = struct.unpack_from("<8sQ32s", foot)
     assert (fmagic, fsize, fid.hex(), len(foot)) == (C.FOOTER_MAGIC, rf.region_size, rf.region_id, C.FOOTER_SIZE)
@@ -106,7 +106,7 @@ def test_to_json_and_is_ripple(packed):
     src, dst = packed
     assert RippleFile.is_ripple(dst) and not RippleFile.is_ripple(src)
     j = RippleFile.open(dst).to_json()
-    assert j["format_version"] == 1 and j["placement"]["method"] == "original"
+    assert j["format_version"] == C.FORMAT_VERSION and j["placement"]["method"] == "original"
     assert j["region"]["id"] == RippleFile.open(dst).region_id
     assert [l["block"] for l in j["layers"]] == [0, 1, 2] and "order" not in j["layers"][0]
     assert j["layers"][0]["down_type"] == "F16"

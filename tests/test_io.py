@@ -16,7 +16,7 @@ TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 200, 3, 17
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    """2 layers of 256 Q8_0 bundles (204 bytes each) in the original order (position = neuron)."""
+    """2 layers of 256 Q8_0 bundles (200 bytes each: split down columns) in the original order (position = neuron)."""
     d = tmp_path_factory.mktemp("io")
     src = make_model(d / "src.gguf", ffn_type="Q8_0", n_embd=64, n_ff=256, n_layers=2)
     return convert(src, d / "m.ripple.gguf", quiet=True)
@@ -73,7 +73,7 @@ def test_direct_io_reads_aligned_blocks(packed, cfg):
     cfg.configure(cache_mb=0, collapse=False, direct_io=True)
     s = fetch(packed, [7], [100, 101])
     assert s["read_ops"] == 2 and s["bytes_read"] % 4096 == 0 and s["bytes_read"] >= 4096
-    assert [list(b.lengths) for b in s["iolog"]] == [[204], [408]]
+    assert [list(b.lengths) for b in s["iolog"]] == [[200], [400]]
 
 
 @pytest.mark.parametrize("engine", ["uring", "threads"])

@@ -68,13 +68,14 @@ def test_exact_mode_matches_stock(tmp_path, type_name, gated):
 @pytest.mark.parametrize("type_name", FLOATS + LEGACY + KQUANTS)
 def test_down_columns_match_stock(tmp_path, type_name, gated, down_from_bundles):
     """The down projection summed from the bundles' columns (what sparse mode reads). With exact
-    (f32) columns only the order of additions differs from stock; with the default (source type)
-    columns the re-quantization along the other axis adds its rounding."""
+    (f32) columns and with split columns (the source's own values and scales, the default for
+    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0) only the order of additions differs from stock; with columns
+    re-quantized to the source type the re-quantization along the other axis adds its rounding."""
     src = make_model(tmp_path / "src.gguf", ffn_type=type_name, gated=gated, **_dims(type_name))
     exact = tmp_path / "exact.ripple.gguf"
     same = tmp_path / "same.ripple.gguf"
     convert(src, exact, down_type="f32", quiet=True)
-    convert(src, same, quiet=True)
+    convert(src, same, down_type="same", quiet=True)
     (stock,) = stock_logits([src], TOKENS)
     got = plugin_logits(exact)
     # Quantized types: both sides round activations to 8 bits before the down projection, so a
@@ -82,6 +83,12 @@ def test_down_columns_match_stock(tmp_path, type_name, gated, down_from_bundles)
     # vec_dot adds the block minimum times the activation block sum rounded to f16 (Q8_1's `s`)
     # where the columns multiply the exact sum. Both stay within a few 1e-3 of the logit range.
     assert rel_err(got, stock) < (1e-3 if type_name in FLOATS else 5e-3), type_name
+    if type_name in LEGACY:
+        split = tmp_path / "split.ripple.gguf"
+        assert all(l.split for l in convert(src, split, down_type="split", quiet=True).layers)
+        got_split = plugin_logits(split)
+        assert rel_err(got_split, stock) < 5e-3, type_name
+        assert rel_err(got_split, got) < 1e-4, type_name  # the same values as the f32 columns
     requant = plugin_logits(same)
     # re-quantizing the transposed down projection adds about one more rounding of the source's
     # own precision: small for 4+ bits, large for the 2-3 bit K-quants (random weights, no outliers)

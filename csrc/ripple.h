@@ -54,7 +54,7 @@ typedef struct ripple_stats {
     double   compute_seconds;  /* wall time spent in FFN kernels */
     uint64_t tokens;           /* tokens through the first FFN layer */
     uint64_t needed_bytes;     /* bytes of the bundles the predictors asked for (all in exact mode) */
-    uint64_t dense_bytes;      /* bytes a dense FFN read would need */
+    uint64_t dense_bytes;      /* bytes of the dense FFN (standard ffn_gate/up/down tensors) per token and layer */
     uint64_t collapse_extra_bytes; /* bytes read in gaps merged by access collapse */
     uint64_t needed_runs;      /* contiguous runs of needed bundles (before cache and collapse) */
     uint64_t needed_bundles;   /* bundles in those runs */

@@ -43,6 +43,7 @@ typedef struct ripple_layer {
     float *   down_tab;  /* split down columns: (d, m) per [n_ff/32][n_embd], NULL for column layouts */
     int       down_bits; /* split: bits per stored value (4, 5 or 8) */
     int       down_qoff; /* split: offset subtracted from the stored integer */
+    uint64_t  dense_bytes; /* the layer's standard ffn_gate/up/down tensors: what a dense FFN reads */
 } ripple_layer;
 
 /* ---- neuron cache (ripple_cache.c): bundles in DRAM under a byte budget ---- */

@@ -268,7 +268,7 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
     RIPPLE_COUNT(needed_runs, runs);
     RIPPLE_COUNT(needed_bundles, needed);
     RIPPLE_COUNT(needed_bytes, needed * bs);
-    RIPPLE_COUNT(dense_bytes, (uint64_t) n * bs);
+    RIPPLE_COUNT(dense_bytes, L->dense_bytes);
     count_max_run(max_run);
 
     if (rc == 0 && m->cache.n_slots > 0) {

@@ -232,6 +232,14 @@ static ripple_model * model_create(const char * path, uint64_t file_size, int32_
             model_free(m);
             return NULL;
         }
+        if (d->n_ff % ggml_blck_size((enum ggml_type) d->down_src_type) != 0) {
+            set_err(err, err_len, "%s: layer %d: ffn_down of type %s cannot hold rows of %d values", path, d->block,
+                    ggml_type_name((enum ggml_type) d->down_src_type), d->n_ff);
+            model_free(m);
+            return NULL;
+        }
+        L->dense_bytes = (uint64_t) d->n_ff * (L->gate_row + L->up_row) +
+                         (uint64_t) d->n_embd * ggml_row_size((enum ggml_type) d->down_src_type, d->n_ff);
         uint64_t end = d->bundles_offset + (uint64_t) d->n_ff * d->bundle_size;
         if (end > file_size || end < d->bundles_offset) {
             set_err(err, err_len, "%s: layer %d: bundles end at %llu, past the end of the file (%llu bytes)",

@@ -46,7 +46,9 @@ def test_runs_and_collapse_on_crafted_positions(packed, cfg):
     cfg.configure(collapse=3 * bs)
     s = fetch(packed, [0, 1, 2, 5, 9])
     assert (s["read_ops"], s["bytes_read"], s["collapse_extra_bytes"]) == (1, 10 * bs, 5 * bs)
-    assert s["needed_bytes"] == 5 * bs and s["dense_bytes"] == 256 * bs
+    l = packed.layers[0]
+    assert s["needed_bytes"] == 5 * bs
+    assert s["dense_bytes"] == 256 * (l.gate_row_size + l.up_row_size) + l.n_embd * l.down_src_row_size
 
 
 def test_prompt_batches_stream_the_layer_when_cheaper(packed, cfg):

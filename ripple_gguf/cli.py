@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Sequence
@@ -17,18 +18,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from ripple_gguf.profile import read_text
 
     offline = None
+    placement = args.placement or ("original" if args.no_profile else "ripple")
     if not args.no_profile:
         calib = [(path, read_text(path)) for path in args.calib] if args.calib else None
-        offline = OfflineConfig(calib=calib, calib_tokens=args.calib_tokens, placement=args.placement,
+        offline = OfflineConfig(calib=calib, calib_tokens=args.calib_tokens, placement=placement,
                                 active_fraction=args.active_fraction, predictor_rank=args.predictor_rank,
                                 predictor_recall=args.predictor_recall,
                                 predictor_fit_fraction=args.predictor_fit_fraction or None, seed=args.seed,
                                 threads=args.threads, quiet=args.quiet)
-    elif args.placement != "original":
-        raise ValueError(f"--placement {args.placement} needs profiling (drop --no-profile)")
+    elif placement != "original":
+        raise ValueError(f"--placement {placement} needs profiling (drop --no-profile)")
     t0 = time.perf_counter()
     times: dict = {}
-    rf = convert(args.src, args.dst, placement=args.placement, down_type=args.down_type, offline=offline,
+    rf = convert(args.src, args.dst, placement=placement, down_type=args.down_type, offline=offline,
                  quiet=args.quiet, stage_seconds=times)
     if not args.quiet:
         print(f"{rf.path}: {rf.n_layers} FFN layers packed, {rf.source.size:,} -> {rf.file_size:,} bytes "
@@ -176,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="write a ripple-packed GGUF from a GGUF model")
     c.add_argument("src", metavar="SRC.gguf")
     c.add_argument("dst", metavar="DST.gguf")
-    c.add_argument("--placement", choices=["original", "frequency", "ripple"], default="ripple",
-                   help="bundle order on disk: ripple (co-activation path, default), frequency, original")
+    c.add_argument("--placement", choices=["original", "frequency", "ripple"],
+                   help="bundle order on disk: ripple (co-activation path, the default), frequency, original "
+                        "(the default with --no-profile)")
     c.add_argument("--calib", nargs="+", metavar="TEXT",
                    help="UTF-8 calibration text files (default: CPython's pydoc_data topics, first half)")
     c.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
@@ -264,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError, RuntimeError) as e:  # RippleFormatError is a ValueError
         print(f"{C.TOOL_NAME}: error: {e}", file=sys.stderr)
         return 2

@@ -280,6 +280,14 @@ def test_cli(tmp_path, capsys):
     assert err.startswith("ripple-gguf: error: ") and "m.gguf" in err
     assert main(["convert", str(tmp_path / "missing.gguf"), str(tmp_path / "x.gguf")]) == 2
     assert "missing.gguf" in capsys.readouterr().err
+    # --no-profile keeps the original order unless a profiled placement is asked for
+    fast = tmp_path / "fast.ripple.gguf"
+    assert main(["convert", src, str(fast), "--no-profile", "--quiet"]) == 0
+    assert main(["inspect", str(fast), "--json"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["placement"]["method"] == "original" and j["layers"][0]["down_layout"] == "split"
+    assert main(["convert", src, str(fast), "--no-profile", "--placement", "ripple", "--quiet"]) == 2
+    assert "needs profiling" in capsys.readouterr().err
 
 
 def test_cli_process_has_no_traceback(tmp_path):

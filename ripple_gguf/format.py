@@ -644,7 +644,7 @@ class RippleFile:
             raise RippleFormatError(p, "not a ripple-packed GGUF (no ripple.format_version key)")
         if md[Keys.FORMAT_VERSION] != C.FORMAT_VERSION:
             raise RippleFormatError(p, f"ripple format version {md[Keys.FORMAT_VERSION]} is not "
-                                       f"supported (this tool reads {C.FORMAT_VERSION})")
+                                       f"supported (this tool reads {C.FORMAT_VERSION}): convert the source again")
 
         def need(key: str) -> Any:
             if key not in md:
@@ -762,14 +762,28 @@ class RippleFile:
             os.close(fd)
 
     def read_down_table(self, layer: RippleLayer) -> bytes:
-        """The layer's down scale table (split layout; b"" for column layouts)."""
+        """The layer's down scale table (split layout; b"" for column layouts), checked: finite,
+        and its entries for the first and last row of ffn_down equal that row's block scales."""
+        from ripple_gguf.convert import split_values  # the converter's own parsing
+
         if not layer.down_table_size:
             return b""
-        fd = os.open(self.path, os.O_RDONLY)
+        p = self.path
+        fd = os.open(p, os.O_RDONLY)
         try:
-            return _pread(self.path, fd, layer.down_table_offset, layer.down_table_size)
+            table = _pread(p, fd, layer.down_table_offset, layer.down_table_size)
+            dm = np.frombuffer(table, dtype="<f4").reshape(layer.n_ff // SPLIT_GROUP, layer.n_embd, 2)
+            bad = not np.all(np.isfinite(dm))
+            rs = layer.down_src_row_size
+            for r in sorted({0, layer.n_embd - 1}):
+                raw = np.frombuffer(_pread(p, fd, layer.down_offset + r * rs, rs), dtype=np.uint8)
+                bad = bad or not np.array_equal(split_values(raw, layer.down_src_type, layer.n_ff, 1)[1][0], dm[:, r])
         finally:
             os.close(fd)
+        if bad:
+            raise RippleFormatError(p, f"layer {layer.block}: down scale table does not match ffn_down's scales "
+                                       "(file modified after conversion?)")
+        return table
 
     def read_predictor(self, layer: RippleLayer):
         """The layer's :class:`ripple_gguf.predictor.Predictor` (reads its blob)."""

@@ -226,3 +226,15 @@ def test_header_reader_matches_gguf_py(packed):
     assert [t.name for t in h.tensors] == [t.name for t in r.tensors]
     assert [h.data_offset + t.offset for t in h.tensors] == [int(t.data_offset) for t in r.tensors]
     assert [t.nbytes for t in h.tensors] == [int(t.n_bytes) for t in r.tensors]
+
+
+def test_other_format_version_is_refused(packed, tmp_path):
+    _, dst = packed
+    data = bytearray(open(dst, "rb").read())
+    at = data.index(C.Keys.FORMAT_VERSION.encode()) + len(C.Keys.FORMAT_VERSION)
+    assert struct.unpack_from("<II", data, at) == (4, C.FORMAT_VERSION)  # GGUF u32 value
+    struct.pack_into("<I", data, at + 4, 1)
+    old = tmp_path / "v1.ripple.gguf"
+    old.write_bytes(bytes(data))
+    with pytest.raises(RippleFormatError, match="v1.ripple.gguf: ripple format version 1 is not supported.*convert"):
+        RippleFile.open(old)

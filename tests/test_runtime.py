@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -183,6 +184,15 @@ def test_modified_file_is_refused_at_load(tmp_path):
         f.write(b"\xff\x00\xff")
     with pytest.raises(RippleFormatError, match="modified.ripple.gguf"):
         llama_cpp.Llama(model_path=os.fspath(bad), n_ctx=64, verbose=False)
+    table = tmp_path / "table.ripple.gguf"  # a scale table entry of the last row changed
+    shutil.copy(dst, table)
+    l = rf.layers[1]
+    assert l.split
+    with open(table, "r+b") as f:
+        f.seek(l.down_table_offset + ((l.n_ff // 32 - 1) * l.n_embd + l.n_embd - 1) * 8)
+        f.write(struct.pack("<f", 0.5))
+    with pytest.raises(RippleFormatError, match="table.ripple.gguf: layer 1: down scale table"):
+        llama_cpp.Llama(model_path=os.fspath(table), n_ctx=64, verbose=False)
     truncated = tmp_path / "truncated.ripple.gguf"
     shutil.copy(dst, truncated)
     os.truncate(truncated, os.path.getsize(dst) - 4096)

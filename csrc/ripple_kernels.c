@@ -237,15 +237,28 @@ static void dequant_vec_dot_type(enum ggml_type vt, const void * src, float * ds
     }
 }
 
-static int round_like_stock(enum ggml_type weight_type, const struct ggml_tensor * src1, float * out) {
+/* token_mask (n_tokens x n, may be NULL): values not selected for their token are zeroed before the
+ * rounding, because the rounding's block scales depend on every value of the block: a batch that
+ * computed a neuron for another token must round this token's values as a lone token would. */
+static int round_like_stock(enum ggml_type weight_type, const struct ggml_tensor * src1, const uint8_t * token_mask,
+                            float * out) {
     const int64_t n = src1->ne[0];
     const enum ggml_type vt = ggml_get_type_traits_cpu(weight_type)->vec_dot_type;
     void * tmp = vt == GGML_TYPE_F32 ? NULL : malloc(ggml_row_size(vt, n));
-    if (vt != GGML_TYPE_F32 && !tmp) {
+    float * masked = token_mask ? malloc(sizeof(float) * (size_t) n) : NULL;
+    if ((vt != GGML_TYPE_F32 && !tmp) || (token_mask && !masked)) {
+        free(tmp);
+        free(masked);
         return -1;
     }
     for (int64_t t = 0; t < src1->ne[1]; t++) {
         const float * h = (const float *) ((const char *) src1->data + t * src1->nb[1]);
+        if (token_mask) {
+            for (int64_t i = 0; i < n; i++) {
+                masked[i] = token_mask[t * n + i] ? h[i] : 0.0f;
+            }
+            h = masked;
+        }
         if (vt == GGML_TYPE_F32 || n % ggml_blck_size(vt) != 0) {
             memcpy(out + t * n, h, sizeof(float) * (size_t) n);
         } else {
@@ -254,36 +267,44 @@ static int round_like_stock(enum ggml_type weight_type, const struct ggml_tensor
         }
     }
     free(tmp);
+    free(masked);
     return 0;
 }
 
-/* ---- down: out[:, t] = sum_i h[i, t] * column_i, per-thread partial sums then a reduction ---- */
+/* ---- down: out[:, t] = sum_i h[i, t] * column_i ----
+ * Threads own slices of the output rows (n_embd), never neurons: every output value is the sum of
+ * its terms in position order, whatever the thread count, the batch and the other tokens' selections,
+ * so a token's result depends on its own activations only (batched and single-token evaluation, and a
+ * prompt whose prefix came from the KV cache, give the same logits). */
 
-/* Column of neuron i from a split down part: value r = d * (q_r - offset) + m with (d, m) of row r
- * in the scale-table entry of i's source block, the formulas of ggml's dequantize_row_q4_0 etc. */
-static void split_to_float(const ripple_layer * L, const uint8_t * src, int64_t i, float * y) {
+/* Rows [r0, r1) of neuron i's column from a split down part: value r = d * (q_r - offset) + m with
+ * (d, m) of row r in the scale-table entry of i's source block, the formulas of ggml's
+ * dequantize_row_q4_0 etc. r0 and r1 are multiples of 8. */
+static void split_to_float(const ripple_layer * L, const uint8_t * src, int64_t i, int64_t r0, int64_t r1, float * y) {
     const int64_t n = L->d.n_embd;
     const float * dm = L->down_tab + (size_t) (i / 32) * (size_t) n * 2;
     const float off = (float) L->down_qoff;
     if (L->down_bits == 8) {
         const int8_t * q = (const int8_t *) src;
-        for (int64_t r = 0; r < n; r++) {
-            y[r] = (float) q[r] * dm[2 * r];
+        for (int64_t r = r0; r < r1; r++) {
+            y[r - r0] = (float) q[r] * dm[2 * r];
         }
         return;
     }
     const uint8_t * hi = L->down_bits == 5 ? src + n / 2 : NULL;
-    for (int64_t b = 0; b < n / 2; b++) {
+    for (int64_t b = r0 / 2; b < r1 / 2; b++) {
         int q0 = src[b] & 0x0F, q1 = src[b] >> 4;
         if (hi) {
-            const int r = (int) (2 * b);
+            const int64_t r = 2 * b;
             q0 |= ((hi[r >> 3] >> (r & 7)) & 1) << 4;
             q1 |= ((hi[(r + 1) >> 3] >> ((r + 1) & 7)) & 1) << 4;
         }
-        y[2 * b] = ((float) q0 - off) * dm[4 * b] + dm[4 * b + 1];
-        y[2 * b + 1] = ((float) q1 - off) * dm[4 * b + 2] + dm[4 * b + 3];
+        y[2 * b - r0] = ((float) q0 - off) * dm[4 * b] + dm[4 * b + 1];
+        y[2 * b + 1 - r0] = ((float) q1 - off) * dm[4 * b + 2] + dm[4 * b + 3];
     }
 }
+
+#define RIPPLE_DOWN_BLOCK 32 /* columns dequantized together, then applied to every token */
 
 typedef struct {
     const ripple_layer *       L;
@@ -292,64 +313,66 @@ typedef struct {
     int64_t                    n_positions;
     const float *              h;    /* n_tokens x n_ff activations, rounded like stock */
     int64_t                    n_tokens;
-    float *                    acc;  /* nth * n_tokens * n_embd */
+    int64_t                    step; /* slice granularity in rows */
     ggml_to_float_t            to_float;
+    float *                    cols; /* per thread: RIPPLE_DOWN_BLOCK x n_embd */
     struct ggml_tensor *       dst;
 } down_job;
 
 static void down_task(void * v, int ith, int nth) {
     down_job * j = v;
-    const int64_t n_ff = j->L->d.n_ff;
-    const int64_t n_embd = j->L->d.n_embd;
-    const size_t bs = j->L->d.bundle_size;
-    const size_t off = j->L->gate_row + j->L->up_row;
-    float * acc = j->acc + (size_t) ith * (size_t) (j->n_tokens * n_embd);
-    float * col = malloc(sizeof(float) * (size_t) n_embd);
-    memset(acc, 0, sizeof(float) * (size_t) (j->n_tokens * n_embd));
-    /* neurons in position order: consecutive bundles are adjacent in memory */
+    const ripple_layer * L = j->L;
+    const int64_t n_ff = L->d.n_ff, n_embd = L->d.n_embd, T = j->n_tokens;
+    const int64_t n_steps = n_embd / j->step;
+    const int64_t r0 = n_steps * ith / nth * j->step, r1 = n_steps * (ith + 1) / nth * j->step, w = r1 - r0;
+    if (w == 0) {
+        return;
+    }
+    const size_t bs = L->d.bundle_size;
+    const size_t off = L->gate_row + L->up_row;
+    /* a slice of a non-split column starts at its byte offset (whole blocks of the column type) */
+    const size_t slice_off = L->down_tab ? 0 : ggml_row_size((enum ggml_type) L->d.down_type, r0);
+    float * cols = j->cols + (size_t) ith * RIPPLE_DOWN_BLOCK * (size_t) n_embd;
+    int64_t nrn[RIPPLE_DOWN_BLOCK];
+    for (int64_t t = 0; t < T; t++) {
+        memset((char *) j->dst->data + t * j->dst->nb[1] + r0 * sizeof(float), 0, sizeof(float) * (size_t) w);
+    }
     const int64_t n = j->positions ? j->n_positions : n_ff;
-    const int64_t per = (n + nth - 1) / nth;
-    const int64_t k0 = per * ith;
-    const int64_t k1 = k0 + per < n ? k0 + per : n;
-    for (int64_t k = k0; k < k1; k++) {
-        const int64_t p = j->positions ? j->positions[k] : k;
-        const int64_t i = j->L->order[p];
-        if (j->L->down_tab) {
-            split_to_float(j->L, j->ws + (size_t) p * bs + off, i, col);
-        } else {
-            j->to_float(j->ws + (size_t) p * bs + off, col, n_embd);
-        }
-        for (int64_t t = 0; t < j->n_tokens; t++) {
-            const float h = j->h[t * n_ff + i];
-            if (h == 0.0f) {
+    for (int64_t k0 = 0; k0 < n; k0 += RIPPLE_DOWN_BLOCK) {
+        int nb = 0;
+        for (int64_t k = k0; k < n && k < k0 + RIPPLE_DOWN_BLOCK; k++) {
+            const int64_t p = j->positions ? j->positions[k] : k;
+            const int64_t i = L->order[p];
+            int used = 0;
+            for (int64_t t = 0; t < T && !used; t++) {
+                used = j->h[t * n_ff + i] != 0.0f;
+            }
+            if (!used) {
                 continue;
             }
-            float * a = acc + t * n_embd;
-            for (int64_t k = 0; k < n_embd; k++) {
-                a[k] += h * col[k];
+            const uint8_t * src = j->ws + (size_t) p * bs + off;
+            float * y = cols + (size_t) nb * (size_t) w;
+            if (L->down_tab) {
+                split_to_float(L, src, i, r0, r1, y);
+            } else {
+                j->to_float(src + slice_off, y, w);
+            }
+            nrn[nb++] = i;
+        }
+        for (int64_t t = 0; t < T; t++) {
+            float * a = (float *) ((char *) j->dst->data + t * j->dst->nb[1]) + r0;
+            const float * ht = j->h + t * n_ff;
+            for (int c = 0; c < nb; c++) {
+                const float hv = ht[nrn[c]];
+                if (hv == 0.0f) {
+                    continue;
+                }
+                const float * y = cols + (size_t) c * (size_t) w;
+                for (int64_t r = 0; r < w; r++) {
+                    a[r] += hv * y[r];
+                }
             }
         }
-    }
-    free(col);
-}
-
-typedef struct { down_job * j; int nth_acc; } reduce_job;
-
-static void reduce_task(void * v, int ith, int nth) {
-    reduce_job * r = v;
-    down_job * j = r->j;
-    const int64_t n_embd = j->L->d.n_embd;
-    const int64_t total = j->n_tokens * n_embd;
-    const int64_t per = (total + nth - 1) / nth;
-    const int64_t e0 = per * ith;
-    const int64_t e1 = e0 + per < total ? e0 + per : total;
-    for (int64_t e = e0; e < e1; e++) {
-        float s = 0.0f;
-        for (int a = 0; a < r->nth_acc; a++) {
-            s += j->acc[(size_t) a * (size_t) total + (size_t) e];
-        }
-        const int64_t t = e / n_embd, k = e % n_embd;
-        *(float *) ((char *) j->dst->data + k * j->dst->nb[0] + t * j->dst->nb[1]) = s;
     }
 }
 
@@ -363,10 +386,8 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
     }
     if (n_threads < 1) n_threads = 1;
     const int64_t n_tokens = src1->ne[1];
-    float * acc = malloc(sizeof(float) * (size_t) n_threads * (size_t) (n_tokens * L->d.n_embd));
     float * h = malloc(sizeof(float) * (size_t) (n_tokens * L->d.n_ff));
-    if (!acc || !h || round_like_stock((enum ggml_type) L->d.down_src_type, src1, h) != 0) {
-        free(acc);
+    if (!h || round_like_stock((enum ggml_type) L->d.down_src_type, src1, token_mask, h) != 0) {
         free(h);
         ripple_set_error("out of memory for the down projection");
         return -1;
@@ -379,18 +400,19 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
             }
         }
     }
-    if (token_mask) {
-        for (int64_t e = 0; e < n_tokens * L->d.n_ff; e++) {
-            if (!token_mask[e]) {
-                h[e] = 0.0f;
-            }
-        }
+    /* slices of whole column blocks; a multiple of 32 rows keeps every value on the same vector path */
+    const int64_t n_embd = L->d.n_embd;
+    const int64_t blk = L->down_tab ? 8 : ggml_blck_size((enum ggml_type) L->d.down_type);
+    const int64_t step = n_embd % 32 == 0 && 32 % blk == 0 ? 32 : (n_embd % blk == 0 ? blk : n_embd);
+    float * cols = malloc(sizeof(float) * (size_t) n_threads * RIPPLE_DOWN_BLOCK * (size_t) n_embd);
+    if (!cols) {
+        free(h);
+        ripple_set_error("out of memory for the down projection");
+        return -1;
     }
-    down_job j = { L, ws, positions, n_positions, h, n_tokens, acc, to_float, dst };
+    down_job j = { L, ws, positions, n_positions, h, n_tokens, step, to_float, cols, dst };
     ripple_pool_run(pool, n_threads, down_task, &j);
-    reduce_job r = { &j, n_threads };
-    ripple_pool_run(pool, n_threads, reduce_task, &r);
-    free(acc);
+    free(cols);
     free(h);
     return 0;
 }

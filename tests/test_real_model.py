@@ -62,3 +62,31 @@ def test_packed_file_without_plugin_generates_like_source(real_model, real_rippl
     src = quality.run(real_model, prompt_tokens=prompt, n_greedy=N_GREEDY, stock=True)
     packed = quality.run(real_ripple, prompt_tokens=prompt, n_greedy=N_GREEDY, stock=True)
     assert src["greedy"].tolist() == packed["greedy"].tolist()
+
+
+def test_sparse_mode_independent_of_batching(real_model, tmp_path_factory):
+    """Sparse mode on the real model: the prompt evaluated in one batch, token by token, and with its
+    prefix from the KV cache gives the same logits (flash attention makes stock llama.cpp's own
+    attention independent of the batch on this model)."""
+    from ripple_gguf.offline import OfflineConfig
+    from test_sparse import _eval_logits
+
+    d = tmp_path_factory.mktemp("batching")
+    cfg = OfflineConfig(calib_tokens=1024, threshold_tokens=512, eval_tokens=256, predictor_rank=16, quiet=True)
+    packed = convert(real_model, d / "smol.ripple.gguf", offline=cfg, quiet=True).path
+    tokens = quality.tokenize(real_model, quality.heldout_text(), 40)
+    before = ripple_gguf.settings()["mode"]
+    ripple_gguf.configure(mode="sparse")
+    try:
+        ref = _eval_logits(packed, tokens, 512, n_threads=2)
+        span = float(ref.max() - ref.min())
+        ripple_gguf.reset_stats()
+        for n_batch, split in ((1, None), (512, 17), (7, 39)):
+            got = _eval_logits(packed, tokens, n_batch, n_threads=2, split=split)
+            err = np.abs(got - ref).max() / span
+            print(f"sparse n_batch {n_batch} split {split}: max |logit diff| / range = {err:.2e}")
+            assert err <= 1e-4, (n_batch, split)
+        s = ripple_gguf.stats()
+        assert s["neurons_computed"] < s["neurons_total"]
+    finally:
+        ripple_gguf.configure(mode=before)

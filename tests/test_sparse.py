@@ -166,3 +166,35 @@ def test_prefetch_changes_where_bytes_come_from_not_the_result(packed, settings)
     assert np.array_equal(plain, ahead)
     assert 0 < s["prefetch_used_bytes"] <= s["prefetch_bytes"] <= s["bytes_read"]
     assert s["prefetch_seconds"] > 0
+
+
+def _eval_logits(path, tokens, n_batch, n_threads=1, split=None):
+    """Logits of every position of tokens, evaluated in batches of n_batch; with split, the first
+    `split` tokens are evaluated first and the rest after (a prompt whose prefix is in the KV cache).
+    Flash attention makes stock llama.cpp's own attention independent of the batch size."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=n_batch, n_ubatch=n_batch, logits_all=True,
+                          n_threads=n_threads, flash_attn=True, verbose=False)
+    try:
+        if split:
+            llm.eval(tokens[:split])
+        llm.eval(tokens[split or 0:] if split else tokens)
+        return np.array(llm.scores[:len(tokens)])
+    finally:
+        llm.close()
+
+
+def test_sparse_output_independent_of_batching_and_threads(packed, settings):
+    """A token's selection and its FFN output are functions of its own FFN input: the same logits
+    whatever the batch size, the thread count, or whether its prefix came from the KV cache. (Batches
+    of one token are compared on the real model, tests/test_real_model.py: on this model stock
+    llama.cpp's own single-token matmuls already round differently from its batched ones.)"""
+    settings.configure(mode="sparse")
+    tokens = TOKENS * 2
+    ref = _eval_logits(packed.path, tokens, 64)
+    span = float(ref.max() - ref.min())
+    settings.reset_stats()
+    for n_batch, n_threads, split in ((2, 1, None), (3, 2, None), (64, 2, None), (64, 1, 13), (5, 2, 29)):
+        got = _eval_logits(packed.path, tokens, n_batch, n_threads, split)
+        assert np.abs(got - ref).max() <= 1e-4 * span, (n_batch, n_threads, split)
+    s = settings.stats()
+    assert s["neurons_computed"] < s["neurons_total"]  # sparse mode really selected

@@ -68,7 +68,10 @@ def atomic_output(dst: os.PathLike | str, *, sources: Iterable[os.PathLike | str
     dst = os.fspath(dst)
     check_destination(dst, sources)
     directory = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    except OSError as e:  # name the destination, not the temporary the user never asked for
+        raise type(e)(e.errno, f"cannot create a file in {directory}: {e.strerror}", dst) from None
     st = os.fstat(fd)
     ok = False
     try:

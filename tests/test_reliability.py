@@ -331,7 +331,9 @@ def test_cli_errors_are_one_line_for_bad_input(tmp_path, capsys):
     for argv, needle in [(("inspect", text), "not a GGUF file"), (("verify", missing), "No such file"),
                          (("inspect", plain), "not a ripple-packed GGUF"),
                          (("convert", text, tmp_path / "o.gguf", "--no-profile"), "not a GGUF file"),
-                         (("convert", plain, tmp_path, "--no-profile"), "destination is a directory")]:
+                         (("convert", plain, tmp_path, "--no-profile"), "destination is a directory"),
+                         (("convert", plain, tmp_path / "no" / "o.gguf", "--no-profile"),
+                          f"{tmp_path / 'no' / 'o.gguf'}: cannot create a file in {tmp_path / 'no'}")]:
         rc, err = _cli(capsys, *argv)
         assert rc == 2, argv
         _one_line_error(err, needle)

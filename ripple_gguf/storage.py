@@ -50,6 +50,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from ripple_gguf.atomic import atomic_output
+
 KiB = 1024
 MiB = 1024 * KiB
 PROFILE_VERSION = 1
@@ -407,9 +409,8 @@ def save_profile(result: dict) -> Path:
     d = profile_dir()
     d.mkdir(parents=True, exist_ok=True)
     dst = d / f"{result['device']['key']}.json"
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, dst)
+    with atomic_output(dst) as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=1))
     return dst
 
 

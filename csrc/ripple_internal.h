@@ -182,11 +182,26 @@ void ripple_prefetch_start(ripple_prefetch * pf, ripple_model * m, int layer, co
 /* Wait for the batch; the prefetched data when it is for (m, layer), else NULL (and dropped). */
 const ripple_prefetch * ripple_prefetch_take(ripple_prefetch * pf, ripple_model * m, int layer);
 
-/* read the bundles at positions flagged in need (NULL = all) into dst, for a batch of n_tokens;
- * access collapse, and for batches of several tokens the cost model's union-or-stream choice;
- * bundles in pf (a prefetch of this layer, may be NULL) are taken from it */
+/* Where the needed bundles of a layer fetch are, and which were read from the file: those are offered
+ * to the cache by ripple_fetch_admit once the layer's compute is done. */
+typedef struct ripple_fetch {
+    const uint8_t ** ptr;      /* per position: the bundle (cache slot or read buffer) */
+    uint8_t *        admit;    /* per position: read by this fetch */
+    int32_t *        read_len; /* per position: bundles in its request */
+    int64_t          cap;
+    ripple_model *   m;
+    int              layer;
+    const uint8_t *  dst;
+    int              pending;
+} ripple_fetch;
+/* read the bundles at positions flagged in need (NULL = all), for a batch of n_tokens; access
+ * collapse, and for batches of several tokens the cost model's union-or-stream choice; bundles in pf
+ * (a prefetch of this layer, may be NULL) are taken from it. With f, cache hits stay in place
+ * (f->ptr) and admission waits for ripple_fetch_admit; without f, hits are copied into dst. */
 int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int64_t n_tokens, uint8_t * dst,
-                         const ripple_prefetch * pf);
+                         const ripple_prefetch * pf, ripple_fetch * f);
+void ripple_fetch_admit(ripple_fetch * f);
+void ripple_fetch_free(ripple_fetch * f);
 int ripple_read_fd(ripple_model * m, int * direct);
 /* activity trace (ripple_trace_start): one record per layer fetch */
 void ripple_trace_record(int handle, int layer, int64_t n_tokens, const int32_t * neurons, int64_t n);
@@ -203,7 +218,8 @@ void          ripple_pool_free(ripple_pool * p);
 typedef void (*ripple_task_fn)(void * arg, int ith, int nth);
 void          ripple_pool_run(ripple_pool * p, int n_threads, ripple_task_fn fn, void * arg);
 
-/* Rows of one weight matrix wherever they lie: row i at base + (map ? map[i] : i) * stride. */
+/* Rows of one weight matrix wherever they lie: row i at ptrs[map[i]] + ptr_off (bundles wherever
+ * each is: cache slot or read buffer), or at base + (map ? map[i] : i) * stride. */
 typedef struct ripple_rows {
     enum ggml_type  type;
     int64_t         row_len;  /* values per row */
@@ -213,16 +229,20 @@ typedef struct ripple_rows {
     const int32_t * map;
     const int32_t * list;     /* rows to compute (the others are set to 0); NULL = all */
     int64_t         n_list;
+    const uint8_t * const * ptrs; /* NULL: base/stride */
+    size_t          ptr_off;
 } ripple_rows;
 
-/* dst[i, t] = dot(row i, src1[:, t]) with ggml's vec_dot (stock's arithmetic) */
-int ripple_kernel_rows(ripple_pool * pool, int n_threads, const ripple_rows * rows,
-                       const struct ggml_tensor * src1, struct ggml_tensor * dst);
-/* dst = sum over neurons of h[neuron] * down column of the bundles in `ws` (position order), over
- * the positions in `positions` (NULL = all); with rule magnitude, h values with |h| <= threshold
- * are dropped first, and with token_mask (n_tokens x n_ff, neuron order) those not selected for
- * their token. */
-int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L, const uint8_t * ws,
+/* dsts[m][i, t] = dot(row i of rows[m], src1[:, t]) with ggml's vec_dot (stock's arithmetic), for
+ * n_mats (1 or 2) matrices of the same shape and list, computed in one pass over the rows */
+int ripple_kernel_rows(ripple_pool * pool, int n_threads, const ripple_rows * rows, int n_mats,
+                       const struct ggml_tensor * src1, struct ggml_tensor * const * dsts);
+/* dst = sum over neurons of h[neuron] * down column of the bundles (ptrs: per position), computed
+ * as stock's dot products on its activations converted to the vec_dot type (split layouts: in the
+ * integer form; others summed in f32 over `positions`, NULL = all). h values not selected for their
+ * token (token_mask, n_tokens x n_ff, neuron order) and, with apply_rule and the magnitude rule,
+ * those with |h| <= threshold are dropped before the conversion. */
+int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L, const uint8_t * const * ptrs,
                        const int32_t * positions, int64_t n_positions, int apply_rule,
                        const uint8_t * token_mask, const struct ggml_tensor * src1, struct ggml_tensor * dst);
 

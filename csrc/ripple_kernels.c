@@ -138,69 +138,92 @@ void ripple_pool_run(ripple_pool * p, int n_threads, ripple_task_fn fn, void * a
 }
 
 /* ---- rows kernel: dst[i, t] = dot(row i, x_t) with ggml's vec_dot, as stock's mul_mat does ----
- * Used for the gate/up rows of bundles and, in exact mode, for the rows of the standard down tensor. */
+ * Used for the gate/up rows of bundles (both matrices of a layer in one pass over the neurons) and,
+ * in exact mode for k-quant sources, for the rows of the standard down tensor. */
 
 typedef struct {
-    ripple_rows          rows;
-    const uint8_t *      xq;        /* tokens converted to the vec_dot type */
-    size_t               xq_stride;
+    ripple_rows          rows[2];
+    int                  n_mats;
+    const uint8_t *      xq[2];     /* tokens converted to each matrix's vec_dot type */
+    size_t               xq_stride[2];
     int64_t              n_tokens;
-    struct ggml_tensor * dst;
-    ggml_vec_dot_t       vec_dot;
+    struct ggml_tensor * dst[2];
+    ggml_vec_dot_t       vec_dot[2];
 } rows_job;
+
+static const uint8_t * row_at(const ripple_rows * r, int64_t i) {
+    const int64_t at = r->map ? r->map[i] : i;
+    return r->ptrs ? r->ptrs[at] + r->ptr_off : r->base + (size_t) at * r->stride;
+}
 
 static void rows_task(void * v, int ith, int nth) {
     rows_job * j = v;
-    const ripple_rows * r = &j->rows;
-    const int64_t n = r->list ? r->n_list : r->n_rows;
+    const ripple_rows * r0 = &j->rows[0];
+    const int64_t n = r0->list ? r0->n_list : r0->n_rows;
     const int64_t per = (n + nth - 1) / nth;
     const int64_t k0 = per * ith;
     const int64_t k1 = k0 + per < n ? k0 + per : n;
     for (int64_t k = k0; k < k1; k++) {
-        const int64_t i = r->list ? r->list[k] : k;
-        const uint8_t * row = r->base + (size_t) (r->map ? r->map[i] : i) * r->stride;
-        for (int64_t t = 0; t < j->n_tokens; t++) {
-            float * out = (float *) ((char *) j->dst->data + i * j->dst->nb[0] + t * j->dst->nb[1]);
-            j->vec_dot((int) r->row_len, out, 0, row, 0, j->xq + t * j->xq_stride, 0, 1);
+        const int64_t i = r0->list ? r0->list[k] : k;
+        for (int m = 0; m < j->n_mats; m++) {
+            const uint8_t * row = row_at(&j->rows[m], i);
+            const struct ggml_tensor * dst = j->dst[m];
+            for (int64_t t = 0; t < j->n_tokens; t++) {
+                float * out = (float *) ((char *) dst->data + i * dst->nb[0] + t * dst->nb[1]);
+                j->vec_dot[m]((int) r0->row_len, out, 0, row, 0, j->xq[m] + t * j->xq_stride[m], 0, 1);
+            }
         }
     }
 }
 
-int ripple_kernel_rows(ripple_pool * pool, int n_threads, const ripple_rows * rows,
-                       const struct ggml_tensor * src1, struct ggml_tensor * dst) {
-    const struct ggml_type_traits_cpu * tc = ggml_get_type_traits_cpu(rows->type);
-    const enum ggml_type vt = tc->vec_dot_type;
+int ripple_kernel_rows(ripple_pool * pool, int n_threads, const ripple_rows * rows, int n_mats,
+                       const struct ggml_tensor * src1, struct ggml_tensor * const * dsts) {
     const int64_t n_tokens = src1->ne[1];
-    const size_t xq_stride = ggml_row_size(vt, rows->row_len);
-    uint8_t * xq = malloc(xq_stride * (size_t) n_tokens);
-    if (!xq || !tc->vec_dot) {
-        free(xq);
-        ripple_set_error("no vec_dot for type %s", ggml_type_name(rows->type));
-        return -1;
-    }
-    for (int64_t t = 0; t < n_tokens; t++) {
-        const float * x = (const float *) ((const char *) src1->data + t * src1->nb[1]);
-        if (vt == GGML_TYPE_F32) {
-            memcpy(xq + t * xq_stride, x, sizeof(float) * (size_t) rows->row_len);
-        } else {
-            ggml_get_type_traits_cpu(vt)->from_float(x, xq + t * xq_stride, rows->row_len);
+    rows_job j = { 0 };
+    j.n_mats = n_mats;
+    j.n_tokens = n_tokens;
+    uint8_t * owned[2] = { NULL, NULL };
+    for (int m = 0; m < n_mats; m++) {
+        const struct ggml_type_traits_cpu * tc = ggml_get_type_traits_cpu(rows[m].type);
+        const enum ggml_type vt = tc->vec_dot_type;
+        j.rows[m] = rows[m];
+        j.dst[m] = dsts[m];
+        j.vec_dot[m] = tc->vec_dot;
+        j.xq_stride[m] = ggml_row_size(vt, rows[m].row_len);
+        if (m == 1 && ggml_get_type_traits_cpu(rows[0].type)->vec_dot_type == vt) {
+            j.xq[1] = j.xq[0]; /* the same conversion of the same input */
+            continue;
         }
-    }
-    if (rows->list) {
+        owned[m] = malloc(j.xq_stride[m] * (size_t) n_tokens);
+        if (!owned[m] || !tc->vec_dot) {
+            free(owned[0]);
+            free(owned[1]);
+            ripple_set_error("no vec_dot for type %s", ggml_type_name(rows[m].type));
+            return -1;
+        }
         for (int64_t t = 0; t < n_tokens; t++) {
-            memset((char *) dst->data + t * dst->nb[1], 0, sizeof(float) * (size_t) rows->n_rows);
+            const float * x = (const float *) ((const char *) src1->data + t * src1->nb[1]);
+            if (vt == GGML_TYPE_F32) {
+                memcpy(owned[m] + t * j.xq_stride[m], x, sizeof(float) * (size_t) rows[m].row_len);
+            } else {
+                ggml_get_type_traits_cpu(vt)->from_float(x, owned[m] + t * j.xq_stride[m], rows[m].row_len);
+            }
+        }
+        j.xq[m] = owned[m];
+        if (rows[m].list) {
+            for (int64_t t = 0; t < n_tokens; t++) {
+                memset((char *) dsts[m]->data + t * dsts[m]->nb[1], 0, sizeof(float) * (size_t) rows[m].n_rows);
+            }
         }
     }
-    rows_job j = {
-        /* .rows      = */ *rows,
-        /* .xq        = */ xq,
-        /* .xq_stride = */ xq_stride,
-        /* .n_tokens  = */ n_tokens,
-        /* .dst       = */ dst,
-        /* .vec_dot   = */ tc->vec_dot,
-    };
+    if (n_mats == 2 && rows[1].list && j.xq[1] == j.xq[0]) {
+        for (int64_t t = 0; t < n_tokens; t++) {
+            memset((char *) dsts[1]->data + t * dsts[1]->nb[1], 0, sizeof(float) * (size_t) rows[1].n_rows);
+        }
+    }
     ripple_pool_run(pool, n_threads, rows_task, &j);
-    free(xq);
+    free(owned[0]);
+    free(owned[1]);
     return 0;
 }
 
@@ -237,102 +260,167 @@ static void dequant_vec_dot_type(enum ggml_type vt, const void * src, float * ds
     }
 }
 
-/* token_mask (n_tokens x n, may be NULL): values not selected for their token are zeroed before the
- * rounding, because the rounding's block scales depend on every value of the block: a batch that
- * computed a neuron for another token must round this token's values as a lone token would. */
-static int round_like_stock(enum ggml_type weight_type, const struct ggml_tensor * src1, const uint8_t * token_mask,
-                            float * out) {
-    const int64_t n = src1->ne[0];
-    const enum ggml_type vt = ggml_get_type_traits_cpu(weight_type)->vec_dot_type;
-    void * tmp = vt == GGML_TYPE_F32 ? NULL : malloc(ggml_row_size(vt, n));
-    float * masked = token_mask ? malloc(sizeof(float) * (size_t) n) : NULL;
-    if ((vt != GGML_TYPE_F32 && !tmp) || (token_mask && !masked)) {
-        free(tmp);
-        free(masked);
-        return -1;
-    }
-    for (int64_t t = 0; t < src1->ne[1]; t++) {
-        const float * h = (const float *) ((const char *) src1->data + t * src1->nb[1]);
-        if (token_mask) {
-            for (int64_t i = 0; i < n; i++) {
-                masked[i] = token_mask[t * n + i] ? h[i] : 0.0f;
-            }
-            h = masked;
-        }
-        if (vt == GGML_TYPE_F32 || n % ggml_blck_size(vt) != 0) {
-            memcpy(out + t * n, h, sizeof(float) * (size_t) n);
-        } else {
-            ggml_get_type_traits_cpu(vt)->from_float(h, tmp, n);
-            dequant_vec_dot_type(vt, tmp, out + t * n, n);
-        }
-    }
-    free(tmp);
-    free(masked);
-    return 0;
-}
-
 /* ---- down: out[:, t] = sum_i h[i, t] * column_i ----
  * Threads own slices of the output rows (n_embd), never neurons: every output value is the sum of
- * its terms in position order, whatever the thread count, the batch and the other tokens' selections,
- * so a token's result depends on its own activations only (batched and single-token evaluation, and a
- * prompt whose prefix came from the KV cache, give the same logits). */
+ * its terms in a fixed order (source blocks, then neurons), whatever the thread count, the batch and
+ * the other tokens' selections, so a token's result depends on its own activations only (batched and
+ * single-token evaluation, and a prompt whose prefix came from the KV cache, give the same logits).
+ *
+ * The activations go through what stock does to them first: converted to the vec_dot type of the
+ * source's ffn_down (Q8_0/Q8_1 for the legacy quants, F16...). Split layouts (the bundle holds the
+ * source's own quantized down values, the block scales in the layer table) are then multiplied in
+ * stock's integer form: per output row r and source block b of 32 neurons,
+ *     out[r] += d_w[b,r] * d_x[b] * sum_j (q_w[j,r] - offset) * q_x[j]  (+ m_w[b,r] * s_x[b] for Q4_1/Q5_1)
+ * which is stock's dot product up to the order of the float additions. Other layouts (float columns,
+ * or Q8_0 columns of k-quant sources) are dequantized and summed in f32. */
 
-/* Rows [r0, r1) of neuron i's column from a split down part: value r = d * (q_r - offset) + m with
- * (d, m) of row r in the scale-table entry of i's source block, the formulas of ggml's
- * dequantize_row_q4_0 etc. r0 and r1 are multiples of 8. */
-static void split_to_float(const ripple_layer * L, const uint8_t * src, int64_t i, int64_t r0, int64_t r1, float * y) {
-    const int64_t n = L->d.n_embd;
-    const float * dm = L->down_tab + (size_t) (i / 32) * (size_t) n * 2;
-    const float off = (float) L->down_qoff;
-    if (L->down_bits == 8) {
-        const int8_t * q = (const int8_t *) src;
-        for (int64_t r = r0; r < r1; r++) {
-            y[r - r0] = (float) q[r] * dm[2 * r];
-        }
-        return;
-    }
-    const uint8_t * hi = L->down_bits == 5 ? src + n / 2 : NULL;
-    for (int64_t b = r0 / 2; b < r1 / 2; b++) {
-        int q0 = src[b] & 0x0F, q1 = src[b] >> 4;
-        if (hi) {
-            const int64_t r = 2 * b;
-            q0 |= ((hi[r >> 3] >> (r & 7)) & 1) << 4;
-            q1 |= ((hi[(r + 1) >> 3] >> ((r + 1) & 7)) & 1) << 4;
-        }
-        y[2 * b - r0] = ((float) q0 - off) * dm[4 * b] + dm[4 * b + 1];
-        y[2 * b + 1 - r0] = ((float) q1 - off) * dm[4 * b + 2] + dm[4 * b + 3];
-    }
-}
-
-#define RIPPLE_DOWN_BLOCK 32 /* columns dequantized together, then applied to every token */
+#define RIPPLE_DOWN_TILE 8 /* tokens whose integer sums are kept together (a column is unpacked once for them) */
 
 typedef struct {
     const ripple_layer *       L;
-    const uint8_t *            ws;
-    const int32_t *            positions; /* NULL = all */
+    const uint8_t * const *    ptrs;      /* per position: the bundle */
+    const int32_t *            positions; /* float path: positions to sum (NULL = all) */
     int64_t                    n_positions;
-    const float *              h;    /* n_tokens x n_ff activations, rounded like stock */
     int64_t                    n_tokens;
-    int64_t                    step; /* slice granularity in rows */
+    int64_t                    step;      /* slice granularity in rows */
+    /* integer path: the activations in the vec_dot type, one row per token */
+    const uint8_t *            xq;
+    size_t                     xq_stride;
+    size_t                     xq_block;  /* bytes per block of 32 (34 for Q8_0, 36 for Q8_1) */
+    int                        has_s;     /* Q8_1: the block carries s = d * sum(q) */
+    /* float path: the activations rounded like stock, n_tokens x n_ff */
+    const float *              h;
     ggml_to_float_t            to_float;
-    float *                    cols; /* per thread: RIPPLE_DOWN_BLOCK x n_embd */
+    uint8_t *                  work;      /* per thread: work_per_thread bytes */
+    size_t                     work_per_thread;
     struct ggml_tensor *       dst;
 } down_job;
 
-static void down_task(void * v, int ith, int nth) {
-    down_job * j = v;
+static void slice_of(const down_job * j, int ith, int nth, int64_t * r0, int64_t * r1) {
+    const int64_t n_steps = j->L->d.n_embd / j->step;
+    *r0 = n_steps * ith / nth * j->step;
+    *r1 = n_steps * (ith + 1) / nth * j->step;
+}
+
+/* rows [r0, r1) of a split column as signed integers q - offset (r0, r1 multiples of 8) */
+static void split_unpack(const ripple_layer * L, const uint8_t * src, int64_t r0, int64_t r1, int8_t * y) {
+    const int off = L->down_qoff;
+    if (L->down_bits == 8) {
+        memcpy(y, src + r0, (size_t) (r1 - r0));
+        return;
+    }
+    const uint8_t * s = src + r0 / 2;
+    const int64_t nb = (r1 - r0) / 2;
+    if (L->down_bits == 4) {
+        for (int64_t b = 0; b < nb; b++) {
+            y[2 * b] = (int8_t) ((s[b] & 0x0F) - off);
+            y[2 * b + 1] = (int8_t) ((s[b] >> 4) - off);
+        }
+        return;
+    }
+    const uint8_t * hi = src + L->d.n_embd / 2;
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t r = r0 + 2 * b;
+        const int q0 = (s[b] & 0x0F) | (((hi[r >> 3] >> (r & 7)) & 1) << 4);
+        const int q1 = (s[b] >> 4) | (((hi[(r + 1) >> 3] >> ((r + 1) & 7)) & 1) << 4);
+        y[2 * b] = (int8_t) (q0 - off);
+        y[2 * b + 1] = (int8_t) (q1 - off);
+    }
+}
+
+static void down_split_task(void * v, int ith, int nth) {
+    const down_job * j = v;
     const ripple_layer * L = j->L;
     const int64_t n_ff = L->d.n_ff, n_embd = L->d.n_embd, T = j->n_tokens;
-    const int64_t n_steps = n_embd / j->step;
-    const int64_t r0 = n_steps * ith / nth * j->step, r1 = n_steps * (ith + 1) / nth * j->step, w = r1 - r0;
+    int64_t r0, r1;
+    slice_of(j, ith, nth, &r0, &r1);
+    const int64_t w = r1 - r0;
     if (w == 0) {
         return;
     }
-    const size_t bs = L->d.bundle_size;
     const size_t off = L->gate_row + L->up_row;
-    /* a slice of a non-split column starts at its byte offset (whole blocks of the column type) */
-    const size_t slice_off = L->down_tab ? 0 : ggml_row_size((enum ggml_type) L->d.down_type, r0);
-    float * cols = j->cols + (size_t) ith * RIPPLE_DOWN_BLOCK * (size_t) n_embd;
+    int32_t * isum = (int32_t *) (j->work + (size_t) ith * j->work_per_thread); /* RIPPLE_DOWN_TILE x w */
+    int8_t * col = (int8_t *) (isum + (size_t) RIPPLE_DOWN_TILE * (size_t) w);
+    for (int64_t t0 = 0; t0 < T; t0 += RIPPLE_DOWN_TILE) {
+        const int tt = (int) (T - t0 < RIPPLE_DOWN_TILE ? T - t0 : RIPPLE_DOWN_TILE);
+        for (int u = 0; u < tt; u++) {
+            memset((char *) j->dst->data + (t0 + u) * j->dst->nb[1] + r0 * sizeof(float), 0, sizeof(float) * (size_t) w);
+        }
+        for (int64_t b = 0; b < n_ff / 32; b++) {
+            const uint8_t * xb[RIPPLE_DOWN_TILE];
+            int any = 0;
+            for (int u = 0; u < tt; u++) {
+                xb[u] = j->xq + (size_t) (t0 + u) * j->xq_stride + (size_t) b * j->xq_block;
+                memset(isum + (size_t) u * (size_t) w, 0, sizeof(int32_t) * (size_t) w);
+            }
+            const size_t qoff = j->has_s ? 4 : 2;
+            for (int k = 0; k < 32; k++) {
+                int used = 0;
+                for (int u = 0; u < tt; u++) {
+                    used |= ((const int8_t *) (xb[u] + qoff))[k] != 0;
+                }
+                if (!used) {
+                    continue;
+                }
+                any = 1;
+                const int64_t i = 32 * b + k;
+                split_unpack(L, j->ptrs[L->pos_of[i]] + off, r0, r1, col);
+                for (int u = 0; u < tt; u++) {
+                    const int32_t qx = ((const int8_t *) (xb[u] + qoff))[k];
+                    if (qx == 0) {
+                        continue;
+                    }
+                    int32_t * is = isum + (size_t) u * (size_t) w;
+                    for (int64_t r = 0; r < w; r++) {
+                        is[r] += (int32_t) col[r] * qx;
+                    }
+                }
+            }
+            if (!any) {
+                continue; /* every q_x of the block is 0, and so is s */
+            }
+            const float * dm = L->down_tab + ((size_t) b * (size_t) n_embd + (size_t) r0) * 2;
+            for (int u = 0; u < tt; u++) {
+                ggml_fp16_t d16, s16;
+                memcpy(&d16, xb[u], 2);
+                const float dx = ggml_fp16_to_fp32(d16);
+                float sx = 0.0f;
+                if (j->has_s) {
+                    memcpy(&s16, xb[u] + 2, 2);
+                    sx = ggml_fp16_to_fp32(s16);
+                }
+                float * out = (float *) ((char *) j->dst->data + (t0 + u) * j->dst->nb[1]) + r0;
+                const int32_t * is = isum + (size_t) u * (size_t) w;
+                if (j->has_s) {
+                    for (int64_t r = 0; r < w; r++) {
+                        out[r] += (float) is[r] * (dm[2 * r] * dx) + dm[2 * r + 1] * sx;
+                    }
+                } else {
+                    for (int64_t r = 0; r < w; r++) {
+                        out[r] += (float) is[r] * (dm[2 * r] * dx);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#define RIPPLE_DOWN_BLOCK 32 /* float path: columns dequantized together, then applied to every token */
+
+static void down_float_task(void * v, int ith, int nth) {
+    const down_job * j = v;
+    const ripple_layer * L = j->L;
+    const int64_t n_ff = L->d.n_ff, T = j->n_tokens;
+    int64_t r0, r1;
+    slice_of(j, ith, nth, &r0, &r1);
+    const int64_t w = r1 - r0;
+    if (w == 0) {
+        return;
+    }
+    const size_t off = L->gate_row + L->up_row;
+    /* a slice of a column starts at its byte offset (whole blocks of the column type) */
+    const size_t slice_off = ggml_row_size((enum ggml_type) L->d.down_type, r0);
+    float * cols = (float *) (j->work + (size_t) ith * j->work_per_thread);
     int64_t nrn[RIPPLE_DOWN_BLOCK];
     for (int64_t t = 0; t < T; t++) {
         memset((char *) j->dst->data + t * j->dst->nb[1] + r0 * sizeof(float), 0, sizeof(float) * (size_t) w);
@@ -350,13 +438,7 @@ static void down_task(void * v, int ith, int nth) {
             if (!used) {
                 continue;
             }
-            const uint8_t * src = j->ws + (size_t) p * bs + off;
-            float * y = cols + (size_t) nb * (size_t) w;
-            if (L->down_tab) {
-                split_to_float(L, src, i, r0, r1, y);
-            } else {
-                j->to_float(src + slice_off, y, w);
-            }
+            j->to_float(j->ptrs[p] + off + slice_off, cols + (size_t) nb * (size_t) w, w);
             nrn[nb++] = i;
         }
         for (int64_t t = 0; t < T; t++) {
@@ -376,44 +458,92 @@ static void down_task(void * v, int ith, int nth) {
     }
 }
 
-int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L, const uint8_t * ws,
+/* Stock's vec_dot types that carry the block layout the integer path reads */
+static int q8_block_of(enum ggml_type vt, size_t * block, int * has_s) {
+    if (vt == GGML_TYPE_Q8_0) {
+        *block = 34; /* { ggml_half d; int8_t qs[32]; } */
+        *has_s = 0;
+        return 1;
+    }
+    if (vt == GGML_TYPE_Q8_1) {
+        *block = 36; /* { ggml_half d, s; int8_t qs[32]; } */
+        *has_s = 1;
+        return 1;
+    }
+    return 0;
+}
+
+int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L, const uint8_t * const * ptrs,
                        const int32_t * positions, int64_t n_positions, int apply_rule,
                        const uint8_t * token_mask, const struct ggml_tensor * src1, struct ggml_tensor * dst) {
-    ggml_to_float_t to_float = to_float_of((enum ggml_type) L->d.down_type);
-    if (!to_float && !L->down_tab) {
+    if (n_threads < 1) n_threads = 1;
+    const int64_t n_tokens = src1->ne[1], n_ff = L->d.n_ff, n_embd = L->d.n_embd;
+    const enum ggml_type vt = ggml_get_type_traits_cpu((enum ggml_type) L->d.down_src_type)->vec_dot_type;
+    down_job j = { 0 };
+    j.L = L;
+    j.ptrs = ptrs;
+    j.positions = positions;
+    j.n_positions = n_positions;
+    j.n_tokens = n_tokens;
+    j.dst = dst;
+    const int integer = L->down_tab != NULL && q8_block_of(vt, &j.xq_block, &j.has_s);
+    j.to_float = integer ? NULL : to_float_of((enum ggml_type) L->d.down_type);
+    if (!integer && !j.to_float) {
         ripple_set_error("no to_float for type %s", ggml_type_name((enum ggml_type) L->d.down_type));
         return -1;
     }
-    if (n_threads < 1) n_threads = 1;
-    const int64_t n_tokens = src1->ne[1];
-    float * h = malloc(sizeof(float) * (size_t) (n_tokens * L->d.n_ff));
-    if (!h || round_like_stock((enum ggml_type) L->d.down_src_type, src1, token_mask, h) != 0) {
+    /* slices of whole column blocks; a multiple of 32 rows keeps every value on the same vector path */
+    const int64_t blk = integer ? 8 : ggml_blck_size((enum ggml_type) L->d.down_type);
+    j.step = n_embd % 32 == 0 && 32 % blk == 0 ? 32 : (n_embd % blk == 0 ? blk : n_embd);
+    const int64_t w_max = ((n_embd / j.step + n_threads - 1) / n_threads) * j.step;
+
+    /* the activations masked (token_mask: not selected for their token) and, with apply_rule, with
+     * |h| <= threshold dropped, before the conversion: its block scales depend on every value of the
+     * block, so a batch that computed a neuron for another token converts this token's values as a
+     * lone token would */
+    const size_t vt_row = ggml_row_size(vt, n_ff);
+    float * hm = malloc(sizeof(float) * (size_t) n_ff);
+    uint8_t * xq = vt == GGML_TYPE_F32 ? NULL : malloc(vt_row * (size_t) n_tokens);
+    float * h = integer ? NULL : malloc(sizeof(float) * (size_t) (n_tokens * n_ff));
+    j.work_per_thread = integer ? (sizeof(int32_t) * RIPPLE_DOWN_TILE + 1) * (size_t) w_max
+                                : sizeof(float) * RIPPLE_DOWN_BLOCK * (size_t) w_max;
+    j.work_per_thread = (j.work_per_thread + 63) & ~(size_t) 63;
+    j.work = malloc(j.work_per_thread * (size_t) n_threads);
+    if (!hm || (vt != GGML_TYPE_F32 && !xq) || (!integer && !h) || !j.work) {
+        free(hm);
+        free(xq);
         free(h);
+        free(j.work);
         ripple_set_error("out of memory for the down projection");
         return -1;
     }
-    if (apply_rule && L->d.act_rule == 1) { /* magnitude: |h| <= threshold is not active */
-        const float thr = L->d.act_threshold;
-        for (int64_t e = 0; e < n_tokens * L->d.n_ff; e++) {
-            if (fabsf(h[e]) <= thr) {
-                h[e] = 0.0f;
-            }
+    const int rule = apply_rule && L->d.act_rule == 1; /* magnitude: |h| <= threshold is not active */
+    const float thr = L->d.act_threshold;
+    const ggml_from_float_t from_float = vt == GGML_TYPE_F32 ? NULL : ggml_get_type_traits_cpu(vt)->from_float;
+    for (int64_t t = 0; t < n_tokens; t++) {
+        const float * x = (const float *) ((const char *) src1->data + t * src1->nb[1]);
+        const uint8_t * tm = token_mask ? token_mask + t * n_ff : NULL;
+        for (int64_t i = 0; i < n_ff; i++) {
+            const float v = x[i];
+            hm[i] = (tm && !tm[i]) || (rule && fabsf(v) <= thr) ? 0.0f : v;
+        }
+        if (integer) {
+            from_float(hm, xq + (size_t) t * vt_row, n_ff);
+        } else if (from_float == NULL || n_ff % ggml_blck_size(vt) != 0) {
+            memcpy(h + t * n_ff, hm, sizeof(float) * (size_t) n_ff);
+        } else {
+            from_float(hm, xq, n_ff);
+            dequant_vec_dot_type(vt, xq, h + t * n_ff, n_ff);
         }
     }
-    /* slices of whole column blocks; a multiple of 32 rows keeps every value on the same vector path */
-    const int64_t n_embd = L->d.n_embd;
-    const int64_t blk = L->down_tab ? 8 : ggml_blck_size((enum ggml_type) L->d.down_type);
-    const int64_t step = n_embd % 32 == 0 && 32 % blk == 0 ? 32 : (n_embd % blk == 0 ? blk : n_embd);
-    float * cols = malloc(sizeof(float) * (size_t) n_threads * RIPPLE_DOWN_BLOCK * (size_t) n_embd);
-    if (!cols) {
-        free(h);
-        ripple_set_error("out of memory for the down projection");
-        return -1;
-    }
-    down_job j = { L, ws, positions, n_positions, h, n_tokens, step, to_float, cols, dst };
-    ripple_pool_run(pool, n_threads, down_task, &j);
-    free(cols);
+    j.xq = xq;
+    j.xq_stride = vt_row;
+    j.h = h;
+    ripple_pool_run(pool, n_threads, integer ? down_split_task : down_float_task, &j);
+    free(hm);
+    free(xq);
     free(h);
+    free(j.work);
     return 0;
 }
 

@@ -175,24 +175,58 @@ static void form_requests(const ripple_layer * L, int fd, int direct, const uint
     }
 }
 
-/* Fetch the bundles at the positions flagged in `need` (NULL = all) into dst (position order,
- * bundle_size apart): cache hits are copied, misses read as runs of consecutive positions, runs
- * separated by a gap the collapse setting covers merged into one request (access collapse), the
- * layer's requests issued together to the I/O engine. For a batch of several tokens the cost model
- * chooses between those requests and streaming the whole layer. Counts the runs of needed
- * positions (the placement's quality, before cache and collapse). */
+/* Offer the bundles read (flagged in `read`) to the cache. */
+static void admit(ripple_model * m, int layer, const uint8_t * dst, const uint8_t * read, const int32_t * read_len) {
+    const ripple_layer * L = &m->layers[layer];
+    const size_t bs = L->d.bundle_size;
+    pthread_mutex_lock(&m->mu);
+    for (int64_t p = 0; p < L->d.n_ff; p++) {
+        if (read[p]) {
+            ripple_cache_put(&m->cache, layer, p, dst + p * bs, bs, read_len[p]);
+        }
+    }
+    pthread_mutex_unlock(&m->mu);
+}
+
+/* Fetch the bundles at the positions flagged in `need` (NULL = all): cache hits are used where they
+ * are (with f; without f they are copied into dst), misses read into dst as runs of consecutive
+ * positions, runs separated by a gap the collapse setting covers merged into one request (access
+ * collapse), the layer's requests issued together to the I/O engine. For a batch of several tokens
+ * the cost model chooses between those requests and streaming the whole layer. Counts the runs of
+ * needed positions (the placement's quality, before cache and collapse). With f, f->ptr[p] is where
+ * bundle p is and the bundles read are offered to the cache by ripple_fetch_admit once the layer's
+ * compute is done (admitting them now could evict a slot the compute reads); without f they are
+ * offered at once. */
 int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int64_t n_tokens, uint8_t * dst,
-                         const ripple_prefetch * pf) {
+                         const ripple_prefetch * pf, ripple_fetch * f) {
     const ripple_layer * L = &m->layers[layer];
     const size_t bs = L->d.bundle_size;
     const int64_t n = L->d.n_ff;
     const int64_t gap = ripple_get_collapse_bytes() / (int64_t) bs;
-    uint8_t * missing = malloc((size_t) n);
-    int32_t * read_len = malloc(sizeof(int32_t) * (size_t) n); /* length of the read a bundle came in */
+    if (f) {
+        ripple_fetch_admit(f); /* a fetch whose compute did not finish: its reads are still good */
+        if (f->cap < n) {
+            free(f->ptr);
+            free(f->admit);
+            free(f->read_len);
+            f->ptr = malloc(sizeof(*f->ptr) * (size_t) n);
+            f->admit = malloc((size_t) n);
+            f->read_len = malloc(sizeof(int32_t) * (size_t) n);
+            f->cap = f->ptr && f->admit && f->read_len ? n : 0;
+            if (!f->cap) {
+                ripple_set_error("out of memory");
+                return -1;
+            }
+        }
+    }
+    uint8_t * missing = f ? f->admit : malloc((size_t) n);
+    int32_t * read_len = f ? f->read_len : malloc(sizeof(int32_t) * (size_t) n); /* length of the read a bundle came in */
     ripple_io_req * reqs = malloc(sizeof(ripple_io_req) * (size_t) (n + 1));
     if (!missing || !read_len || !reqs) {
-        free(missing);
-        free(read_len);
+        if (!f) {
+            free(missing);
+            free(read_len);
+        }
         free(reqs);
         ripple_set_error("out of memory");
         return -1;
@@ -214,8 +248,13 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
             max_run = cur;
         }
         const uint8_t * c = ripple_cache_get(&m->cache, layer, p);
+        if (f) {
+            f->ptr[p] = c ? c : dst + p * bs;
+        }
         if (c) {
-            memcpy(dst + p * bs, c, bs);
+            if (!f) {
+                memcpy(dst + p * bs, c, bs);
+            }
             hits++;
         } else if (from_pf && pf->have[p]) {
             memcpy(dst + p * bs, pf->buf + p * bs, bs); /* read ahead: a miss whose read is done */
@@ -271,20 +310,40 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
     RIPPLE_COUNT(dense_bytes, L->dense_bytes);
     count_max_run(max_run);
 
-    if (rc == 0 && m->cache.n_slots > 0) {
-        pthread_mutex_lock(&m->mu);
+    if (from_pf) {
         for (int64_t p = 0; p < n; p++) {
-            if (missing[p] || (from_pf && from_pf[p])) {
-                ripple_cache_put(&m->cache, layer, p, dst + p * bs, bs, read_len[p]);
-            }
+            missing[p] |= from_pf[p];
         }
-        pthread_mutex_unlock(&m->mu);
     }
     free(from_pf);
+    free(reqs);
+    if (f) {
+        f->m = m;
+        f->layer = layer;
+        f->dst = dst;
+        f->pending = rc == 0 && m->cache.n_slots > 0;
+        return rc;
+    }
+    if (rc == 0 && m->cache.n_slots > 0) {
+        admit(m, layer, dst, missing, read_len);
+    }
     free(missing);
     free(read_len);
-    free(reqs);
     return rc;
+}
+
+void ripple_fetch_admit(ripple_fetch * f) {
+    if (f->pending) {
+        f->pending = 0;
+        admit(f->m, f->layer, f->dst, f->admit, f->read_len);
+    }
+}
+
+void ripple_fetch_free(ripple_fetch * f) {
+    free(f->ptr);
+    free(f->admit);
+    free(f->read_len);
+    memset(f, 0, sizeof(*f));
 }
 
 /* ---- next-layer prefetch ---- */

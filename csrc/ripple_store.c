@@ -674,7 +674,7 @@ int ripple_store_fetch(int handle, int32_t layer, const int32_t * neurons, int64
     if (layer == 0) {
         RIPPLE_COUNT(tokens, (uint64_t) n_tokens);
     }
-    return ripple_fetch_bundles(m, layer, need, n_tokens, m->scratch, NULL);
+    return ripple_fetch_bundles(m, layer, need, n_tokens, m->scratch, NULL, NULL);
 }
 
 void ripple_store_close(int handle) {

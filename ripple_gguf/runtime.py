@@ -335,7 +335,8 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     (a boolean, default 0).
     exact_down: where exact mode takes the down projection from: ``"tensor"`` (default) runs stock
     llama.cpp's own dot products on the rows of the standard ffn_down tensor, read from the file,
-    so results equal stock's; ``"bundles"`` sums the down columns of the bundles (the sparse path).
+    so results equal stock's; ``"bundles"`` computes it from the bundles (the sparse path: split
+    columns in stock's integer form, equal to stock up to the order of the float additions).
     Environment: ``RIPPLE_EXACT_DOWN``.
     """
     args = dict(cache_mb=cache_mb, cache_fraction=cache_fraction, exact_down=exact_down, mode=mode,

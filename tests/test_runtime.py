@@ -88,8 +88,9 @@ def test_down_columns_match_stock(tmp_path, type_name, gated, down_from_bundles)
         split = tmp_path / "split.ripple.gguf"
         assert all(l.split for l in convert(src, split, down_type="split", quiet=True).layers)
         got_split = plugin_logits(split)
-        assert rel_err(got_split, stock) < 5e-3, type_name
-        assert rel_err(got_split, got) < 1e-4, type_name  # the same values as the f32 columns
+        # split columns are multiplied in stock's own integer form (Q8_1's rounded `s` included)
+        print(f"{type_name}: split {rel_err(got_split, stock):.2e}, f32 columns {rel_err(got, stock):.2e} from stock")
+        assert rel_err(got_split, stock) < 1e-3, type_name
     requant = plugin_logits(same)
     # re-quantizing the transposed down projection adds about one more rounding of the source's
     # own precision: small for 4+ bits, large for the 2-3 bit K-quants (random weights, no outliers)

@@ -259,7 +259,7 @@ static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, cons
         if (reserve(&ctx->tokmask, &ctx->tokmask_cap, (size_t) (n * src1->ne[1]), "token masks") != 0) {
             return -1;
         }
-        ctx->n_selected = ripple_predict(L->pred, L, src1, need_neuron, ctx->tokmask);
+        ctx->n_selected = ripple_predict(ctx->pool, ctx->n_threads, L->pred, L, src1, need_neuron, ctx->tokmask);
         RIPPLE_COUNT(predictor_ns, ripple_now_ns() - t0);
         /* positions flagged in place of neurons: the store works on positions */
         uint8_t * need_pos = (uint8_t *) neurons; /* scratch, rewritten below */

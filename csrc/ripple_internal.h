@@ -14,6 +14,7 @@
 enum ripple_kind { RIPPLE_GATE = 0, RIPPLE_UP = 1, RIPPLE_DOWN = 2 };
 
 struct ripple_model;
+struct ripple_pool;
 
 /* What tensor->extra points to for a weight the backend owns. */
 typedef struct ripple_binding {
@@ -150,8 +151,8 @@ ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int 
 void ripple_predictor_free(ripple_predictor * p);
 /* tok[t * n_ff + neuron] = 1 for the neurons the predictor selects for token t of src1, need[neuron]
  * the union over tokens; returns the (token, neuron) pairs selected */
-int64_t ripple_predict(const ripple_predictor * p, const ripple_layer * L, const struct ggml_tensor * src1,
-                       uint8_t * need, uint8_t * tok);
+int64_t ripple_predict(struct ripple_pool * pool, int n_threads, const ripple_predictor * p, const ripple_layer * L,
+                       const struct ggml_tensor * src1, uint8_t * need, uint8_t * tok);
 /* Next-layer prefetch: while layer l computes (and the attention of l+1 after it), a thread reads
  * the bundles layer l+1's predictor selects from layer l's FFN input, minus those cached. */
 typedef struct ripple_prefetch {
@@ -217,6 +218,8 @@ ripple_pool * ripple_pool_new(void);
 void          ripple_pool_free(ripple_pool * p);
 typedef void (*ripple_task_fn)(void * arg, int ith, int nth);
 void          ripple_pool_run(ripple_pool * p, int n_threads, ripple_task_fn fn, void * arg);
+/* the tasks run on an OpenMP team (they may use `omp barrier`) */
+int           ripple_pool_is_openmp(void);
 
 /* Rows of one weight matrix wherever they lie: row i at ptrs[map[i]] + ptr_off (bundles wherever
  * each is: cache slot or read buffer), or at base + (map ? map[i] : i) * stride. */

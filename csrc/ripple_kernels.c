@@ -90,6 +90,14 @@ void ripple_pool_free(ripple_pool * p) {
     free(p);
 }
 
+int ripple_pool_is_openmp(void) {
+#ifdef RIPPLE_OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 void ripple_pool_run(ripple_pool * p, int n_threads, ripple_task_fn fn, void * arg) {
     if (n_threads < 1) n_threads = 1;
     if (n_threads > RIPPLE_MAX_THREADS) n_threads = RIPPLE_MAX_THREADS;

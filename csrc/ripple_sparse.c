@@ -74,36 +74,85 @@ ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int 
     return p;
 }
 
+/* Dot product with 8 independent partial sums (one vector register): vectorised by the compiler,
+ * and the same order of additions for every call, so a token's selection never depends on the batch. */
 static float dot(const float * a, const float * b, int64_t n) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) {
+    float acc[8] = { 0 };
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int k = 0; k < 8; k++) {
+            acc[k] += a[i + k] * b[i + k];
+        }
+    }
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) {
         s += a[i] * b[i];
     }
     return s;
 }
 
+typedef struct {
+    const ripple_predictor *   p;
+    const ripple_layer *       L;
+    const struct ggml_tensor * src1;
+    uint8_t *                  tok;
+    float *                    hid; /* n_tokens x rank */
+} predict_job;
+
+/* tokens split among threads; a single token's neurons split among them instead (its hidden layer
+ * computed by thread 0, then shared after a barrier) */
+static void predict_task(void * v, int ith, int nth) {
+    const predict_job * j = v;
+    const ripple_predictor * p = j->p;
+    const int64_t n_embd = j->L->d.n_embd, n_ff = j->L->d.n_ff, T = j->src1->ne[1];
+    const int split_tokens = T > 1 || nth == 1;
+    const int64_t t0 = split_tokens ? T * ith / nth : 0, t1 = split_tokens ? T * (ith + 1) / nth : T;
+    const int64_t i0 = split_tokens ? 0 : n_ff * ith / nth, i1 = split_tokens ? n_ff : n_ff * (ith + 1) / nth;
+    for (int64_t t = t0; t < t1; t++) {
+        const float * x = (const float *) ((const char *) j->src1->data + t * j->src1->nb[1]);
+        float * hid = j->hid + (size_t) t * (size_t) p->rank;
+        if (split_tokens || ith == 0) {
+            for (int32_t r = 0; r < p->rank; r++) {
+                const float v = dot(p->w1t + (size_t) r * n_embd, x, n_embd) + p->b1[r];
+                hid[r] = v > 0.0f ? v : 0.0f;
+            }
+        }
+#ifdef RIPPLE_OPENMP
+        if (!split_tokens) {
+            #pragma omp barrier
+        }
+#endif
+        uint8_t * m = j->tok + t * n_ff;
+        for (int64_t i = i0; i < i1; i++) {
+            m[i] = dot(p->w2t + (size_t) i * p->rank, hid, p->rank) + p->b2[i] > p->threshold;
+        }
+    }
+}
+
 /* tok[t * n_ff + i] = 1 when the predictor selects neuron i for token t of src1; need[i] = 1 for
- * the union over the tokens. Returns the number of (token, neuron) pairs selected. */
-int64_t ripple_predict(const ripple_predictor * p, const ripple_layer * L, const struct ggml_tensor * src1,
-                       uint8_t * need, uint8_t * tok) {
-    const int64_t n_embd = L->d.n_embd, n_ff = L->d.n_ff;
-    float * hid = malloc(sizeof(float) * (size_t) p->rank);
+ * the union over the tokens. Returns the number of (token, neuron) pairs selected. pool NULL: this
+ * thread alone. */
+int64_t ripple_predict(ripple_pool * pool, int n_threads, const ripple_predictor * p, const ripple_layer * L,
+                       const struct ggml_tensor * src1, uint8_t * need, uint8_t * tok) {
+    const int64_t n_ff = L->d.n_ff, T = src1->ne[1];
+    predict_job j = { p, L, src1, tok, malloc(sizeof(float) * (size_t) p->rank * (size_t) T) };
+    if (!j.hid) {
+        memset(tok, 1, (size_t) (n_ff * T)); /* no memory for the predictor: every neuron */
+    } else if (pool && n_threads > 1 && (T > 1 || ripple_pool_is_openmp())) {
+        ripple_pool_run(pool, n_threads, predict_task, &j);
+    } else {
+        predict_task(&j, 0, 1);
+    }
+    free(j.hid);
     int64_t selected = 0;
     memset(need, 0, (size_t) n_ff);
-    for (int64_t t = 0; t < src1->ne[1]; t++) {
-        const float * x = (const float *) ((const char *) src1->data + t * src1->nb[1]);
-        uint8_t * m = tok + t * n_ff;
-        for (int32_t j = 0; j < p->rank; j++) {
-            const float v = dot(p->w1t + (size_t) j * n_embd, x, n_embd) + p->b1[j];
-            hid[j] = v > 0.0f ? v : 0.0f;
-        }
+    for (int64_t t = 0; t < T; t++) {
+        const uint8_t * m = tok + t * n_ff;
         for (int64_t i = 0; i < n_ff; i++) {
-            m[i] = dot(p->w2t + (size_t) i * p->rank, hid, p->rank) + p->b2[i] > p->threshold;
             need[i] |= m[i];
             selected += m[i];
         }
     }
-    free(hid);
     return selected;
 }
 
@@ -443,7 +492,7 @@ void ripple_prefetch_start(ripple_prefetch * pf, ripple_model * m, int layer, co
     }
     uint64_t t0 = ripple_now_ns();
     uint8_t * need = pf->scratch, * tok = pf->scratch + n;
-    ripple_predict(L->pred, L, src1, need, tok);
+    ripple_predict(NULL, 1, L->pred, L, src1, need, tok);
     RIPPLE_COUNT(predictor_ns, ripple_now_ns() - t0);
     pthread_mutex_lock(&m->mu);
     for (int64_t p = 0; p < n; p++) {

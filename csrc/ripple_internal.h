@@ -22,10 +22,13 @@ typedef struct ripple_binding {
     int                   kind;  /* enum ripple_kind */
 } ripple_binding;
 
-/* A layer's predictor in f32 (from the f16 blob): logits = W2T relu(W1T x + b1) + b2 */
+/* A layer's predictor in f32 (from the blob, weights f16 there):
+ * z = (x - x_shift) * x_scale, logits = W2T relu(W1T z + b1) + b2 */
 typedef struct ripple_predictor {
     int32_t rank;
     float   threshold;
+    float * x_shift; /* n_embd */
+    float * x_scale; /* n_embd */
     float * w1t; /* rank x n_embd */
     float * b1;  /* rank */
     float * w2t; /* n_ff x rank */

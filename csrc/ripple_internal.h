@@ -115,6 +115,7 @@ typedef struct ripple_model {
     uint8_t *       scratch;        /* ripple_store_fetch: one layer's bundles */
     size_t          scratch_cap;
     int             standalone;     /* opened by ripple_store_open (replay), not by llama.cpp */
+    int             default_mode;   /* RIPPLE_MODE_EXACT/SPARSE: what RIPPLE_MODE_AUTO means for this file */
     pthread_mutex_t mu;             /* guards the cache */
     ripple_cache    cache;
     struct ripple_model * next;
@@ -197,6 +198,7 @@ void ripple_trace_record(int handle, int layer, int64_t n_tokens, const int32_t 
 double ripple_cost_batch(int64_t n_requests, uint64_t bytes);
 int ripple_get_direct_io(void);
 int ripple_get_mode(void);
+int ripple_mode_of(const ripple_model * m); /* the mode in force for m (RIPPLE_MODE_AUTO resolved) */
 int64_t ripple_get_collapse_bytes(void);
 
 /* ---- kernels (ripple_kernels.c) ---- */

@@ -80,6 +80,7 @@ def _wrap_model_loader() -> None:
         rf = RippleFile.open(path)
         rf.check_quick()
         handle = _begin_load(rf)
+        _native.lib.ripple_model_set_default_mode(handle, MODES[rf.default_mode])
         model = None
         try:
             model = orig(path_model, params)
@@ -88,7 +89,8 @@ def _wrap_model_loader() -> None:
             _native.lib.ripple_model_end_load(handle, 1 if model else 0)
         expected = sum(3 if layer.gate_type >= 0 else 2 for layer in rf.layers)
         _last_load.clear()
-        _last_load.update(path=path, handle=handle, bound_tensors=bound, expected_tensors=expected)
+        _last_load.update(path=path, handle=handle, bound_tensors=bound, expected_tensors=expected,
+                          default_mode=rf.default_mode, default_mode_reason=rf.default_mode_reason)
         if model and bound != expected:
             warnings.warn(
                 f"ripple-gguf: {path}: the backend took {bound} of {expected} FFN tensors; the others run "
@@ -156,7 +158,7 @@ def _begin_load(rf: RippleFile) -> int:
 
 
 EXACT_DOWN = {"tensor": 0, "bundles": 1}
-MODES = {"exact": 0, "sparse": 1}
+MODES = {"exact": 0, "sparse": 1, "auto": 2}
 CACHE_POLICIES = {"lru": 0, "s3fifo": 1, "linking": 2}
 IO_ENGINES = {"threads": 0, "uring": 1, "auto": 2}
 _RULES = {"nonzero": 0, "magnitude": 1}
@@ -213,7 +215,7 @@ def _configure_from_env() -> None:
         cache_mb = DEFAULT_CACHE_MB
     io_threads = _env_number("RIPPLE_IO_THREADS", int, 1)
     configure(cache_mb=cache_mb, cache_fraction=cache_fraction, exact_down=os.environ.get("RIPPLE_EXACT_DOWN", "tensor"),
-              mode=os.environ.get("RIPPLE_MODE", "sparse"), cache_policy=os.environ.get("RIPPLE_CACHE_POLICY", "lru"),
+              mode=os.environ.get("RIPPLE_MODE", "auto"), cache_policy=os.environ.get("RIPPLE_CACHE_POLICY", "lru"),
               collapse=_env_01("RIPPLE_COLLAPSE", "1"), direct_io=_env_01("RIPPLE_DIRECT_IO", "0"),
               prefetch=_env_01("RIPPLE_PREFETCH", "0"), io_engine=os.environ.get("RIPPLE_IO_ENGINE", "auto"),
               io_threads=io_threads if io_threads is not None else DEFAULT_IO_THREADS)
@@ -231,10 +233,12 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
               prefetch: Optional[bool] = None, io_engine: Optional[str] = None) -> Dict[str, object]:
     """Change runtime settings; returns the settings in force (:func:`settings`).
 
-    mode: ``"sparse"`` (default: per token and layer only the bundles the layer's predictor
-    selects are read and computed, the file's activity rule applied; files or layers without
-    predictors run exact) or ``"exact"`` (every neuron; logits equal stock llama.cpp's).
-    Environment: ``RIPPLE_MODE``.
+    mode: ``"sparse"`` (per token and layer only the bundles the layer's predictor selects are
+    read and computed, the file's activity rule applied; files or layers without predictors run
+    exact), ``"exact"`` (every neuron; logits equal stock llama.cpp's) or ``"auto"`` (default: each
+    file's own default mode, ``ripple.runtime.default_mode``: sparse for files with predictors
+    unless the converter's self-check found sparse mode too far from exact). Environment:
+    ``RIPPLE_MODE``.
     cache_mb: byte budget of the DRAM neuron cache of each loaded ripple model, in MiB (0: no
     cache). cache_fraction: the budget as a fraction of each model's FFN bytes instead (0 < f <= 1).
     Environment: ``RIPPLE_CACHE_MB`` (default 64) or ``RIPPLE_CACHE_FRACTION``.
@@ -329,8 +333,10 @@ def _io_engine() -> Dict[str, object]:
 def settings() -> Dict[str, object]:
     down = _native.lib.ripple_get_exact_down()
     name = lambda table, v: next(k for k, x in table.items() if x == v)
+    mode = name(MODES, _native.lib.ripple_get_mode())
     return {
-        "mode": name(MODES, _native.lib.ripple_get_mode()),
+        "mode": mode,
+        "mode_note": _mode_note(mode),
         "cache_mb": _native.lib.ripple_get_cache_bytes() / (1024 * 1024),
         "cache_fraction": _native.lib.ripple_get_cache_fraction(),
         "cache_policy": name(CACHE_POLICIES, _native.lib.ripple_get_cache_policy()),
@@ -346,6 +352,16 @@ def settings() -> Dict[str, object]:
         "load_hook_error": _state["load_hook_error"],
         "library": str(_native.library_path),
     }
+
+
+def _mode_note(mode: str) -> str:
+    """What the mode setting means for the latest ripple load, and why."""
+    if mode != "auto":
+        return f"{mode} for every ripple file (set by configure(mode=) or RIPPLE_MODE)"
+    if not _last_load:
+        return "each ripple file's default mode (ripple.runtime.default_mode)"
+    return (f"each ripple file's default mode; {_last_load['path']}: {_last_load['default_mode']} "
+            f"({_last_load['default_mode_reason']})")
 
 
 def stats() -> Dict[str, float]:

@@ -84,12 +84,12 @@ def check_text(name: str, text: str) -> None:
 def check_tokens(names: str, tokens: Sequence[int]) -> None:
     """Raise ProfileError naming ``names`` unless ``tokens`` are varied enough to be real text."""
     counts = np.unique(np.asarray(tokens, dtype=np.int64), return_counts=True)[1]
-    if len(counts) < MIN_DISTINCT_TOKENS:
-        raise ProfileError(f"{names}: the calibration tokens hold {len(counts)} distinct tokens, at least "
-                           f"{MIN_DISTINCT_TOKENS} needed: too little real text")
     if counts.max() > TOP_TOKEN_MAX * len(tokens):
         raise ProfileError(f"{names}: one token is {counts.max() / len(tokens):.0%} of the calibration tokens "
                            f"(at most {TOP_TOKEN_MAX:.0%}): too little real text")
+    if len(counts) < MIN_DISTINCT_TOKENS:
+        raise ProfileError(f"{names}: the calibration tokens hold {len(counts)} distinct tokens, at least "
+                           f"{MIN_DISTINCT_TOKENS} needed: too little real text")
 
 
 def tokenize_chunks(model_path: os.PathLike, texts: Sequence[Tuple[str, str]], n_tokens: int,

@@ -102,8 +102,12 @@ int64_t ripple_get_cache_bytes(void);
  * predictor selects (layers without a predictor stay exact), the activity rule applied to h. */
 #define RIPPLE_MODE_EXACT 0
 #define RIPPLE_MODE_SPARSE 1
+#define RIPPLE_MODE_AUTO 2 /* each model's own default (ripple_model_set_default_mode; sparse unless set) */
 int ripple_set_mode(int mode);
 int ripple_get_mode(void);
+/* The mode RIPPLE_MODE_AUTO means for a loaded model (EXACT or SPARSE). Returns 0, -1 for a bad
+ * mode or an unknown handle. */
+int ripple_model_set_default_mode(int handle, int mode);
 /* Access collapse: two runs of bundles to read whose gap is at most gap_bytes are read as one
  * request (0 = off). */
 void ripple_set_collapse_bytes(int64_t gap_bytes);

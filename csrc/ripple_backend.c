@@ -254,7 +254,7 @@ static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, cons
     int32_t * neurons = positions + n;
     ctx->n_sel = n;
     ctx->sparse = 0;
-    if (ripple_get_mode() == RIPPLE_MODE_SPARSE && L->pred && !for_down) {
+    if (ripple_mode_of(m) == RIPPLE_MODE_SPARSE && L->pred && !for_down) {
         uint64_t t0 = ripple_now_ns();
         if (reserve(&ctx->tokmask, &ctx->tokmask_cap, (size_t) (n * src1->ne[1]), "token masks") != 0) {
             return -1;
@@ -330,7 +330,7 @@ static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node, s
     const struct ggml_tensor * src1 = node->src[1];
     const ripple_binding * b = binding_of(src0);
     const ripple_layer * L = &b->model->layers[b->layer];
-    const int sparse_layer = ripple_get_mode() == RIPPLE_MODE_SPARSE && L->pred;
+    const int sparse_layer = ripple_mode_of(b->model) == RIPPLE_MODE_SPARSE && L->pred;
     /* exact mode: stock's own dot products on the standard ffn_down rows by default. The bundles'
      * split columns multiplied in stock's integer form differ from stock only in the order of the
      * float additions, yet on SmolLM2 Q4_1 that last-bit noise, re-rounded to 8 bits at every

@@ -23,10 +23,13 @@ typedef struct ripple_binding {
     int                   kind;  /* enum ripple_kind */
 } ripple_binding;
 
-/* A layer's predictor in f32 (from the f16 blob): logits = W2T relu(W1T x + b1) + b2 */
+/* A layer's predictor in f32 (from the blob, weights f16 there):
+ * z = (x - x_shift) * x_scale, logits = W2T relu(W1T z + b1) + b2 */
 typedef struct ripple_predictor {
     int32_t rank;
     float   threshold;
+    float * x_shift; /* n_embd */
+    float * x_scale; /* n_embd */
     float * w1t; /* rank x n_embd */
     float * b1;  /* rank */
     float * w2t; /* n_ff x rank */
@@ -113,6 +116,7 @@ typedef struct ripple_model {
     uint8_t *       scratch;        /* ripple_store_fetch: one layer's bundles */
     size_t          scratch_cap;
     int             standalone;     /* opened by ripple_store_open (replay), not by llama.cpp */
+    int             default_mode;   /* RIPPLE_MODE_EXACT/SPARSE: what RIPPLE_MODE_AUTO means for this file */
     pthread_mutex_t mu;             /* guards the cache */
     ripple_cache    cache;
     struct ripple_model * next;
@@ -210,6 +214,7 @@ void ripple_trace_record(int handle, int layer, int64_t n_tokens, const int32_t 
 double ripple_cost_batch(int64_t n_requests, uint64_t bytes);
 int ripple_get_direct_io(void);
 int ripple_get_mode(void);
+int ripple_mode_of(const ripple_model * m); /* the mode in force for m (RIPPLE_MODE_AUTO resolved) */
 int64_t ripple_get_collapse_bytes(void);
 
 /* ---- kernels (ripple_kernels.c) ---- */

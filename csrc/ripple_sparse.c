@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "ripple_internal.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,18 +11,31 @@
 
 /* ---- predictor blob (ripple_gguf/predictor.py, docs/FORMAT.md 3b) ---- */
 
+#define RIPPLE_PREDICTOR_VERSION 2 /* predictor.VERSION */
+
 static size_t pad64(size_t n) {
     return (n + 63) & ~(size_t) 63;
 }
 
 void ripple_predictor_free(ripple_predictor * p) {
     if (p) {
+        free(p->x_shift);
+        free(p->x_scale);
         free(p->w1t);
         free(p->b1);
         free(p->w2t);
         free(p->b2);
         free(p);
     }
+}
+
+static int all_finite(const float * v, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(v[i])) {
+            return 0;
+        }
+    }
+    return 1;
 }
 
 static void f16_row(const uint8_t * src, float * dst, size_t n) {
@@ -43,12 +57,19 @@ ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int 
     const uint32_t version = hdr[1], e = hdr[2], f = hdr[3], rank = hdr[4], blob_size = hdr[6];
     float threshold;
     memcpy(&threshold, blob + 20, 4);
-    if (version != 1 || (int) e != n_embd || (int) f != n_ff || rank == 0 || blob_size != size) {
-        snprintf(err, err_len, "predictor blob (version %u, %u x %u, rank %u, %u bytes) does not fit a layer of "
-                 "%d x %d in %zu bytes", version, e, f, rank, blob_size, n_embd, n_ff, size);
+    if (version != RIPPLE_PREDICTOR_VERSION) {
+        snprintf(err, err_len, "predictor blob version %u is not supported (this build reads version %d): "
+                 "convert the model again", version, RIPPLE_PREDICTOR_VERSION);
         return NULL;
     }
-    const size_t o_b1 = 64 + pad64(2 * (size_t) rank * e);
+    if ((int) e != n_embd || (int) f != n_ff || rank == 0 || blob_size != size) {
+        snprintf(err, err_len, "predictor blob (%u x %u, rank %u, %u bytes) does not fit a layer of "
+                 "%d x %d in %zu bytes", e, f, rank, blob_size, n_embd, n_ff, size);
+        return NULL;
+    }
+    const size_t o_sc = 64 + pad64(4 * (size_t) e);
+    const size_t o_w1 = o_sc + pad64(4 * (size_t) e);
+    const size_t o_b1 = o_w1 + pad64(2 * (size_t) rank * e);
     const size_t o_w2 = o_b1 + pad64(4 * (size_t) rank);
     const size_t o_b2 = o_w2 + pad64(2 * (size_t) f * rank);
     if (o_b2 + pad64(4 * (size_t) f) != size) {
@@ -56,21 +77,39 @@ ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int 
         return NULL;
     }
     ripple_predictor * p = calloc(1, sizeof(*p));
+    if (!p) {
+        snprintf(err, err_len, "out of memory for a predictor");
+        return NULL;
+    }
     p->rank = (int32_t) rank;
     p->threshold = threshold;
+    p->x_shift = malloc(sizeof(float) * e);
+    p->x_scale = malloc(sizeof(float) * e);
     p->w1t = malloc(sizeof(float) * rank * e);
     p->b1 = malloc(sizeof(float) * rank);
     p->w2t = malloc(sizeof(float) * (size_t) f * rank);
     p->b2 = malloc(sizeof(float) * f);
-    if (!p->w1t || !p->b1 || !p->w2t || !p->b2) {
+    if (!p->x_shift || !p->x_scale || !p->w1t || !p->b1 || !p->w2t || !p->b2) {
         ripple_predictor_free(p);
         snprintf(err, err_len, "out of memory for a predictor");
         return NULL;
     }
-    f16_row(blob + 64, p->w1t, (size_t) rank * e);
+    memcpy(p->x_shift, blob + 64, 4 * (size_t) e);
+    memcpy(p->x_scale, blob + o_sc, 4 * (size_t) e);
+    f16_row(blob + o_w1, p->w1t, (size_t) rank * e);
     memcpy(p->b1, blob + o_b1, 4 * (size_t) rank);
     f16_row(blob + o_w2, p->w2t, (size_t) f * rank);
     memcpy(p->b2, blob + o_b2, 4 * (size_t) f);
+    /* a non-finite value would select every neuron or none, silently */
+    const char * bad = !isfinite(threshold) ? "threshold"
+                     : !all_finite(p->x_shift, e) || !all_finite(p->x_scale, e) ? "input standardisation"
+                     : !all_finite(p->w1t, (size_t) rank * e) || !all_finite(p->b1, rank) ? "first layer"
+                     : !all_finite(p->w2t, (size_t) f * rank) || !all_finite(p->b2, f) ? "second layer" : NULL;
+    if (bad) {
+        ripple_predictor_free(p);
+        snprintf(err, err_len, "predictor blob: %s holds inf or nan", bad);
+        return NULL;
+    }
     return p;
 }
 
@@ -97,6 +136,7 @@ typedef struct {
     const struct ggml_tensor * src1;
     uint8_t *                  tok;
     float *                    hid; /* n_tokens x rank */
+    float *                    z;   /* n_tokens x n_embd: the standardised inputs */
 } predict_job;
 
 /* tokens split among threads; a single token's neurons split among them instead (its hidden layer
@@ -112,8 +152,12 @@ static void predict_task(void * v, int ith, int nth) {
         const float * x = (const float *) ((const char *) j->src1->data + t * j->src1->nb[1]);
         float * hid = j->hid + (size_t) t * (size_t) p->rank;
         if (split_tokens || ith == 0) {
+            float * z = j->z + (size_t) t * (size_t) n_embd;
+            for (int64_t k = 0; k < n_embd; k++) {
+                z[k] = (x[k] - p->x_shift[k]) * p->x_scale[k];
+            }
             for (int32_t r = 0; r < p->rank; r++) {
-                const float v = dot(p->w1t + (size_t) r * n_embd, x, n_embd) + p->b1[r];
+                const float v = dot(p->w1t + (size_t) r * n_embd, z, n_embd) + p->b1[r];
                 hid[r] = v > 0.0f ? v : 0.0f;
             }
         }
@@ -135,15 +179,16 @@ static void predict_task(void * v, int ith, int nth) {
 int64_t ripple_predict(ripple_pool * pool, int n_threads, const ripple_predictor * p, const ripple_layer * L,
                        const struct ggml_tensor * src1, uint8_t * need, uint8_t * tok) {
     const int64_t n_ff = L->d.n_ff, T = src1->ne[1];
-    predict_job j = { p, L, src1, tok, malloc(sizeof(float) * (size_t) p->rank * (size_t) T) };
-    if (!j.hid) {
+    float * buf = malloc(sizeof(float) * ((size_t) p->rank + (size_t) L->d.n_embd) * (size_t) T);
+    predict_job j = { p, L, src1, tok, buf, buf ? buf + (size_t) p->rank * (size_t) T : NULL };
+    if (!buf) {
         memset(tok, 1, (size_t) (n_ff * T)); /* no memory for the predictor: every neuron */
     } else if (pool && n_threads > 1 && (T > 1 || ripple_pool_is_openmp())) {
         ripple_pool_run(pool, n_threads, predict_task, &j);
     } else {
         predict_task(&j, 0, 1);
     }
-    free(j.hid);
+    free(buf);
     int64_t selected = 0;
     memset(need, 0, (size_t) n_ff);
     for (int64_t t = 0; t < T; t++) {

@@ -300,6 +300,7 @@ int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_lay
     }
     ripple_cache_init(&m->cache, m->n_layers, m->layers, model_cache_budget(m), g_cache_policy);
     m->handle = g_next_handle++;
+    m->default_mode = RIPPLE_MODE_SPARSE;
     m->loading = 1;
     m->next = g_models;
     g_models = m;
@@ -332,6 +333,19 @@ void ripple_model_end_load(int handle, int ok) {
     }
     pthread_mutex_unlock(&g_mu);
     ripple_loadhook_end_load();
+}
+
+int ripple_model_set_default_mode(int handle, int mode) {
+    if (mode != RIPPLE_MODE_EXACT && mode != RIPPLE_MODE_SPARSE) {
+        return -1;
+    }
+    pthread_mutex_lock(&g_mu);
+    ripple_model * m = find_handle(handle);
+    if (m) {
+        __atomic_store_n(&m->default_mode, mode, __ATOMIC_RELAXED);
+    }
+    pthread_mutex_unlock(&g_mu);
+    return m ? 0 : -1;
 }
 
 int ripple_model_bound_tensors(int handle) {
@@ -537,7 +551,7 @@ int ripple_get_cache_policy(void) {
 }
 
 int ripple_set_mode(int mode) {
-    if (mode != RIPPLE_MODE_EXACT && mode != RIPPLE_MODE_SPARSE) {
+    if (mode != RIPPLE_MODE_EXACT && mode != RIPPLE_MODE_SPARSE && mode != RIPPLE_MODE_AUTO) {
         return -1;
     }
     __atomic_store_n(&g_mode, mode, __ATOMIC_RELAXED);
@@ -546,6 +560,11 @@ int ripple_set_mode(int mode) {
 
 int ripple_get_mode(void) {
     return __atomic_load_n(&g_mode, __ATOMIC_RELAXED);
+}
+
+int ripple_mode_of(const ripple_model * m) {
+    const int mode = ripple_get_mode();
+    return mode == RIPPLE_MODE_AUTO ? __atomic_load_n(&m->default_mode, __ATOMIC_RELAXED) : mode;
 }
 
 void ripple_set_collapse_bytes(int64_t gap_bytes) {

@@ -93,6 +93,15 @@ class Keys:
         TOKENS = "ripple.calibration.tokens"
         SEED = "ripple.calibration.seed"
 
+    class Runtime:
+        # DEFAULT_MODES: the mode the runtime uses for the file unless the user chose one
+        # (configure(mode=) or RIPPLE_MODE); "exact" when the converter's self-check of sparse mode failed
+        DEFAULT_MODE = "ripple.runtime.default_mode"
+        DEFAULT_MODE_REASON = "ripple.runtime.default_mode_reason"  # why exact (absent for sparse)
+
+
+DEFAULT_MODES = ("exact", "sparse")
+
 
 # What "active" means for neuron i of a layer, with h = post-activation (the ffn_down matmul's input):
 #   nonzero   (ReLU family: h is exactly 0 most of the time)   h_i != 0

@@ -187,6 +187,10 @@ def validate_source(hdr: GGUFHeader) -> list[int]:
                 raise RippleFormatError(p, f"{t.name}: tensor type {type_name(t.type)} is not supported "
                                            f"(supported: {', '.join(type_name(x) for x in sorted(SUPPORTED_FFN_TYPES))})")
         up, down = ts["up"], ts["down"]
+        if ts["gate"] is None and len(up.shape) == 2 and len(down.shape) == 2 and \
+                up.shape[0] == down.shape[1] and up.shape[1] == 2 * down.shape[0]:
+            raise RippleFormatError(p, f"layer {b}: {up.name} holds gate and up fused ({up.shape[1]} rows for "
+                                       f"{down.shape[0]} neurons, e.g. phi3): not supported")
         if len(up.shape) != 2 or len(down.shape) != 2 or down.shape != up.shape[::-1] or \
                 (ts["gate"] is not None and ts["gate"].shape != up.shape):
             raise RippleFormatError(p, f"layer {b}: inconsistent FFN shapes gate={ts['gate'] and list(ts['gate'].shape)} "
@@ -273,8 +277,16 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = 
             write_ripple_gguf(tmp, hdr, layers, source=source, placement_method=placement, progress=progress,
                               offline=data_offline,
                               make_bundles=lambda l: make_layer_bundles(data, l, src_offsets[l.block]))
-            # output self-check goes here: anything raised before the rename leaves dst untouched
-            # and removes the temporary (RippleFile.open(tmp) reads the written file)
+            # the converter checks its own output before the rename: anything raised here leaves
+            # dst untouched and removes the temporary
+            if data_offline is not None and data_offline.predictors:
+                from ripple_gguf.quality import check_output
+
+                checked = check_output(tmp, data_offline, quiet=quiet, stage_seconds=times)
+                if checked is not data_offline:  # the same file with exact as its default mode
+                    write_ripple_gguf(tmp, hdr, layers, source=source, placement_method=placement,
+                                      progress=progress, offline=checked,
+                                      make_bundles=lambda l: make_layer_bundles(data, l, src_offsets[l.block]))
         times["write"] = time.perf_counter() - t0
     finally:
         del data

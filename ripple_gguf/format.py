@@ -403,6 +403,8 @@ class OfflineData:
     calib_text: str
     calib_tokens: int
     seed: int
+    default_mode: str = "sparse"  # C.DEFAULT_MODES; written with the predictors
+    default_mode_reason: str = ""  # why "exact" (the converter's self-check)
 
 
 @dataclass
@@ -509,7 +511,10 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
                 arr(Keys.Predictor.OFFSET, U64, [l.predictor_offset for l in layers]),
                 arr(Keys.Predictor.SIZE, U64, [l.predictor_size for l in layers]),
                 pack_kv(Keys.Predictor.METRICS, V.STRING, json.dumps(offline.predictor_metrics, sort_keys=True)),
+                pack_kv(Keys.Runtime.DEFAULT_MODE, V.STRING, offline.default_mode),
             ]
+            if offline.default_mode_reason:
+                kv.append(pack_kv(Keys.Runtime.DEFAULT_MODE_REASON, V.STRING, offline.default_mode_reason))
         return kv
 
     src_kvs = list(src.kv.values())
@@ -696,6 +701,9 @@ def _attach_offline(p: str, md: dict, layers: list[RippleLayer], region_offset: 
             if sz <= 0 or o % 64 or o + sz > region_size - C.FOOTER_SIZE or o < C.HEADER_SIZE:
                 raise RippleFormatError(p, f"layer {l.block}: predictor blob outside the region")
             l.predictor_offset, l.predictor_size = region_offset + int(o), int(sz)
+    mode = md.get(Keys.Runtime.DEFAULT_MODE)
+    if mode is not None and mode not in C.DEFAULT_MODES:
+        raise RippleFormatError(p, f"{Keys.Runtime.DEFAULT_MODE} is {mode!r}, expected one of {', '.join(C.DEFAULT_MODES)}")
 
 
 @dataclass
@@ -846,6 +854,18 @@ class RippleFile:
         return self._json(Keys.Predictor.METRICS)
 
     @property
+    def default_mode(self) -> str:
+        """The mode the runtime uses for this file unless the user chose one: the file's
+        ``ripple.runtime.default_mode``; without it sparse when the file has predictors, else exact."""
+        return str(self.metadata.get(Keys.Runtime.DEFAULT_MODE, "sparse" if self.has_predictors else "exact"))
+
+    @property
+    def default_mode_reason(self) -> str:
+        if Keys.Runtime.DEFAULT_MODE_REASON in self.metadata:
+            return str(self.metadata[Keys.Runtime.DEFAULT_MODE_REASON])
+        return "the file has predictors" if self.has_predictors else "the file has no predictors"
+
+    @property
     def has_predictors(self) -> bool:
         return all(l.predictor_size for l in self.layers)
 
@@ -991,6 +1011,7 @@ class RippleFile:
             "placement_quality": self.placement_quality,
             "sparsity": self.sparsity,
             "predictor": self._predictor_json(),
+            "runtime": {"default_mode": self.default_mode, "default_mode_reason": self.default_mode_reason},
             "calibration": {"text": self.metadata.get(Keys.Calibration.TEXT),
                             "tokens": self.metadata.get(Keys.Calibration.TOKENS),
                             "seed": self.metadata.get(Keys.Calibration.SEED)},

@@ -8,6 +8,7 @@ what the placements and predictors achieve; those figures are stored in the file
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ import numpy as np
 from . import placement as P
 from . import predictor as PR
 from .format import OfflineData
-from .profile import ActivationCapture, ProfileError, calibration_text_default, tokenize_chunks
+from .profile import ActivationCapture, ProfileError, calibration_text_default, check_tokens, tokenize_chunks
 
 # A layer whose post-activation is exactly zero this often is of the ReLU family: "active" is then
 # exact (h != 0) instead of a calibrated magnitude threshold.
@@ -114,6 +115,26 @@ def activity_score(rule: str, h: np.ndarray) -> np.ndarray:
     return (h != 0).astype(np.float32) if rule == "nonzero" else np.abs(h)
 
 
+def _x_multiplier(max_abs: float) -> float:
+    """A power of two bringing ``max_abs`` to 2**10 (exact in float32: scaling loses nothing)."""
+    return 2.0 ** (10 - math.frexp(max_abs)[1]) if max_abs > 0 else 1.0
+
+
+def _to_f16(x: np.ndarray, mul: float) -> np.ndarray:
+    lim = np.finfo(np.float16).max
+    return np.clip(x * np.float32(mul), -lim, lim).astype(np.float16)
+
+
+def _checked(src: os.PathLike, c):
+    """The chunk, unless an FFN layer's activations hold inf or nan (ProfileError naming it)."""
+    for b in c.x:
+        for what, a in (("input", c.x[b]), ("post-activation", c.h[b])):
+            if not np.isfinite(a).all():
+                raise ProfileError(f"{os.fspath(src)}: layer {b}: FFN {what} holds inf or nan on the calibration "
+                                   "text (the model overflows float32 in llama.cpp): cannot profile it")
+    return c
+
+
 def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
     """Profile ``src`` and compute everything the converter stores besides the bundles."""
     from .quality import heldout_text
@@ -124,6 +145,7 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
     t0 = time.perf_counter()
     texts = list(cfg.calib) if cfg.calib is not None else [calibration_text_default()]
     calib = tokenize_chunks(src, texts, cfg.calib_tokens, cfg.chunk_tokens)
+    check_tokens(", ".join(n for n, _ in texts), [t for c in calib for t in c[1:]])
     evals = tokenize_chunks(src, [("held-out pydoc_data.topics", heldout_text(40 * cfg.eval_tokens))],
                             cfg.eval_tokens, cfg.chunk_tokens)
     times["tokenize"] = time.perf_counter() - t0
@@ -136,9 +158,13 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
         # 1. the first chunks set the activity rule and thresholds
         head = []
         for _ in range(n_thr):
-            c = cap.run(next(it))
-            head.append(({b: c.x[b].astype(np.float16) for b in blocks}, {b: c.h[b].copy() for b in blocks},
+            c = _checked(src, cap.run(next(it)))
+            head.append(({b: c.x[b].copy() for b in blocks}, {b: c.h[b].copy() for b in blocks},
                          {b: c.g[b].copy() for b in c.g}))
+        # The predictors' training sample is kept in float16 (half the memory) scaled per layer so
+        # the largest FFN input of these chunks is 2**10: FFN inputs of 1e4 and more (gemma family)
+        # then fit, with 64x headroom above the head's largest; beyond that the sample saturates.
+        x_mul = {b: _x_multiplier(max(float(np.abs(x[b]).max()) for x, _, _ in head)) for b in blocks}
         zeros = np.mean([np.mean(h[b] == 0) for _, h, _ in head for b in blocks])
         # |h| rather than CATS's |act(gate)|: measured far better (scripts/sparsity_curve.py)
         rule = "nonzero" if zeros > RELU_ZERO_FRACTION else "magnitude"
@@ -151,6 +177,8 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
                 score = np.concatenate([activity_score(rule, h[b]) for _, h, _ in head])
                 thresholds[b] = float(np.quantile(score, 1.0 - cfg.active_fraction))
                 fit_thresholds[b] = max(thresholds[b], float(np.quantile(score, 1.0 - fit_fraction)))
+                if not (np.isfinite(np.float32(thresholds[b])) and np.isfinite(np.float32(fit_thresholds[b]))):
+                    raise ProfileError(f"{src}: layer {b}: activity threshold {thresholds[b]} is not a finite float32")
         separate_fit = rule != "nonzero" and fit_fraction < cfg.active_fraction
 
         def active(b: int, h: Dict[int, np.ndarray], g: Dict[int, np.ndarray]) -> np.ndarray:
@@ -174,7 +202,7 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
                     mf = m.astype(np.float32)
                     co[b] += mf.T @ mf
                 if take:
-                    xs[b].append(np.asarray(x[b][:take], dtype=np.float16))
+                    xs[b].append(_to_f16(x[b][:take], x_mul[b]))
                     ys[b].append(np.packbits(m[:take], axis=1))
                     if separate_fit:
                         yf[b].append(np.packbits(activity_score(rule, h[b][:take]) > fit_thresholds[b], axis=1))
@@ -184,7 +212,7 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
             absorb(x, h, g)
         del head
         for toks in it:
-            c = cap.run(toks)
+            c = _checked(src, cap.run(toks))
             absorb(c.x, c.h, c.g)
         times["profile"] = time.perf_counter() - t0
 
@@ -193,7 +221,7 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
         ex: Dict[int, List[np.ndarray]] = {b: [] for b in blocks}
         em: Dict[int, List[np.ndarray]] = {b: [] for b in blocks}
         for toks in evals:
-            c = cap.run(toks)
+            c = _checked(src, cap.run(toks))
             for b in blocks:
                 ex[b].append(c.x[b].copy())
                 em[b].append(active(b, c.h, c.g))
@@ -211,11 +239,15 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
         n_ff = eval_m[b].shape[1]
         X, Y = np.concatenate(xs.pop(b)), np.concatenate(ys.pop(b))
         Y_fit = np.concatenate(yf.pop(b)) if separate_fit else None
-        pred, _ = PR.train(X, Y, rank=cfg.predictor_rank, n_ff=n_ff, recall_target=cfg.predictor_recall,
-                           seed=cfg.seed, Y_fit=Y_fit)
-        blobs.append(pred.to_bytes())
+        try:
+            scaled, _ = PR.train(X, Y, rank=cfg.predictor_rank, n_ff=n_ff, recall_target=cfg.predictor_recall,
+                                 seed=cfg.seed, Y_fit=Y_fit)
+            pred = scaled.for_input_scale(x_mul[b])  # the runtime gives the raw FFN input
+            blobs.append(pred.to_bytes())
+        except ValueError as e:
+            raise ProfileError(f"{src}: layer {b}: predictor: {e}") from None
         # placement follows what will be read: co-activation of the predicted sets
-        pf = pred.predict(X.astype(np.float32)).astype(np.float32)
+        pf = scaled.predict(X).astype(np.float32)
         co[b] = pf.T @ pf
         read_eval[b] = pred.predict(eval_x[b])
         m = PR.metrics(read_eval[b], eval_m[b])

@@ -3,14 +3,17 @@
 A predictor looks at the FFN input ``x`` of a layer (the ``ffn_norm`` output, ``n_embd`` floats) and
 predicts the set of active neurons (|post-activation| above the layer's activity threshold)::
 
-    logits = relu(x @ W1 + b1) @ W2 + b2        W1: (n_embd, rank), W2: (rank, n_ff)
+    z = (x - x_shift) * x_scale                  per feature, float32: the standardised input
+    logits = relu(z @ W1 + b1) @ W2 + b2        W1: (n_embd, rank), W2: (rank, n_ff)
     active = logits > threshold                  one scalar per layer
 
-It is trained with numpy only (Adam, minibatches, binary cross-entropy; see ``train``). Inputs are
-standardised per feature during training and the scale is folded into ``W1``/``b1`` afterwards, so
-the stored predictor takes the raw ``x``. The weights are rounded to float16 *before* the threshold is
-tuned: the threshold is tuned on exactly the weights the file holds, and the predictor read back with
-``from_bytes`` is bit-identical to the one validated.
+It is trained with numpy only (Adam, minibatches, binary cross-entropy; see ``train``) on inputs
+standardised per feature; the standardisation (mean and inverse standard deviation, float32) is
+stored with the predictor and applied at run time, so the stored weights are the trained ones:
+nothing grows with the scale of the model's activations (FFN inputs of gemma-family models span
+ten orders of magnitude; folding 1/std into float16 weights overflowed). The weights are rounded
+to float16 *before* the threshold is tuned: the threshold is tuned on exactly the weights the file
+holds, and the predictor read back with ``from_bytes`` is bit-identical to the one validated.
 
 Binary layout (``Predictor.to_bytes``), all little-endian
 ----------------------------------------------------------
@@ -21,24 +24,27 @@ bytes from the start of the blob; the bytes between sections and at the end are 
 offset field                     meaning
 ====== ========================= =============================================================
 0      char[4] magic             ``b"RPRD"``
-4      u32 version               1
+4      u32 version               2 (version 1, without the standardisation, is refused)
 8      u32 n_embd                input width
 12     u32 n_ff                  number of neurons (outputs)
 16     u32 rank                  hidden width r
 20     f32 threshold             neuron i is predicted active iff logit_i > threshold
 24     u32 blob_size             total size of this blob in bytes (multiple of 64)
 28     u8[36]                    zero
-64     f16 W1T[rank][n_embd]     W1 transposed: row j holds the n_embd weights of hidden unit j
-o_b1   f32 b1[rank]              o_b1 = 64 + pad64(2 * rank * n_embd)
+64     f32 x_shift[n_embd]       subtracted from x
+o_sc   f32 x_scale[n_embd]       o_sc = 64 + pad64(4 * n_embd); multiplies x - x_shift
+o_W1   f16 W1T[rank][n_embd]     o_W1 = o_sc + pad64(4 * n_embd); row j: the weights of hidden unit j
+o_b1   f32 b1[rank]              o_b1 = o_W1 + pad64(2 * rank * n_embd)
 o_W2   f16 W2T[n_ff][rank]       W2 transposed: row i holds the r weights of neuron i
 o_b2   f32 b2[n_ff]              o_b2 = o_W2 + pad64(2 * n_ff * rank)
 ====== ========================= =============================================================
 
 with ``o_W2 = o_b1 + pad64(4 * rank)``, ``blob_size = o_b2 + pad64(4 * n_ff)`` and
 ``pad64(n) = (n + 63) & ~63``. Both matrices are stored so that every output is one contiguous
-dot product: hidden unit j is ``h_j = max(0, dot(W1T[j], x) + b1[j])`` (an n_embd-length dot
+dot product: hidden unit j is ``h_j = max(0, dot(W1T[j], z) + b1[j])`` (an n_embd-length dot
 product), logit i is ``dot(W2T[i], h) + b2[i]`` (an r-length dot product), so a C kernel computes
 the r hidden units and then any subset of the n_ff logits row by row. Accumulate in float32.
+Every stored value is finite (``to_bytes`` refuses otherwise).
 """
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 MAGIC = b"RPRD"
-VERSION = 1
+VERSION = 2  # 2: per-feature input standardisation stored (x_shift, x_scale)
 HEADER_SIZE = 64
 _HEADER = struct.Struct("<4sIIIIfI")
 
@@ -73,17 +79,20 @@ def _pad64(n: int) -> int:
     return (n + 63) & ~63
 
 
-def _layout(n_embd: int, n_ff: int, rank: int) -> Tuple[int, int, int, int]:
-    """(o_b1, o_W2, o_b2, blob_size) of the binary layout."""
-    o_b1 = HEADER_SIZE + _pad64(2 * rank * n_embd)
+def _layout(n_embd: int, n_ff: int, rank: int) -> Tuple[int, int, int, int, int, int]:
+    """(o_scale, o_W1, o_b1, o_W2, o_b2, blob_size) of the binary layout (x_shift at HEADER_SIZE)."""
+    o_sc = HEADER_SIZE + _pad64(4 * n_embd)
+    o_w1 = o_sc + _pad64(4 * n_embd)
+    o_b1 = o_w1 + _pad64(2 * rank * n_embd)
     o_w2 = o_b1 + _pad64(4 * rank)
     o_b2 = o_w2 + _pad64(2 * n_ff * rank)
-    return o_b1, o_w2, o_b2, o_b2 + _pad64(4 * n_ff)
+    return o_sc, o_w1, o_b1, o_w2, o_b2, o_b2 + _pad64(4 * n_ff)
 
 
 @dataclass
 class Predictor:
-    """One layer's predictor. W1 (n_embd, rank), b1 (rank,), W2 (rank, n_ff), b2 (n_ff,), float32."""
+    """One layer's predictor. W1 (n_embd, rank), b1 (rank,), W2 (rank, n_ff), b2 (n_ff,), x_shift and
+    x_scale (n_embd,; default: no standardisation), float32."""
 
     rank: int
     n_embd: int
@@ -93,10 +102,16 @@ class Predictor:
     W2: np.ndarray
     b2: np.ndarray
     threshold: float = 0.0
+    x_shift: Optional[np.ndarray] = None
+    x_scale: Optional[np.ndarray] = None
 
     def __post_init__(self):
+        if self.x_shift is None:
+            self.x_shift = np.zeros(self.n_embd, np.float32)
+        if self.x_scale is None:
+            self.x_scale = np.ones(self.n_embd, np.float32)
         shapes = {"W1": (self.n_embd, self.rank), "b1": (self.rank,), "W2": (self.rank, self.n_ff),
-                  "b2": (self.n_ff,)}
+                  "b2": (self.n_ff,), "x_shift": (self.n_embd,), "x_scale": (self.n_embd,)}
         for name, shape in shapes.items():
             a = np.asarray(getattr(self, name), dtype=np.float32)
             if a.shape != shape:
@@ -109,7 +124,9 @@ class Predictor:
         X = _as_features(X, self.n_embd, "X")
         out = np.empty((X.shape[0], self.n_ff), dtype=np.float32)
         for s in range(0, X.shape[0], chunk):
-            h = X[s:s + chunk].astype(np.float32) @ self.W1
+            z = X[s:s + chunk].astype(np.float32) - self.x_shift
+            z *= self.x_scale
+            h = z @ self.W1
             h += self.b1
             np.maximum(h, 0, out=h)
             np.matmul(h, self.W2, out=out[s:s + chunk])
@@ -120,15 +137,34 @@ class Predictor:
         """(N, n_ff) bool: neurons predicted active."""
         return self.logits(X) > np.float32(self.threshold)
 
+    def for_input_scale(self, s: float) -> "Predictor":
+        """This predictor, trained on inputs ``x * s``, as one that takes x itself."""
+        return Predictor(rank=self.rank, n_embd=self.n_embd, n_ff=self.n_ff, W1=self.W1, b1=self.b1, W2=self.W2,
+                         b2=self.b2, threshold=self.threshold, x_shift=self.x_shift / np.float32(s),
+                         x_scale=self.x_scale * np.float32(s))
+
     def nbytes(self) -> int:
-        return _layout(self.n_embd, self.n_ff, self.rank)[3]
+        return _layout(self.n_embd, self.n_ff, self.rank)[-1]
+
+    def check_finite(self) -> None:
+        """Raise ValueError naming the first part that holds inf/nan or overflows float16."""
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"threshold is {self.threshold}")
+        for name in ("x_shift", "x_scale", "W1", "b1", "W2", "b2"):
+            a = getattr(self, name)
+            if not np.isfinite(a).all():
+                raise ValueError(f"{name} holds inf or nan")
+            if name in ("W1", "W2") and np.abs(a).max(initial=0) > np.finfo(np.float16).max:
+                raise ValueError(f"{name} exceeds the float16 range it is stored in")
 
     def to_bytes(self) -> bytes:
         """The blob described in the module docstring (weights rounded to float16)."""
-        o_b1, o_w2, o_b2, size = _layout(self.n_embd, self.n_ff, self.rank)
+        self.check_finite()
+        o_sc, o_w1, o_b1, o_w2, o_b2, size = _layout(self.n_embd, self.n_ff, self.rank)
         buf = bytearray(size)
         _HEADER.pack_into(buf, 0, MAGIC, VERSION, self.n_embd, self.n_ff, self.rank, self.threshold, size)
-        for off, a in ((HEADER_SIZE, self.W1.T.astype("<f2")), (o_b1, self.b1.astype("<f4")),
+        for off, a in ((HEADER_SIZE, self.x_shift.astype("<f4")), (o_sc, self.x_scale.astype("<f4")),
+                       (o_w1, self.W1.T.astype("<f2")), (o_b1, self.b1.astype("<f4")),
                        (o_w2, self.W2.T.astype("<f2")), (o_b2, self.b2.astype("<f4"))):
             raw = np.ascontiguousarray(a).tobytes()
             buf[off:off + len(raw)] = raw
@@ -143,12 +179,13 @@ class Predictor:
         if magic != MAGIC:
             raise ValueError(f"predictor blob: magic {magic!r}, expected {MAGIC!r}")
         if version != VERSION:
-            raise ValueError(f"predictor blob: version {version}, this reader knows {VERSION}")
+            raise ValueError(f"predictor blob: version {version}, this reader knows only version {VERSION} "
+                             "(convert the model again)")
         if (e, f) != (n_embd, n_ff):
             raise ValueError(f"predictor blob: n_embd={e}, n_ff={f}; the layer has n_embd={n_embd}, n_ff={n_ff}")
         if rank == 0:
             raise ValueError("predictor blob: rank 0")
-        o_b1, o_w2, o_b2, expect = _layout(e, f, rank)
+        o_sc, o_w1, o_b1, o_w2, o_b2, expect = _layout(e, f, rank)
         if size != expect or len(b) < size:
             raise ValueError(f"predictor blob: blob_size {size}, {len(b)} bytes given, layout needs {expect}")
 
@@ -156,7 +193,8 @@ class Predictor:
             return np.frombuffer(b, dtype=dtype, count=count, offset=off).astype(np.float32)
 
         return cls(rank=rank, n_embd=e, n_ff=f,
-                   W1=arr(HEADER_SIZE, "<f2", rank * e).reshape(rank, e).T,
+                   x_shift=arr(HEADER_SIZE, "<f4", e), x_scale=arr(o_sc, "<f4", e),
+                   W1=arr(o_w1, "<f2", rank * e).reshape(rank, e).T,
                    b1=arr(o_b1, "<f4", rank),
                    W2=arr(o_w2, "<f2", f * rank).reshape(f, rank).T,
                    b2=arr(o_b2, "<f4", f), threshold=threshold)
@@ -256,9 +294,8 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
+    mu, inv_sd = _standardisation(X_tr)
     Xf = X_tr.astype(np.float32)
-    mu = Xf.mean(axis=0)
-    inv_sd = (1.0 / np.maximum(Xf.std(axis=0), 1e-6)).astype(np.float32)
     Xf -= mu
     Xf *= inv_sd
     p = Y_tr.mean(axis=0, dtype=np.float64).clip(1.0 / (Y_tr.shape[0] + 2), 1 - 1.0 / (Y_tr.shape[0] + 2))
@@ -304,12 +341,10 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
     train_seconds = time.perf_counter() - t0
     loss_last = _train_loss(params, Xf[probe], Y_tr[probe], loss, pos_weight)
 
-    # Fold the standardisation into the first layer: (x - mu) * s @ W1 = x @ (s W1) - (mu s) @ W1.
     W1, b1, W2, b2 = params
-    W1f = W1 * inv_sd[:, None]
-    b1f = b1 - (mu * inv_sd) @ W1
-    exact = Predictor(rank=rank, n_embd=n_embd, n_ff=n_ff, W1=W1f, b1=b1f, W2=W2, b2=b2)
-    pred = Predictor(rank=rank, n_embd=n_embd, n_ff=n_ff, W1=_f16(W1f), b1=b1f, W2=_f16(W2), b2=b2)
+    exact = Predictor(rank=rank, n_embd=n_embd, n_ff=n_ff, W1=W1, b1=b1, W2=W2, b2=b2, x_shift=mu, x_scale=inv_sd)
+    pred = Predictor(rank=rank, n_embd=n_embd, n_ff=n_ff, W1=_f16(W1), b1=b1, W2=_f16(W2), b2=b2,
+                     x_shift=mu, x_scale=inv_sd)
     val_logits = pred.logits(X_val)
     pred.threshold = tune_threshold(val_logits, Y_val, recall_target)
     exact.threshold = pred.threshold
@@ -354,7 +389,21 @@ def _train_loss(params, x, y, loss, pos_weight) -> float:
     return _loss_value(np.maximum(x @ W1 + b1, 0) @ W2 + b2, y, loss, pos_weight)
 
 
+def _standardisation(X: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-feature (mean, 1 / std) of X, float32. Computed in float64 (features of 1e4 and 1e-7
+    side by side); a feature nearly constant on the training tokens gets its std floored at 1% of
+    the median feature's, so a small change at run time cannot swing the hidden units."""
+    X64 = X.astype(np.float64)
+    mu = X64.mean(axis=0)
+    sd = X64.std(axis=0)
+    med = float(np.median(sd))
+    floor = max(1e-2 * med, 1e-30) if med > 0 else 1.0
+    return mu.astype(np.float32), (1.0 / np.maximum(sd, floor)).astype(np.float32)
+
+
 def _f16(a: np.ndarray) -> np.ndarray:
+    if np.abs(a).max(initial=0) > np.finfo(np.float16).max or not np.isfinite(a).all():
+        raise ValueError("trained weights are not finite or exceed the float16 range they are stored in")
     return a.astype(np.float16).astype(np.float32)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -59,6 +60,38 @@ def read_text(path: os.PathLike) -> str:
         raise ProfileError(f"{p}: calibration text is not UTF-8 (byte {e.start}: {e.reason})") from None
 
 
+# What calibration text must hold to be "real text" (docs: README, --calib): control characters
+# (NUL and the like; tab and line breaks excepted) at most CONTROL_MAX of the characters, at least
+# MIN_DISTINCT_TOKENS different tokens (English in a byte-level vocabulary has ~40 in 500 tokens),
+# no token more than TOP_TOKEN_MAX of them. A model profiled on NUL bytes or one repeated token
+# learns nothing about its activations on text.
+CONTROL_MAX = 0.05
+MIN_DISTINCT_TOKENS = 16
+TOP_TOKEN_MAX = 0.5
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
+
+
+def check_text(name: str, text: str) -> None:
+    """Raise ProfileError naming ``name`` when ``text`` is empty or mostly control characters."""
+    if not text.strip():
+        raise ProfileError(f"{name}: calibration text is empty")
+    ctrl = len(_CONTROL.findall(text))
+    if ctrl > CONTROL_MAX * len(text):
+        raise ProfileError(f"{name}: calibration text is {ctrl / len(text):.0%} control characters (NUL bytes?), "
+                           f"at most {CONTROL_MAX:.0%} allowed: not text")
+
+
+def check_tokens(names: str, tokens: Sequence[int]) -> None:
+    """Raise ProfileError naming ``names`` unless ``tokens`` are varied enough to be real text."""
+    counts = np.unique(np.asarray(tokens, dtype=np.int64), return_counts=True)[1]
+    if counts.max() > TOP_TOKEN_MAX * len(tokens):
+        raise ProfileError(f"{names}: one token is {counts.max() / len(tokens):.0%} of the calibration tokens "
+                           f"(at most {TOP_TOKEN_MAX:.0%}): too little real text")
+    if len(counts) < MIN_DISTINCT_TOKENS:
+        raise ProfileError(f"{names}: the calibration tokens hold {len(counts)} distinct tokens, at least "
+                           f"{MIN_DISTINCT_TOKENS} needed: too little real text")
+
+
 def tokenize_chunks(model_path: os.PathLike, texts: Sequence[Tuple[str, str]], n_tokens: int,
                     chunk_tokens: int) -> List[List[int]]:
     """Token chunks (BOS first) from ``texts`` = [(name, text)], ``n_tokens`` in all."""
@@ -71,8 +104,7 @@ def tokenize_chunks(model_path: os.PathLike, texts: Sequence[Tuple[str, str]], n
         chunks: List[List[int]] = []
         have = 0
         for name, text in texts:
-            if not text.strip():
-                raise ProfileError(f"{name}: calibration text is empty")
+            check_text(name, text)
             toks = llm.tokenize(text.encode("utf-8"), add_bos=False)
             for i in range(0, len(toks) - (chunk_tokens - 1) + 1, chunk_tokens - 1):
                 if have >= n_tokens:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -178,3 +180,66 @@ def mode_perplexity(path: os.PathLike, tokens: Sequence[int], mode: str, *, chun
         return out
     finally:
         runtime.configure(mode=previous)
+
+
+# The converter's check of its own output (self_check): held-out recall of the predictors at least
+# RECALL_FLOOR x their recall target, and sparse-mode perplexity at most SPARSE_PPL_LIMIT above
+# exact mode's on SELF_CHECK_TOKENS held-out tokens; otherwise the file's default mode is exact.
+RECALL_FLOOR = 0.8
+SPARSE_PPL_LIMIT = 0.05
+SELF_CHECK_TOKENS = 512
+SELF_CHECK_CHUNK = 256
+
+
+def self_check(path: os.PathLike, *, n_tokens: int = SELF_CHECK_TOKENS) -> Dict[str, object]:
+    """Check a freshly written ripple file with predictors (any name: the runtime recognises ripple
+    files by content): raises RippleFormatError when a predictor or threshold is not finite,
+    else returns {"default_mode": "sparse"|"exact", "reason", "recall", "recall_floor",
+    "exact_ppl", "sparse_ppl", "tokens"}: exact when the predictors' held-out recall is below the
+    floor or sparse mode's perplexity exceeds exact mode's by more than SPARSE_PPL_LIMIT."""
+    from .constants import Keys
+    from .format import RippleFile, RippleFormatError
+
+    p = os.fspath(path)
+    rf = RippleFile.open(p)  # refuses non-finite activity thresholds
+    for layer in rf.layers:
+        try:
+            rf.read_predictor(layer).check_finite()
+        except ValueError as e:
+            raise RippleFormatError(p, f"layer {layer.block}: predictor: {e}") from None
+    metrics = rf.predictor_metrics or {}
+    recall = float(metrics.get("recall", 0.0))
+    floor = RECALL_FLOOR * float(rf.metadata.get(Keys.Predictor.RECALL_TARGET, 1.0))
+    toks = heldout_tokens(p, n_tokens)
+    exact = mode_perplexity(p, toks, "exact", chunk=SELF_CHECK_CHUNK)["ppl"]
+    sparse = mode_perplexity(p, toks, "sparse", chunk=SELF_CHECK_CHUNK)["ppl"]
+    out: Dict[str, object] = dict(recall=recall, recall_floor=floor, exact_ppl=exact, sparse_ppl=sparse,
+                                  tokens=len(toks), default_mode="sparse", reason="")
+    if not np.isfinite(sparse) or not np.isfinite(exact):
+        out.update(default_mode="exact", reason=f"perplexity not finite (exact {exact}, sparse {sparse})")
+    elif recall < floor:
+        out.update(default_mode="exact", reason=f"predictor recall {recall:.3f} on held-out text is below the "
+                                                 f"floor {floor:.3f} ({RECALL_FLOOR} x the recall target)")
+    elif sparse > exact * (1 + SPARSE_PPL_LIMIT):
+        out.update(default_mode="exact", reason=f"sparse-mode perplexity {sparse:.4g} is {sparse / exact - 1:+.1%} "
+                                                 f"over exact mode's {exact:.4g} on {len(toks)} held-out tokens "
+                                                 f"(limit +{SPARSE_PPL_LIMIT:.0%})")
+    return out
+
+
+def check_output(path: str, offline: "OfflineData", *, quiet: bool, stage_seconds: dict) -> "OfflineData":
+    """The converter's self-check of a written file with predictors (quality.self_check): raises
+    on non-finite predictors or thresholds; returns ``offline`` when sparse mode passed, else a copy
+    with exact as the default mode and the reason, which the caller writes instead."""
+    t0 = time.perf_counter()
+    r = self_check(path)
+    stage_seconds["self-check"] = time.perf_counter() - t0
+    if r["default_mode"] == "sparse":
+        if not quiet:
+            print(f"self-check: sparse mode perplexity {r['sparse_ppl']:.4g} vs exact {r['exact_ppl']:.4g} "
+                  f"({r['sparse_ppl'] / r['exact_ppl'] - 1:+.1%}) on {r['tokens']} held-out tokens, predictor "
+                  f"recall {r['recall']:.3f}: default mode sparse", file=sys.stderr)
+        return offline
+    print(f"warning: {r['reason']}: the file's default mode is exact (sparse mode stays available with "
+          "RIPPLE_MODE=sparse or configure(mode='sparse'))", file=sys.stderr)
+    return replace(offline, default_mode="exact", default_mode_reason=r["reason"])

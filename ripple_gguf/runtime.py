@@ -83,6 +83,7 @@ def _wrap_model_loader() -> None:
         rf = RippleFile.open(path)
         rf.check_quick()
         handle = _begin_load(rf)
+        _native.lib.ripple_model_set_default_mode(handle, MODES[rf.default_mode])
         model = None
         try:
             model = orig(path_model, params)
@@ -91,7 +92,8 @@ def _wrap_model_loader() -> None:
             _native.lib.ripple_model_end_load(handle, 1 if model else 0)
         expected = sum(3 if layer.gate_type >= 0 else 2 for layer in rf.layers)
         _last_load.clear()
-        _last_load.update(path=path, handle=handle, bound_tensors=bound, expected_tensors=expected)
+        _last_load.update(path=path, handle=handle, bound_tensors=bound, expected_tensors=expected,
+                          default_mode=rf.default_mode, default_mode_reason=rf.default_mode_reason)
         if model and bound != expected:
             warnings.warn(
                 f"ripple-gguf: {path}: the backend took {bound} of {expected} FFN tensors; the others run "
@@ -159,7 +161,7 @@ def _begin_load(rf: RippleFile) -> int:
 
 
 EXACT_DOWN = {"tensor": 0, "bundles": 1}
-MODES = {"exact": 0, "sparse": 1}
+MODES = {"exact": 0, "sparse": 1, "auto": 2}
 CACHE_POLICIES = {"lru": 0, "s3fifo": 1, "linking": 2}
 IO_ENGINES = {"threads": 0, "uring": 1, "auto": 2}
 _RULES = {"nonzero": 0, "magnitude": 1}
@@ -199,7 +201,7 @@ ENV_VARS = {"mode": "RIPPLE_MODE", "cache_mb": "RIPPLE_CACHE_MB", "cache_fractio
             "cache_policy": "RIPPLE_CACHE_POLICY", "collapse": "RIPPLE_COLLAPSE", "direct_io": "RIPPLE_DIRECT_IO",
             "io_threads": "RIPPLE_IO_THREADS", "io_engine": "RIPPLE_IO_ENGINE", "prefetch": "RIPPLE_PREFETCH",
             "exact_down": "RIPPLE_EXACT_DOWN"}
-_DEFAULTS = {"mode": "sparse", "cache_policy": "lru", "collapse": True,
+_DEFAULTS = {"mode": "auto", "cache_policy": "lru", "collapse": True,
              "direct_io": False, "io_threads": DEFAULT_IO_THREADS, "io_engine": "auto", "prefetch": False,
              "exact_down": "tensor"}
 
@@ -309,10 +311,12 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     given below; names must be one of those listed. The ``RIPPLE_*`` variables, read at import and
     by :func:`reset_settings`, get the same checks with the variable named in the error.
 
-    mode: ``"sparse"`` (default: per token and layer only the bundles the layer's predictor
-    selects are read and computed, the file's activity rule applied; files or layers without
-    predictors run exact) or ``"exact"`` (every neuron; logits equal stock llama.cpp's).
-    Environment: ``RIPPLE_MODE``.
+    mode: ``"sparse"`` (per token and layer only the bundles the layer's predictor selects are
+    read and computed, the file's activity rule applied; files or layers without predictors run
+    exact), ``"exact"`` (every neuron; logits equal stock llama.cpp's) or ``"auto"`` (default: each
+    file's own default mode, ``ripple.runtime.default_mode``: sparse for files with predictors
+    unless the converter's self-check found sparse mode too far from exact). Environment:
+    ``RIPPLE_MODE``.
     cache_mb: byte budget of the DRAM neuron cache of each loaded ripple model, in MiB (0: no
     cache). cache_fraction: the budget as a fraction of each model's FFN bytes instead (0 < f <= 1).
     Environment: ``RIPPLE_CACHE_MB`` (default 64) or ``RIPPLE_CACHE_FRACTION``.
@@ -402,8 +406,10 @@ def _io_engine() -> Dict[str, object]:
 def settings() -> Dict[str, object]:
     down = _native.lib.ripple_get_exact_down()
     name = lambda table, v: next(k for k, x in table.items() if x == v)
+    mode = name(MODES, _native.lib.ripple_get_mode())
     return {
-        "mode": name(MODES, _native.lib.ripple_get_mode()),
+        "mode": mode,
+        "mode_note": _mode_note(mode),
         "cache_mb": _native.lib.ripple_get_cache_bytes() / (1024 * 1024),
         "cache_fraction": _native.lib.ripple_get_cache_fraction(),
         "cache_policy": name(CACHE_POLICIES, _native.lib.ripple_get_cache_policy()),
@@ -419,6 +425,16 @@ def settings() -> Dict[str, object]:
         "load_hook_error": _state["load_hook_error"],
         "library": str(_native.library_path),
     }
+
+
+def _mode_note(mode: str) -> str:
+    """What the mode setting means for the latest ripple load, and why."""
+    if mode != "auto":
+        return f"{mode} for every ripple file (set by configure(mode=) or RIPPLE_MODE)"
+    if not _last_load:
+        return "each ripple file's default mode (ripple.runtime.default_mode)"
+    return (f"each ripple file's default mode; {_last_load['path']}: {_last_load['default_mode']} "
+            f"({_last_load['default_mode_reason']})")
 
 
 def stats() -> Dict[str, float]:

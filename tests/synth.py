@@ -1,7 +1,13 @@
 """Tiny synthetic GGUF models that stock llama.cpp loads: fixtures for fast offline tests.
 
 Weights are random (no structure); the vocabulary is the minimal "llama" tokenizer of <unk>, <s>,
-</s> and the 256 byte tokens. FFN tensors can be any ggml type: gguf-py quantizes the types it
+</s> and the 256 byte tokens. Besides llama and gpt2, the dense-FFN architectures gemma2 (gated GELU,
+post-attention and post-FFN norms, tied output), qwen2 (attention biases) and phi3 (one fused
+``ffn_up`` of 2 x n_ff rows holding gate and up, no ``ffn_gate``) are built with the tensors and keys
+llama.cpp 0.3.36 requires (vendor/llama.cpp/src/models/*.cpp) and realistic activation scales: the
+``ffn_norm`` weights hold a few "massive" features (2000) and a few near zero (1e-7), as trained
+models do, so the FFN inputs span ten orders of magnitude and some post-activations exceed the
+float16 range (65504). FFN tensors can be any ggml type: gguf-py quantizes the types it
 can, ggml's own quantizer (through the converter's row backend) does the K-quants and the rest.
 """
 from __future__ import annotations
@@ -53,7 +59,8 @@ def make_model(path: os.PathLike | str, *, n_layers: int = 2, n_embd: int = 64, 
     """Write a model to ``path``; return the path.
 
     ``ffn_type``: one type for the FFN weights or a mapping {"gate"/"up"/"down": type}.
-    ``arch`` defaults to "llama" when gated and "gpt2" (an ungated FFN) otherwise.
+    ``arch`` defaults to "llama" when gated and "gpt2" (an ungated FFN) otherwise; "gemma2", "qwen2"
+    and "phi3" as the module docstring says (``gated`` is ignored for them).
     ``edit(tensors)`` may change {name: (float32 values or (raw, raw_dtype))} before writing, to make
     broken models for tests.
     """
@@ -61,6 +68,12 @@ def make_model(path: os.PathLike | str, *, n_layers: int = 2, n_embd: int = 64, 
     arch = arch or ("llama" if gated else "gpt2")
     if arch == "llama" and not gated:
         raise ValueError("llama has a gated FFN; use arch='gpt2' for an ungated one")
+    if arch not in ("llama", "gpt2") + NEW_ARCHS:
+        raise ValueError(f"arch {arch!r}: choose from llama, gpt2, {', '.join(NEW_ARCHS)}")
+    if arch in NEW_ARCHS:
+        return _make_new_arch(path, arch, n_layers=n_layers, n_embd=n_embd, n_ff=n_ff, n_head=n_head,
+                              kinds=ffn_type if isinstance(ffn_type, Mapping) else
+                              {k: ffn_type for k in ("gate", "up", "down")}, seed=seed, n_ctx=n_ctx, edit=edit)
     rng = np.random.default_rng(seed)
     tokens, scores, ttypes = tokenizer_vocab()
     n_vocab = len(tokens)
@@ -130,6 +143,86 @@ def make_model(path: os.PathLike | str, *, n_layers: int = 2, n_embd: int = 64, 
         if isinstance(v, tuple):
             arr, raw_dtype = v
             wr.add_tensor(name, arr, raw_dtype=raw_dtype)
+        else:
+            wr.add_tensor(name, v)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return path
+
+
+NEW_ARCHS = ("gemma2", "qwen2", "phi3")
+MASSIVE, TINY = 2000.0, 1e-7  # ffn_norm weights of the massive and the near-dead features
+
+
+def _make_new_arch(path: str, arch: str, *, n_layers: int, n_embd: int, n_ff: int, n_head: int,
+                   kinds: Mapping[str, TypeSpec], seed: int, n_ctx: int,
+                   edit: Callable[[dict], None] | None) -> str:
+    rng = np.random.default_rng(seed)
+    tokens, scores, ttypes = tokenizer_vocab()
+    n_vocab = len(tokens)
+
+    def w(*shape: int, scale: float | None = None) -> np.ndarray:
+        scale = scale if scale is not None else 1.0 / np.sqrt(shape[-1])
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    ones = lambda n: np.ones(n, dtype=np.float32)
+    ffn_norm = ones(n_embd)
+    ffn_norm[:2], ffn_norm[2:6] = MASSIVE, TINY
+    # gemma2 multiplies the embeddings by sqrt(n_embd) and ties the output to them
+    t: dict[str, object] = {"token_embd.weight": w(n_vocab, n_embd, scale=None if arch == "gemma2" else 1.0)}
+    for i in range(n_layers):
+        b = f"blk.{i}"
+        t[f"{b}.attn_norm.weight"] = ones(n_embd)
+        for name in ("attn_q", "attn_k", "attn_v"):
+            t[f"{b}.{name}.weight"] = w(n_embd, n_embd)
+            if arch == "qwen2":
+                t[f"{b}.{name}.bias"] = w(n_embd, scale=0.5)
+        t[f"{b}.attn_output.weight"] = w(n_embd, n_embd)
+        if arch == "gemma2":
+            t[f"{b}.post_attention_norm.weight"] = ones(n_embd)
+        t[f"{b}.ffn_norm.weight"] = ffn_norm.copy()
+        if arch == "phi3":  # gate rows first, then up rows (llama.cpp's swiglu splits the output in halves)
+            t[f"{b}.ffn_up.weight"] = encode(w(2 * n_ff, n_embd), _qtype(kinds.get("up")))
+        else:
+            t[f"{b}.ffn_gate.weight"] = encode(w(n_ff, n_embd), _qtype(kinds.get("gate")))
+            t[f"{b}.ffn_up.weight"] = encode(w(n_ff, n_embd), _qtype(kinds.get("up")))
+        t[f"{b}.ffn_down.weight"] = encode(w(n_embd, n_ff), _qtype(kinds.get("down")))
+        if arch == "gemma2":
+            t[f"{b}.post_ffw_norm.weight"] = ones(n_embd)
+    t["output_norm.weight"] = ones(n_embd)
+    if arch != "gemma2":  # gemma2 ties the output to token_embd
+        t["output.weight"] = w(n_vocab, n_embd)
+    if edit is not None:
+        edit(t)
+
+    wr = gguf.GGUFWriter(path, arch)
+    # a name containing "phi3" makes llama.cpp expect phi-3's <|endoftext|> token in the vocabulary
+    wr.add_name("synthetic-fused-up" if arch == "phi3" else f"synthetic-{arch}")
+    wr.add_context_length(n_ctx)
+    wr.add_embedding_length(n_embd)
+    wr.add_block_count(n_layers)
+    wr.add_feed_forward_length(n_ff)
+    wr.add_head_count(n_head)
+    wr.add_head_count_kv(n_head)
+    wr.add_layer_norm_rms_eps(1e-6)
+    wr.add_rope_dimension_count(n_embd // n_head)
+    if arch == "gemma2":
+        wr.add_key_length(n_embd // n_head)
+        wr.add_value_length(n_embd // n_head)
+        wr.add_sliding_window(n_ctx)
+    wr.add_file_type(0)
+    wr.add_tokenizer_model("llama")
+    wr.add_token_list(tokens)
+    wr.add_token_scores(scores)
+    wr.add_token_types(ttypes)
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(2)
+    wr.add_unk_token_id(0)
+    for name, v in t.items():
+        if isinstance(v, tuple):
+            wr.add_tensor(name, v[0], raw_dtype=v[1])
         else:
             wr.add_tensor(name, v)
     wr.write_header_to_file()

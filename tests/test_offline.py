@@ -158,3 +158,32 @@ def test_real_model_defaults(real_model, tmp_path, exact_mode):
     (stock,) = stock_logits([real_model], TOKENS)
     assert ripple_gguf.stats()["ffn_matmuls"] > 0
     assert (got.argmax(-1) == stock.argmax(-1)).all()
+
+
+def test_calibration_text_that_is_not_text_is_refused(model, tmp_path, capsys):
+    """NUL bytes are valid UTF-8 and used to convert (exit 0) into a model whose predictors were
+    trained on nothing; one repeated token is as bad. Both are refused, naming the file."""
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"\0" * 20000)
+    out = tmp_path / "x.gguf"
+    assert main(["convert", model, str(out), "--calib", str(nul), "--calib-tokens", "512", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nul.txt" in err and "control characters" in err and "Traceback" not in err
+    assert not out.exists()
+    with pytest.raises(ProfileError, match="same.txt: one token is 99% of the calibration tokens"):
+        convert(model, out, offline=small_cfg(calib=[("same.txt", "a" * 5000)]), quiet=True)
+    with pytest.raises(ProfileError, match=r"few.txt: the calibration tokens hold \d+ distinct tokens, at least 16"):
+        convert(model, out, offline=small_cfg(calib=[("few.txt", "hello " * 2000)]), quiet=True)
+    assert not out.exists()
+
+
+def test_non_finite_activations_are_refused(tmp_path):
+    """A model whose FFN input overflows float32 in llama.cpp (ffn_norm of 1e38) cannot be profiled:
+    the error names the file and the layer."""
+    def edit(t):
+        t["blk.1.ffn_norm.weight"] = np.full(64, 3e38, np.float32)
+
+    src = make_model(tmp_path / "inf.gguf", ffn_type="Q8_0", n_layers=2, edit=edit)
+    with pytest.raises(ProfileError, match=r"inf\.gguf: layer 1: FFN input holds inf or nan"):
+        convert(src, tmp_path / "x.gguf", offline=small_cfg(), quiet=True)
+    assert not (tmp_path / "x.gguf").exists()

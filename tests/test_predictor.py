@@ -81,7 +81,7 @@ def test_bytes_round_trip(trained, data):
     assert blob[:4] == b"RPRD"
     back = Predictor.from_bytes(blob, N_EMBD, N_FF)
     assert back.rank == pred.rank and back.threshold == pred.threshold
-    for name in ("W1", "b1", "W2", "b2"):
+    for name in ("x_shift", "x_scale", "W1", "b1", "W2", "b2"):
         np.testing.assert_array_equal(getattr(back, name), getattr(pred, name))  # weights are f16 already
     np.testing.assert_array_equal(back.predict(X_test), pred.predict(X_test))
     assert back.to_bytes() == blob
@@ -95,13 +95,18 @@ def test_layout_is_what_the_docstring_says(trained):
     blob = pred.to_bytes()
     r, e, f = pred.rank, N_EMBD, N_FF
     pad = lambda n: (n + 63) // 64 * 64
-    w1t = np.frombuffer(blob, "<f2", r * e, 64).reshape(r, e)
-    o_b1 = 64 + pad(2 * r * e)
+    assert np.frombuffer(blob, "<u4", 1, 4)[0] == 2  # version
+    shift = np.frombuffer(blob, "<f4", e, 64)
+    o_sc = 64 + pad(4 * e)
+    scale = np.frombuffer(blob, "<f4", e, o_sc)
+    o_w1 = o_sc + pad(4 * e)
+    w1t = np.frombuffer(blob, "<f2", r * e, o_w1).reshape(r, e)
+    o_b1 = o_w1 + pad(2 * r * e)
     o_w2 = o_b1 + pad(4 * r)
     o_b2 = o_w2 + pad(2 * f * r)
     w2t = np.frombuffer(blob, "<f2", f * r, o_w2).reshape(f, r)
     x = np.linspace(-1, 1, e, dtype=np.float32)
-    h = np.maximum(w1t.astype(np.float32) @ x + np.frombuffer(blob, "<f4", r, o_b1), 0)
+    h = np.maximum(w1t.astype(np.float32) @ ((x - shift) * scale) + np.frombuffer(blob, "<f4", r, o_b1), 0)
     logits = w2t.astype(np.float32) @ h + np.frombuffer(blob, "<f4", f, o_b2)
     np.testing.assert_allclose(logits, pred.logits(x[None])[0], rtol=1e-5, atol=1e-5)
     assert len(blob) == o_b2 + pad(4 * f)
@@ -203,3 +208,43 @@ def test_fit_mask_shape_checked(data):
     X, Y, _, _ = data
     with pytest.raises(ValueError, match="Y_fit has shape"):
         train(X, Y, rank=4, epochs=1, Y_fit=Y[:-1])
+
+
+def test_inputs_spanning_ten_orders_of_magnitude(data):
+    """FFN inputs with features of 1e4 and of 1e-7 (gemma family): the stored weights stay finite
+    and in float16 range, the standardisation is stored in float32, and the predictor still learns."""
+    X, Y, X_test, Y_test = data
+    col = np.ones(N_EMBD, np.float32)
+    col[:2], col[2:6] = 1e4, 1e-7
+    Xw, Xw_test = X.astype(np.float32) * col, X_test.astype(np.float32) * col
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # no overflow or invalid value
+        pred, m = train(Xw, Y, rank=32, recall_target=0.9, seed=3, epochs=15, batch=64)
+        blob = pred.to_bytes()
+    back = Predictor.from_bytes(blob, N_EMBD, N_FF)
+    np.testing.assert_array_equal(back.predict(Xw_test), pred.predict(Xw_test))
+    # same quality as on the plainly scaled inputs
+    assert metrics(pred.predict(Xw_test), Y_test)["recall"] >= 0.85
+    assert m["val_recall"] >= 0.9
+
+
+def test_input_scale_round_trip(trained, data):
+    pred, _ = trained
+    _, _, X_test, _ = data
+    s = 2.0 ** -12
+    raw = pred.for_input_scale(s)
+    np.testing.assert_array_equal(raw.logits(X_test.astype(np.float32) / np.float32(s)), pred.logits(X_test))
+
+
+def test_non_finite_refused_and_old_version_refused(trained):
+    pred, _ = trained
+    bad = Predictor(rank=pred.rank, n_embd=N_EMBD, n_ff=N_FF, W1=pred.W1, b1=pred.b1, W2=pred.W2, b2=pred.b2,
+                    threshold=float("nan"))
+    with pytest.raises(ValueError, match="threshold is nan"):
+        bad.to_bytes()
+    bad.threshold, bad.x_scale = 0.0, np.full(N_EMBD, np.inf, np.float32)
+    with pytest.raises(ValueError, match="x_scale holds inf"):
+        bad.to_bytes()
+    blob = bytearray(pred.to_bytes())
+    blob[4:8] = (1).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="version 1, this reader knows only version 2"):
+        Predictor.from_bytes(bytes(blob), N_EMBD, N_FF)

@@ -367,7 +367,7 @@ static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node, s
                 /* .base    = */ NULL,
                 /* .stride  = */ 0,
                 /* .map     = */ L->pos_of,
-                /* .list    = */ neurons,
+                /* .list    = */ neurons ? neurons : L->order, /* position order: bundles as they lie */
                 /* .n_list  = */ n_sel,
                 /* .ptrs    = */ ctx->fetch.ptr,
                 /* .ptr_off = */ kind == RIPPLE_GATE ? 0 : L->gate_row,

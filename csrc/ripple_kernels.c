@@ -282,7 +282,7 @@ static void dequant_vec_dot_type(enum ggml_type vt, const void * src, float * ds
  * which is stock's dot product up to the order of the float additions. Other layouts (float columns,
  * or Q8_0 columns of k-quant sources) are dequantized and summed in f32. */
 
-#define RIPPLE_DOWN_TILE 8 /* tokens whose integer sums are kept together (a column is unpacked once for them) */
+#define RIPPLE_DOWN_TILE 8 /* at most this many tokens' integer sums kept together (a column is unpacked once for them) */
 
 typedef struct {
     const ripple_layer *       L;
@@ -296,6 +296,7 @@ typedef struct {
     size_t                     xq_stride;
     size_t                     xq_block;  /* bytes per block of 32 (34 for Q8_0, 36 for Q8_1) */
     int                        has_s;     /* Q8_1: the block carries s = d * sum(q) */
+    int                        tile;      /* tokens whose sums are kept together */
     /* float path: the activations rounded like stock, n_tokens x n_ff */
     const float *              h;
     ggml_to_float_t            to_float;
@@ -336,10 +337,13 @@ static void split_unpack(const ripple_layer * L, const uint8_t * src, int64_t r0
     }
 }
 
+/* Bundles are visited in position order (the order they lie in memory, so the hardware prefetcher
+ * streams them); each neuron's integer products go to the sums of its source block, and the blocks
+ * are combined in block order at the end. */
 static void down_split_task(void * v, int ith, int nth) {
     const down_job * j = v;
     const ripple_layer * L = j->L;
-    const int64_t n_ff = L->d.n_ff, n_embd = L->d.n_embd, T = j->n_tokens;
+    const int64_t n_ff = L->d.n_ff, n_embd = L->d.n_embd, T = j->n_tokens, nb = n_ff / 32;
     int64_t r0, r1;
     slice_of(j, ith, nth, &r0, &r1);
     const int64_t w = r1 - r0;
@@ -347,59 +351,61 @@ static void down_split_task(void * v, int ith, int nth) {
         return;
     }
     const size_t off = L->gate_row + L->up_row;
-    int32_t * isum = (int32_t *) (j->work + (size_t) ith * j->work_per_thread); /* RIPPLE_DOWN_TILE x w */
-    int8_t * col = (int8_t *) (isum + (size_t) RIPPLE_DOWN_TILE * (size_t) w);
-    for (int64_t t0 = 0; t0 < T; t0 += RIPPLE_DOWN_TILE) {
-        const int tt = (int) (T - t0 < RIPPLE_DOWN_TILE ? T - t0 : RIPPLE_DOWN_TILE);
+    const size_t qoff = j->has_s ? 4 : 2;
+    const int tile = j->tile;
+    /* per thread: isum[tile][nb][w] int32, used[tile][nb], col[w] */
+    int32_t * isum = (int32_t *) (j->work + (size_t) ith * j->work_per_thread);
+    uint8_t * used = (uint8_t *) (isum + (size_t) tile * (size_t) nb * (size_t) w);
+    int8_t * col = (int8_t *) (used + (size_t) tile * (size_t) nb);
+    const int64_t n = j->positions ? j->n_positions : n_ff;
+    for (int64_t t0 = 0; t0 < T; t0 += tile) {
+        const int tt = (int) (T - t0 < tile ? T - t0 : tile);
+        memset(isum, 0, sizeof(int32_t) * (size_t) tt * (size_t) nb * (size_t) w);
+        memset(used, 0, (size_t) tt * (size_t) nb);
+        const int8_t * qx_of[RIPPLE_DOWN_TILE]; /* token u's Q8 values of neuron i: qx_of[u][i / 32 * block + i % 32] */
         for (int u = 0; u < tt; u++) {
-            memset((char *) j->dst->data + (t0 + u) * j->dst->nb[1] + r0 * sizeof(float), 0, sizeof(float) * (size_t) w);
+            qx_of[u] = (const int8_t *) (j->xq + (size_t) (t0 + u) * j->xq_stride + qoff);
         }
-        for (int64_t b = 0; b < n_ff / 32; b++) {
-            const uint8_t * xb[RIPPLE_DOWN_TILE];
+        for (int64_t k = 0; k < n; k++) {
+            const int64_t p = j->positions ? j->positions[k] : k;
+            const int64_t i = L->order[p], b = i / 32;
+            const size_t at = (size_t) b * j->xq_block + (size_t) (i % 32);
             int any = 0;
             for (int u = 0; u < tt; u++) {
-                xb[u] = j->xq + (size_t) (t0 + u) * j->xq_stride + (size_t) b * j->xq_block;
-                memset(isum + (size_t) u * (size_t) w, 0, sizeof(int32_t) * (size_t) w);
-            }
-            const size_t qoff = j->has_s ? 4 : 2;
-            for (int k = 0; k < 32; k++) {
-                int used = 0;
-                for (int u = 0; u < tt; u++) {
-                    used |= ((const int8_t *) (xb[u] + qoff))[k] != 0;
-                }
-                if (!used) {
-                    continue;
-                }
-                any = 1;
-                const int64_t i = 32 * b + k;
-                split_unpack(L, j->ptrs[L->pos_of[i]] + off, r0, r1, col);
-                for (int u = 0; u < tt; u++) {
-                    const int32_t qx = ((const int8_t *) (xb[u] + qoff))[k];
-                    if (qx == 0) {
-                        continue;
-                    }
-                    int32_t * is = isum + (size_t) u * (size_t) w;
-                    for (int64_t r = 0; r < w; r++) {
-                        is[r] += (int32_t) col[r] * qx;
-                    }
-                }
+                any |= qx_of[u][at] != 0;
             }
             if (!any) {
-                continue; /* every q_x of the block is 0, and so is s */
+                continue;
             }
-            const float * dm = L->down_tab + ((size_t) b * (size_t) n_embd + (size_t) r0) * 2;
+            split_unpack(L, j->ptrs[p] + off, r0, r1, col);
             for (int u = 0; u < tt; u++) {
-                ggml_fp16_t d16, s16;
-                memcpy(&d16, xb[u], 2);
-                const float dx = ggml_fp16_to_fp32(d16);
-                float sx = 0.0f;
-                if (j->has_s) {
-                    memcpy(&s16, xb[u] + 2, 2);
-                    sx = ggml_fp16_to_fp32(s16);
+                const int32_t qx = qx_of[u][at];
+                if (qx == 0) {
+                    continue;
                 }
-                float * out = (float *) ((char *) j->dst->data + (t0 + u) * j->dst->nb[1]) + r0;
-                const int32_t * is = isum + (size_t) u * (size_t) w;
+                used[(size_t) u * (size_t) nb + (size_t) b] = 1;
+                int32_t * is = isum + ((size_t) u * (size_t) nb + (size_t) b) * (size_t) w;
+                for (int64_t r = 0; r < w; r++) {
+                    is[r] += (int32_t) col[r] * qx;
+                }
+            }
+        }
+        for (int u = 0; u < tt; u++) {
+            float * out = (float *) ((char *) j->dst->data + (t0 + u) * j->dst->nb[1]) + r0;
+            memset(out, 0, sizeof(float) * (size_t) w);
+            const uint8_t * xt = j->xq + (size_t) (t0 + u) * j->xq_stride;
+            for (int64_t b = 0; b < nb; b++) {
+                if (!used[(size_t) u * (size_t) nb + (size_t) b]) {
+                    continue; /* every q_x of the block is 0, and so is s */
+                }
+                ggml_fp16_t d16, s16;
+                memcpy(&d16, xt + (size_t) b * j->xq_block, 2);
+                const float dx = ggml_fp16_to_fp32(d16);
+                const int32_t * is = isum + ((size_t) u * (size_t) nb + (size_t) b) * (size_t) w;
+                const float * dm = L->down_tab + ((size_t) b * (size_t) n_embd + (size_t) r0) * 2;
                 if (j->has_s) {
+                    memcpy(&s16, xt + (size_t) b * j->xq_block + 2, 2);
+                    const float sx = ggml_fp16_to_fp32(s16);
                     for (int64_t r = 0; r < w; r++) {
                         out[r] += (float) is[r] * (dm[2 * r] * dx) + dm[2 * r + 1] * sx;
                     }
@@ -513,7 +519,11 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
     float * hm = malloc(sizeof(float) * (size_t) n_ff);
     uint8_t * xq = vt == GGML_TYPE_F32 ? NULL : malloc(vt_row * (size_t) n_tokens);
     float * h = integer ? NULL : malloc(sizeof(float) * (size_t) (n_tokens * n_ff));
-    j.work_per_thread = integer ? (sizeof(int32_t) * RIPPLE_DOWN_TILE + 1) * (size_t) w_max
+    /* the integer sums of a token span every source block: up to 256 KiB of them per thread */
+    const size_t per_token = (sizeof(int32_t) * (size_t) w_max + 1) * (size_t) (n_ff / 32);
+    j.tile = (int) (per_token * RIPPLE_DOWN_TILE <= (256u << 10) ? RIPPLE_DOWN_TILE
+                    : per_token * 2 <= (256u << 10) ? (256u << 10) / per_token : 1);
+    j.work_per_thread = integer ? per_token * (size_t) j.tile + (size_t) w_max
                                 : sizeof(float) * RIPPLE_DOWN_BLOCK * (size_t) w_max;
     j.work_per_thread = (j.work_per_thread + 63) & ~(size_t) 63;
     j.work = malloc(j.work_per_thread * (size_t) n_threads);

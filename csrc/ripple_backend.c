@@ -314,7 +314,7 @@ static int down_from_tensor(ripple_backend_ctx * ctx, const ripple_binding * b, 
     RIPPLE_COUNT(io_ns, ripple_now_ns() - t0);
     RIPPLE_COUNT(read_ops, 1);
     RIPPLE_COUNT(bytes_read, need);
-    if (rc != 0) {
+    if (rc != 0 || ripple_verify_tensor(m, b->layer, RIPPLE_DOWN, ctx->dbuf, 0, need) != 0) {
         return -1;
     }
     ripple_rows rows = { t, L->d.n_ff, L->d.n_embd, ctx->dbuf, row, NULL, NULL, 0 };

@@ -190,10 +190,12 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
     uint8_t * missing = malloc((size_t) n);
     int32_t * read_len = malloc(sizeof(int32_t) * (size_t) n); /* length of the read a bundle came in */
     ripple_io_req * reqs = malloc(sizeof(ripple_io_req) * (size_t) (n + 1));
-    if (!missing || !read_len || !reqs) {
+    int64_t * check = malloc(sizeof(int64_t) * (size_t) n); /* positions whose bytes came from the file */
+    if (!missing || !read_len || !reqs || !check) {
         free(missing);
         free(read_len);
         free(reqs);
+        free(check);
         ripple_set_error("out of memory");
         return -1;
     }
@@ -271,6 +273,18 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
     RIPPLE_COUNT(dense_bytes, L->dense_bytes);
     count_max_run(max_run);
 
+    if (rc == 0) {
+        /* bytes used from the file now: the misses (read here or ahead), and with a streamed layer
+         * every needed bundle (the stream overwrote the cached copies too) */
+        int64_t n_check = 0;
+        for (int64_t p = 0; p < n; p++) {
+            if (missing[p] || (from_pf && from_pf[p]) || (streamed && (!need || need[p]))) {
+                check[n_check++] = p;
+            }
+        }
+        rc = ripple_verify_bundles(m, layer, dst, check, n_check);
+    }
+
     if (rc == 0 && m->cache.n_slots > 0) {
         pthread_mutex_lock(&m->mu);
         for (int64_t p = 0; p < n; p++) {
@@ -284,6 +298,7 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
     free(missing);
     free(read_len);
     free(reqs);
+    free(check);
     return rc;
 }
 

@@ -132,9 +132,13 @@ void ripple_crc32c_pieces(const uint8_t * base, size_t stride, size_t len, const
     int64_t i = 0;
 #ifdef HW_ATTR
     if (g_hw) {
-        for (; i + 3 <= n; i += 3) {
-            const int64_t x = idx ? idx[i] : i, y = idx ? idx[i + 1] : i + 1, z = idx ? idx[i + 2] : i + 2;
-            crc_hw3(base + (size_t) x * stride, base + (size_t) y * stride, base + (size_t) z * stride, len, out + i);
+        for (; i + 2 <= n; i += 3) {
+            /* two left: the second again as the third chain (two chains would be latency-bound anyway) */
+            const int64_t x = idx ? idx[i] : i, y = idx ? idx[i + 1] : i + 1;
+            const int64_t z = i + 2 < n ? (idx ? idx[i + 2] : i + 2) : y;
+            uint32_t c[3];
+            crc_hw3(base + (size_t) x * stride, base + (size_t) y * stride, base + (size_t) z * stride, len, c);
+            memcpy(out + i, c, sizeof(uint32_t) * (size_t) (i + 2 < n ? 3 : 2));
         }
     }
 #endif

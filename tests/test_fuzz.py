@@ -394,7 +394,7 @@ def test_file_overwritten_while_loaded_fails_the_decode(profiled, tmp_path, mode
     l = rf.layers[0]
     try:
         ripple_gguf.configure(cache_mb=0, mode=mode, prefetch=mode == "sparse")
-        llm = llama_cpp.Llama(model_path=os.fspath(p), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+        llm = llama_cpp.Llama(model_path=os.fspath(p), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
         llm.eval(PROMPT[:4])
         before = np.array(llm.scores[llm.n_tokens - 1])
         ripple_gguf.last_error()

@@ -645,7 +645,9 @@ def _copy_range(fin, offset: int, n: int, fout, crc_block: int = 0, chunk: int =
         if crc_block:
             crcs.append(crc32c_blocks(b, crc_block))
         n -= len(b)
-    return np.concatenate(crcs) if crc_block and crcs else np.zeros(0, dtype=np.uint32) if crc_block else None
+    if not crc_block:
+        return None
+    return np.concatenate(crcs) if crcs else np.zeros(0, dtype=np.uint32)
 
 
 # --- reader -----------------------------------------------------------------------------------

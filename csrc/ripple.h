@@ -37,6 +37,12 @@ typedef struct ripple_layer_desc {
     int32_t  down_layout;    /* 0 column (a row of down_type), 1 split (the source's integers; scales in down_table) */
     const uint8_t * down_table; /* split: f32 (d, m)[n_ff/32][n_embd], value = d * (q - offset) + m; copied */
     uint64_t down_table_size;
+    /* checksum table (docs/FORMAT.md 2b): every read from the file is checked against it */
+    const uint32_t * bundle_crc; /* n_ff CRC32C, one per bundle, position order; copied */
+    const uint32_t * tensor_crc; /* CRC32C of each crc_block bytes of the standard ffn_gate (none when
+                                    ungated), ffn_up and ffn_down data, in that order; copied */
+    uint64_t tensor_crc_count;
+    uint64_t crc_block;          /* bytes per tensor checksum block (the last block of a tensor may be shorter) */
 } ripple_layer_desc;
 
 typedef struct ripple_stats {
@@ -168,6 +174,16 @@ int ripple_get_exact_down(void);
 
 void ripple_get_stats(ripple_stats * out);
 void ripple_reset_stats(void);
+
+/* CRC32C (Castagnoli; the SSE4.2 / ARMv8 instruction when the CPU has it). ripple_crc32c_blocks
+ * writes the CRC of each `block` bytes of data to out (ceil(len / block) entries, the last block
+ * possibly shorter). */
+uint32_t ripple_crc32c(const void * data, size_t len);
+void ripple_crc32c_blocks(const void * data, uint64_t len, uint64_t block, uint32_t * out);
+/* Checking reads against the checksum table: on (1, default) or off (0: a diagnostic, to measure
+ * what the checks cost; environment RIPPLE_VERIFY_READS=0). */
+void ripple_set_verify_reads(int on);
+int ripple_get_verify_reads(void);
 
 /* Message of the last failure inside graph compute or I/O ("" if none); cleared by reading. */
 int ripple_take_last_error(char * buf, size_t buf_len);

@@ -48,6 +48,9 @@ typedef struct ripple_layer {
     int       down_bits; /* split: bits per stored value (4, 5 or 8) */
     int       down_qoff; /* split: offset subtracted from the stored integer */
     uint64_t  dense_bytes; /* the layer's standard ffn_gate/up/down tensors: what a dense FFN reads */
+    uint32_t * bundle_crc;     /* n_ff, position order */
+    uint32_t * tensor_crc[3];  /* per enum ripple_kind: one per crc_block bytes of the standard tensor */
+    uint64_t  tensor_bytes[3]; /* bytes of the standard tensors (gate: 0 when ungated) */
 } ripple_layer;
 
 /* ---- neuron cache (ripple_cache.c): bundles in DRAM under a byte budget ---- */
@@ -117,6 +120,7 @@ typedef struct ripple_model {
     size_t          scratch_cap;
     int             standalone;     /* opened by ripple_store_open (replay), not by llama.cpp */
     int             default_mode;   /* RIPPLE_MODE_EXACT/SPARSE: what RIPPLE_MODE_AUTO means for this file */
+    uint64_t        crc_block;      /* bytes per checksum block of the standard FFN tensors */
     pthread_mutex_t mu;             /* guards the cache */
     ripple_cache    cache;
     struct ripple_model * next;
@@ -132,6 +136,17 @@ bool ripple_store_is_ripple_fd(int fd);
 /* Read size bytes of the standard tensor behind a binding, at offset, into dst. */
 int ripple_store_read_tensor(const ripple_binding * b, void * dst, size_t offset, size_t size);
 int ripple_pread_full(int fd, void * dst, size_t size, uint64_t offset, const char * path);
+
+/* ---- checksums (ripple_crc.c) and checks of what was read (ripple_store.c) ---- */
+/* out[i] = CRC32C of the len bytes at base + (idx ? idx[i] : i) * stride, for i < n */
+void ripple_crc32c_pieces(const uint8_t * base, size_t stride, size_t len, const int64_t * idx, int64_t n,
+                          uint32_t * out);
+/* The bundles at positions pos[0..n) of a layer, held at buf + p * bundle_size, against the
+ * checksum table; 0, or -1 with the error (file, offset) set. Nothing checked when verification is off. */
+int ripple_verify_bundles(const ripple_model * m, int layer, const uint8_t * buf, const int64_t * pos, int64_t n);
+/* Bytes [off, off + len) of a layer's standard tensor `kind` held in buf; off a multiple of the
+ * checksum block, len whole blocks or up to the end of the tensor. */
+int ripple_verify_tensor(const ripple_model * m, int layer, int kind, const uint8_t * buf, uint64_t off, uint64_t len);
 
 /* ---- I/O engine (ripple_io.c) ---- */
 typedef struct ripple_io_req {

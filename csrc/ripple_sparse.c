@@ -316,12 +316,14 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
     uint8_t * missing = f ? f->admit : malloc((size_t) n);
     int32_t * read_len = f ? f->read_len : malloc(sizeof(int32_t) * (size_t) n); /* length of the read a bundle came in */
     ripple_io_req * reqs = malloc(sizeof(ripple_io_req) * (size_t) (n + 1));
-    if (!missing || !read_len || !reqs) {
+    int64_t * check = malloc(sizeof(int64_t) * (size_t) n); /* positions whose bytes came from the file */
+    if (!missing || !read_len || !reqs || !check) {
         if (!f) {
             free(missing);
             free(read_len);
         }
         free(reqs);
+        free(check);
         ripple_set_error("out of memory");
         return -1;
     }
@@ -404,6 +406,18 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
     RIPPLE_COUNT(dense_bytes, L->dense_bytes);
     count_max_run(max_run);
 
+    if (rc == 0) {
+        /* bytes used from the file now: the misses (read here or ahead), and with a streamed layer
+         * every needed bundle that is used from dst (the cached copies are used in place with f) */
+        int64_t n_check = 0;
+        for (int64_t p = 0; p < n; p++) {
+            if (missing[p] || (from_pf && from_pf[p]) || (streamed && (!need || need[p]) && !f)) {
+                check[n_check++] = p;
+            }
+        }
+        rc = ripple_verify_bundles(m, layer, dst, check, n_check);
+    }
+    free(check);
     if (from_pf) {
         for (int64_t p = 0; p < n; p++) {
             missing[p] |= from_pf[p];

@@ -106,6 +106,8 @@ static void model_free(ripple_model * m) {
         free(m->layers[l].pos_of);
         ripple_predictor_free(m->layers[l].pred);
         free(m->layers[l].down_tab);
+        free(m->layers[l].bundle_crc);
+        free(m->layers[l].tensor_crc[0]); /* one allocation for the three */
     }
     free(m->layers);
     free(m->layer_of_block);
@@ -148,6 +150,37 @@ static size_t model_cache_budget(const ripple_model * m) {
     return (size_t) (g_cache_bytes > 0 ? g_cache_bytes : 0);
 }
 
+/* Copy a layer's part of the checksum table: one CRC per bundle, one per crc_block bytes of each
+ * standard tensor. */
+static int layer_checksums(ripple_layer * L, const ripple_layer_desc * d, char * err, size_t err_len,
+                           const char * path) {
+    L->tensor_bytes[RIPPLE_GATE] = (uint64_t) d->n_ff * L->gate_row;
+    L->tensor_bytes[RIPPLE_UP] = (uint64_t) d->n_ff * L->up_row;
+    L->tensor_bytes[RIPPLE_DOWN] = (uint64_t) d->n_embd * ggml_row_size((enum ggml_type) d->down_src_type, d->n_ff);
+    uint64_t count = 0, at[3];
+    for (int k = 0; k < 3 && d->crc_block > 0; k++) {
+        at[k] = count;
+        count += (L->tensor_bytes[k] + d->crc_block - 1) / d->crc_block;
+    }
+    if (!d->bundle_crc || !d->tensor_crc || d->crc_block == 0 || d->tensor_crc_count != count) {
+        set_err(err, err_len, "%s: layer %d: checksums missing or of the wrong size (%llu tensor blocks, "
+                "expected %llu)", path, d->block, (unsigned long long) d->tensor_crc_count, (unsigned long long) count);
+        return -1;
+    }
+    L->bundle_crc = malloc(sizeof(uint32_t) * (size_t) d->n_ff);
+    L->tensor_crc[0] = malloc(sizeof(uint32_t) * (size_t) (count ? count : 1));
+    if (!L->bundle_crc || !L->tensor_crc[0]) {
+        set_err(err, err_len, "out of memory");
+        return -1;
+    }
+    memcpy(L->bundle_crc, d->bundle_crc, sizeof(uint32_t) * (size_t) d->n_ff);
+    memcpy(L->tensor_crc[0], d->tensor_crc, sizeof(uint32_t) * (size_t) count);
+    for (int k = 1; k < 3; k++) {
+        L->tensor_crc[k] = L->tensor_crc[0] + at[k];
+    }
+    return 0;
+}
+
 /* A model from its descriptors (validated), not yet in the registry; NULL with err. */
 static ripple_model * model_create(const char * path, uint64_t file_size, int32_t n_layers,
                                    const ripple_layer_desc * layers, char * err, size_t err_len) {
@@ -183,6 +216,7 @@ static ripple_model * model_create(const char * path, uint64_t file_size, int32_
     m->layers = calloc((size_t) n_layers, sizeof(ripple_layer));
     m->bindings = calloc((size_t) n_layers * 3, sizeof(ripple_binding));
     m->max_block = -1;
+    m->crc_block = layers[0].crc_block;
     for (int l = 0; l < n_layers; l++) {
         const ripple_layer_desc * d = &layers[l];
         ripple_layer * L = &m->layers[l];
@@ -190,6 +224,13 @@ static ripple_model * model_create(const char * path, uint64_t file_size, int32_
         L->d.order = NULL;
         L->d.predictor = NULL;
         L->d.down_table = NULL;
+        L->d.bundle_crc = NULL;
+        L->d.tensor_crc = NULL;
+        if (d->crc_block != m->crc_block) {
+            set_err(err, err_len, "%s: layer %d: checksum block size differs from the other layers'", path, d->block);
+            model_free(m);
+            return NULL;
+        }
         if (d->predictor) {
             char perr[256];
             L->pred = ripple_predictor_load(d->predictor, d->predictor_size, d->n_embd, d->n_ff, perr, sizeof(perr));
@@ -240,6 +281,10 @@ static ripple_model * model_create(const char * path, uint64_t file_size, int32_
         }
         L->dense_bytes = (uint64_t) d->n_ff * (L->gate_row + L->up_row) +
                          (uint64_t) d->n_embd * ggml_row_size((enum ggml_type) d->down_src_type, d->n_ff);
+        if (layer_checksums(L, d, err, err_len, path) != 0) {
+            model_free(m);
+            return NULL;
+        }
         uint64_t end = d->bundles_offset + (uint64_t) d->n_ff * d->bundle_size;
         if (end > file_size || end < d->bundles_offset) {
             set_err(err, err_len, "%s: layer %d: bundles end at %llu, past the end of the file (%llu bytes)",
@@ -456,11 +501,91 @@ int ripple_pread_full(int fd, void * dst, size_t size, uint64_t offset, const ch
     return 0;
 }
 
+/* ---- checks of what was read against the checksum table ---- */
+
+static const char * const k_kind_name[3] = { "ffn_gate", "ffn_up", "ffn_down" };
+
+int ripple_verify_bundles(const ripple_model * m, int layer, const uint8_t * buf, const int64_t * pos, int64_t n) {
+    if (!ripple_get_verify_reads()) {
+        return 0;
+    }
+    const ripple_layer * L = &m->layers[layer];
+    const size_t bs = L->d.bundle_size;
+    uint32_t got[64];
+    for (int64_t i0 = 0; i0 < n; i0 += 64) {
+        const int64_t k = n - i0 < 64 ? n - i0 : 64;
+        ripple_crc32c_pieces(buf, bs, bs, pos + i0, k, got);
+        for (int64_t i = 0; i < k; i++) {
+            const int64_t p = pos[i0 + i];
+            if (got[i] != L->bundle_crc[p]) {
+                ripple_set_error("%s: checksum mismatch: the bundle of layer %d at position %lld (file offset %llu, "
+                                 "%zu bytes) is not what was converted (file damaged or modified after loading?)",
+                                 m->path, L->d.block, (long long) p,
+                                 (unsigned long long) (L->d.bundles_offset + (uint64_t) p * bs), bs);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+int ripple_verify_tensor(const ripple_model * m, int layer, int kind, const uint8_t * buf, uint64_t off, uint64_t len) {
+    if (!ripple_get_verify_reads()) {
+        return 0;
+    }
+    const ripple_layer * L = &m->layers[layer];
+    const uint64_t B = m->crc_block, first = off / B;
+    const uint64_t base = kind == RIPPLE_GATE ? L->d.gate_offset : kind == RIPPLE_UP ? L->d.up_offset : L->d.down_offset;
+    uint32_t got[64];
+    for (uint64_t done = 0; done < len;) {
+        const uint64_t chunk = len - done < 64 * B ? len - done : 64 * B;
+        ripple_crc32c_blocks(buf + done, chunk, B, got);
+        for (uint64_t i = 0; i * B < chunk; i++) {
+            const uint64_t blk = first + done / B + i;
+            if (got[i] != L->tensor_crc[kind][blk]) {
+                ripple_set_error("%s: checksum mismatch: bytes %llu.. of blk.%d.%s.weight (file offset %llu) are "
+                                 "not what was converted (file damaged or modified after loading?)", m->path,
+                                 (unsigned long long) (blk * B), L->d.block, k_kind_name[kind],
+                                 (unsigned long long) (base + blk * B));
+                return -1;
+            }
+        }
+        done += chunk;
+    }
+    return 0;
+}
+
+/* A fallback read of part of a standard tensor: whole checksum blocks are read and checked, the
+ * part asked for copied out. */
 int ripple_store_read_tensor(const ripple_binding * b, void * dst, size_t offset, size_t size) {
-    const ripple_layer_desc * d = &b->model->layers[b->layer].d;
+    const ripple_model * m = b->model;
+    const ripple_layer * L = &m->layers[b->layer];
+    const ripple_layer_desc * d = &L->d;
     uint64_t base = b->kind == RIPPLE_GATE ? d->gate_offset : b->kind == RIPPLE_UP ? d->up_offset : d->down_offset;
     RIPPLE_COUNT(fallback_reads, 1);
-    return ripple_pread_full(b->model->fd, dst, size, base + offset, b->model->path);
+    const uint64_t total = L->tensor_bytes[b->kind], B = m->crc_block;
+    if ((uint64_t) offset + size > total) {
+        ripple_set_error("%s: read of %zu bytes at %zu is outside blk.%d.%s.weight (%llu bytes)", m->path, size, offset,
+                         d->block, k_kind_name[b->kind], (unsigned long long) total);
+        return -1;
+    }
+    const uint64_t a0 = (uint64_t) offset / B * B;
+    uint64_t a1 = ((uint64_t) offset + size + B - 1) / B * B;
+    a1 = a1 < total ? a1 : total;
+    uint8_t * tmp = malloc((size_t) (a1 - a0));
+    if (!tmp) {
+        ripple_set_error("out of memory");
+        return -1;
+    }
+    int rc = ripple_pread_full(m->fd, tmp, (size_t) (a1 - a0), base + a0, m->path);
+    if (rc == 0) {
+        rc = ripple_verify_tensor(m, b->layer, b->kind, tmp, a0, a1 - a0);
+    }
+    if (rc == 0) {
+        memcpy(dst, tmp + (offset - a0), size);
+    }
+    free(tmp);
+    return rc;
 }
 
 /* ---- settings and counters ---- */

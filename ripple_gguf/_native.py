@@ -131,3 +131,19 @@ def quantize(ggml_type: int, values: np.ndarray) -> np.ndarray:
     if written != out.size:
         raise ValueError(f"ggml cannot quantize to type {ggml_type} without an importance matrix")
     return out
+
+
+# ---- CRC32C (the checksum table, docs/FORMAT.md section 2b) ----
+
+def crc32c(data) -> int:
+    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else np.ascontiguousarray(data)
+    return int(lib.ripple_crc32c(ffi.from_buffer(buf), buf.nbytes))
+
+
+def crc32c_blocks(data, block: int) -> np.ndarray:
+    """CRC32C of each ``block`` bytes of ``data`` (the last block may be shorter)."""
+    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else np.ascontiguousarray(data)
+    out = np.empty(-(-buf.nbytes // block), dtype=np.uint32)
+    if out.size:
+        lib.ripple_crc32c_blocks(ffi.from_buffer(buf), buf.nbytes, block, ffi.from_buffer("uint32_t[]", out))
+    return out

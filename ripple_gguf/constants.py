@@ -14,13 +14,16 @@ LLAMA_CPP_SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 LLAMA_CPP_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 GGML_COMMIT_PREFIX = "0c1e570"  # llama.cpp commit vendored by the pinned release
 
-FORMAT_VERSION = 2  # 2: split down columns (ripple.layer.down_layout) and their scale tables
+FORMAT_VERSION = 3  # 2: split down columns and their scale tables; 3: checksum table, metadata hash
 ALIGNMENT = 4096  # every layer's bundle block starts on this boundary (direct I/O)
 
 REGION_MAGIC = b"RIPPLE01"  # first 8 bytes of the ripple region header
 FOOTER_MAGIC = b"RPLEND01"  # first 8 bytes of the 64-byte footer closing the region
 HEADER_SIZE = ALIGNMENT
 FOOTER_SIZE = 64
+# The checksum table (docs/FORMAT.md section 2b): CRC32C of every bundle, and of every
+# CHECKSUM_BLOCK bytes of the standard FFN tensors (exact mode and fallback reads take those).
+CHECKSUM_BLOCK = 64 << 10
 
 # Bundle layout: one record per FFN neuron, the three parts back to back.
 BUNDLE_PARTS = ("gate", "up", "down")
@@ -41,6 +44,9 @@ class Keys:
 
     FORMAT_VERSION = "ripple.format_version"
     TOOL_VERSION = "ripple.tool_version"
+    # sha256 of the GGUF header (every key/value record and tensor info) without this key's own
+    # record; the last key of the file
+    METADATA_SHA256 = "ripple.metadata.sha256"
 
     class Source:
         NAME = "ripple.source.name"
@@ -54,6 +60,12 @@ class Keys:
         ID = "ripple.region.id"  # also in the region header and footer
         FILE_SIZE = "ripple.file_size"  # size of the complete file
         ALIGNMENT = "ripple.alignment"
+
+    class Checksum:
+        OFFSET = "ripple.checksum.offset"  # of the checksum table, from the region start
+        SIZE = "ripple.checksum.size"  # bytes
+        BLOCK_SIZE = "ripple.checksum.block_size"  # bytes per checksum of the standard FFN tensors
+        SHA256 = "ripple.checksum.sha256"  # of the table, checked at load
 
     class Layout:
         N_LAYERS = "ripple.n_layers"

@@ -1,8 +1,9 @@
-"""The ripple-packed GGUF format (v1): the one writer and the one reader.
+"""The ripple-packed GGUF format (version 3): the one writer and the one reader.
 
 A ripple-packed file is a GGUF that stock llama.cpp loads (standard tensors byte-identical to the
 source, FFN tensors last) followed by the ripple region: a 4096-byte header, one 4096-aligned block
-of neuron bundles per FFN layer, and a 64-byte footer. docs/FORMAT.md is the specification; every
+of neuron bundles per FFN layer, down scale tables, predictor blobs, the checksum table, and a
+64-byte footer. docs/FORMAT.md is the specification; every
 metadata key name comes from :mod:`ripple_gguf.constants`.
 
 The reader parses only the GGUF header (metadata and tensor infos) with plain reads; it never maps
@@ -357,6 +358,15 @@ class RippleLayer:
     def gated(self) -> bool:
         return self.gate_type != C.NO_GATE
 
+    @property
+    def tensor_bytes(self) -> tuple[int, int, int]:
+        """Bytes of the standard ffn_gate (0 when ungated), ffn_up and ffn_down tensors."""
+        return self.n_ff * self.gate_row_size, self.n_ff * self.up_row_size, self.n_embd * self.down_src_row_size
+
+    def checksum_entries(self, block: int) -> int:
+        """u32 entries of the layer's part of the checksum table (docs/FORMAT.md section 2b)."""
+        return self.n_ff + sum(-(-b // block) for b in self.tensor_bytes) + 2
+
 
 def ffn_layers_of(hdr: GGUFHeader) -> list[int]:
     """Blocks that carry FFN weight tensors, ascending."""
@@ -386,6 +396,25 @@ def region_id_for(source_sha256: str, layers: Sequence[RippleLayer]) -> bytes:
         h.update(np.ascontiguousarray(l.order, dtype="<i4").tobytes())
         h.update(struct.pack("<QiQ", l.predictor_size, l.down_layout, l.down_table_size))
     return h.digest()
+
+
+def metadata_sha256(header: bytes, skip: tuple[int, int]) -> str:
+    """sha256 of a GGUF header (its bytes up to the end of the tensor infos: every key/value record
+    and tensor info) without the bytes [skip[0], skip[1]) of the ripple.metadata.sha256 record."""
+    h = hashlib.sha256(b"ripple-gguf metadata\0")
+    h.update(header[:skip[0]])
+    h.update(header[skip[1]:])
+    return h.hexdigest()
+
+
+@dataclass
+class LayerChecksums:
+    """A layer's part of the checksum table (CRC32C values)."""
+
+    bundles: np.ndarray  # uint32[n_ff], position order
+    tensors: np.ndarray  # uint32: per CHECKSUM_BLOCK of ffn_gate (none when ungated), ffn_up, ffn_down
+    down_table: int  # of the down scale table (0: none)
+    predictor: int  # of the predictor blob (0: none)
 
 
 @dataclass
@@ -453,11 +482,15 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
     for l, blob in zip(layers, blobs):  # predictors follow the bundles, 64-byte aligned
         l.predictor_offset, l.predictor_size = rel, len(blob)
         rel = align(rel + len(blob), 64)
-    rel = align(rel, C.ALIGNMENT)
+    ck_block = C.CHECKSUM_BLOCK
+    ck_offset, ck_size = rel, 4 * sum(l.checksum_entries(ck_block) for l in layers)
+    rel = align(rel + ck_size, C.ALIGNMENT)
     region_size = rel + C.FOOTER_SIZE
+    # from the region start, as the keys hold them (the layers get absolute offsets below)
+    rel_offsets = {k: [getattr(l, f"{k}_offset") for l in layers] for k in ("bundles", "down_table", "predictor")}
     region_id = region_id_for(source.sha256, layers)
 
-    def ripple_kvs(region_offset: int, file_size: int, region_sha: str) -> list[bytes]:
+    def ripple_kvs(region_offset: int, file_size: int, table_sha: str, region_sha: str, meta_sha: str) -> list[bytes]:
         I32, U64 = V.INT32, V.UINT64
         arr = lambda key, sub, vals: pack_kv(key, V.ARRAY, vals, sub)
         return [
@@ -471,23 +504,29 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
             pack_kv(Keys.Region.ID, V.STRING, region_id.hex()),
             pack_kv(Keys.Region.FILE_SIZE, U64, file_size),
             pack_kv(Keys.Region.ALIGNMENT, V.UINT32, C.ALIGNMENT),
+            pack_kv(Keys.Checksum.OFFSET, U64, ck_offset),
+            pack_kv(Keys.Checksum.SIZE, U64, ck_size),
+            pack_kv(Keys.Checksum.BLOCK_SIZE, V.UINT32, ck_block),
             pack_kv(Keys.Layout.N_LAYERS, V.UINT32, len(layers)),
             pack_kv(Keys.Layout.N_EMBD, V.UINT32, layers[0].n_embd),
             arr(Keys.Layout.LAYER_INDEX, I32, [l.block for l in layers]),
             arr(Keys.Layout.N_FF, I32, [l.n_ff for l in layers]),
-            arr(Keys.Layout.OFFSET, U64, [l.bundles_offset for l in layers]),
+            arr(Keys.Layout.OFFSET, U64, rel_offsets["bundles"]),
             arr(Keys.Layout.BUNDLE_SIZE, U64, [l.bundle_size for l in layers]),
             arr(Keys.Layout.GATE_TYPE, I32, [l.gate_type for l in layers]),
             arr(Keys.Layout.UP_TYPE, I32, [l.up_type for l in layers]),
             arr(Keys.Layout.DOWN_TYPE, I32, [l.down_type for l in layers]),
             arr(Keys.Layout.DOWN_LAYOUT, I32, [l.down_layout for l in layers]),
-            arr(Keys.Layout.DOWN_TABLE_OFFSET, U64, [l.down_table_offset for l in layers]),
+            arr(Keys.Layout.DOWN_TABLE_OFFSET, U64, rel_offsets["down_table"]),
             arr(Keys.Layout.DOWN_TABLE_SIZE, U64, [l.down_table_size for l in layers]),
             pack_kv(Keys.Placement.METHOD, V.STRING, placement_method),
             arr(Keys.Placement.ORDER, I32, np.concatenate([l.order for l in layers])),
             *offline_kvs(),
-            # Last, so the checksum (patched once the region is written) sits at a known place.
+            # Last: the digests, known once the region is written (the header is then rewritten,
+            # same length); the metadata hash covers every record before its own.
+            pack_kv(Keys.Checksum.SHA256, V.STRING, table_sha),
             pack_kv(Keys.Region.SHA256, V.STRING, region_sha),
+            pack_kv(Keys.METADATA_SHA256, V.STRING, meta_sha),
         ]
 
     def offline_kvs() -> list[bytes]:
@@ -508,7 +547,7 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
             kv += [
                 pack_kv(Keys.Predictor.RANK, V.UINT32, int(offline.predictor_rank)),
                 pack_kv(Keys.Predictor.RECALL_TARGET, F32, float(offline.recall_target)),
-                arr(Keys.Predictor.OFFSET, U64, [l.predictor_offset for l in layers]),
+                arr(Keys.Predictor.OFFSET, U64, rel_offsets["predictor"]),
                 arr(Keys.Predictor.SIZE, U64, [l.predictor_size for l in layers]),
                 pack_kv(Keys.Predictor.METRICS, V.STRING, json.dumps(offline.predictor_metrics, sort_keys=True)),
                 pack_kv(Keys.Runtime.DEFAULT_MODE, V.STRING, offline.default_mode),
@@ -519,25 +558,26 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
 
     src_kvs = list(src.kv.values())
 
-    def header_bytes(region_offset: int, file_size: int, region_sha: str) -> tuple[bytes, int]:
+    def header_bytes(region_offset: int, file_size: int, table_sha: str, region_sha: str) -> bytes:
         with open(src.path, "rb") as f:
             raw = []
             for v in sorted(src_kvs, key=lambda v: v.span[0]):
                 f.seek(v.span[0])
                 raw.append(f.read(v.span[1] - v.span[0]))
-        rk = ripple_kvs(region_offset, file_size, region_sha)
+        rk = ripple_kvs(region_offset, file_size, table_sha, region_sha, placeholder)
         head = struct.pack("<4sIQQ", GGUF_MAGIC, GGUF_VERSION, len(ordered), len(raw) + len(rk))
         kv_bytes = b"".join(raw) + b"".join(rk)
-        sha_pos = len(head) + len(kv_bytes) - 64  # the sha256 hex string ends the metadata
         infos = b"".join(_pack_tensor_info(t, o) for t, o in zip(ordered, offsets))
-        return head + kv_bytes + infos, sha_pos
+        meta = (len(head) + len(kv_bytes) - len(rk[-1]), len(head) + len(kv_bytes))  # the last record
+        digest = metadata_sha256(head + kv_bytes + infos, meta).encode("ascii")
+        return head + kv_bytes[:-64] + digest + infos  # the digest's hex string ends the record
 
     placeholder = "0" * 64
-    probe, _ = header_bytes(0, 0, placeholder)
+    probe = header_bytes(0, 0, placeholder, placeholder)
     data_start = align(len(probe), a)
     region_offset = align(data_start + data_size, C.ALIGNMENT)
     file_size = region_offset + region_size
-    header, sha_pos = header_bytes(region_offset, file_size, placeholder)
+    header = header_bytes(region_offset, file_size, placeholder, placeholder)
     assert len(header) == len(probe)
 
     new_abs = {t.name: data_start + o for t, o in zip(ordered, offsets)}
@@ -551,13 +591,19 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
         l.up_offset = new_abs[C.ffn_tensor_name(l.block, "up")]
         l.down_offset = new_abs[C.ffn_tensor_name(l.block, "down")]
 
+    from ripple_gguf._native import crc32c, crc32c_blocks
+
     region_hash = hashlib.sha256()
+    tensor_crc: dict[str, np.ndarray] = {}
     with open(src.path, "rb") as fin, open(dst, "wb") as fout:
         fout.write(header)
         _pad_to(fout, data_start)
         for t, o in zip(ordered, offsets):
             _pad_to(fout, data_start + o)
-            _copy_range(fin, src.data_offset + t.offset, t.nbytes, fout)
+            crcs = _copy_range(fin, src.data_offset + t.offset, t.nbytes, fout,
+                               ck_block if t.name in ffn_names else 0)
+            if t.name in ffn_names:
+                tensor_crc[t.name] = crcs
         _pad_to(fout, region_offset)
 
         def emit(b: bytes | memoryview) -> None:
@@ -566,13 +612,16 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
 
         emit(_REGION_HEADER.pack(C.REGION_MAGIC, C.FORMAT_VERSION, len(layers), region_size, region_id)
              .ljust(C.HEADER_SIZE, b"\0"))
-        tables = []
+        tables, bundle_crc = [], []
         for l in progress(layers):
             bundles, table = make_bundles(l)
             assert bundles.shape == (l.n_ff, l.bundle_size) and bundles.dtype == np.uint8
             assert len(table) == l.down_table_size, (len(table), l.down_table_size)
-            emit(memoryview(np.ascontiguousarray(bundles[l.order])).cast("B"))
+            placed = np.ascontiguousarray(bundles[l.order])
             del bundles
+            bundle_crc.append(crc32c_blocks(placed, l.bundle_size))
+            emit(memoryview(placed).cast("B"))
+            del placed
             tables.append(table)
             end = l.bundles_offset - region_offset + l.block_bytes
             emit(bytes(align(end, C.ALIGNMENT) - end))
@@ -585,11 +634,21 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
             assert fout.tell() == l.predictor_offset, (fout.tell(), l.predictor_offset)
             emit(blob)
             emit(bytes(align(len(blob), 64) - len(blob)))
+        assert fout.tell() == region_offset + ck_offset, (fout.tell(), region_offset + ck_offset)
+        parts = []
+        for i, l in enumerate(layers):
+            names = [C.ffn_tensor_name(l.block, k) for k in C.FFN_KINDS]
+            parts += [bundle_crc[i], *(tensor_crc[n] for n in names if n in tensor_crc),
+                      np.array([crc32c(tables[i]), crc32c(blobs[i]) if blobs else 0], dtype=np.uint32)]
+        ck_table = np.concatenate(parts).astype("<u4").tobytes()
+        assert len(ck_table) == ck_size, (len(ck_table), ck_size)
+        emit(ck_table)
         emit(bytes(align(fout.tell(), C.ALIGNMENT) - fout.tell()))
         emit(_FOOTER.pack(C.FOOTER_MAGIC, region_size, region_id).ljust(C.FOOTER_SIZE, b"\0"))
         assert fout.tell() == file_size, (fout.tell(), file_size)
-        fout.seek(sha_pos)
-        fout.write(region_hash.hexdigest().encode("ascii"))
+        fout.seek(0)
+        fout.write(header_bytes(region_offset, file_size, hashlib.sha256(ck_table).hexdigest(),
+                                region_hash.hexdigest()))
 
 
 def _pad_to(f, pos: int) -> None:
@@ -599,14 +658,24 @@ def _pad_to(f, pos: int) -> None:
         f.write(bytes(pos - cur))
 
 
-def _copy_range(fin, offset: int, n: int, fout, chunk: int = 8 << 20) -> None:
+def _copy_range(fin, offset: int, n: int, fout, crc_block: int = 0, chunk: int = 8 << 20) -> Optional[np.ndarray]:
+    """Copy n bytes; with crc_block, return the CRC32C of each crc_block bytes copied."""
+    from ripple_gguf._native import crc32c_blocks
+
+    assert chunk % max(crc_block, 1) == 0
     fin.seek(offset)
+    crcs = []
     while n:
         b = fin.read(min(chunk, n))
         if not b:
             raise RippleFormatError(fin.name, f"truncated while copying tensor data at {offset}")
         fout.write(b)
+        if crc_block:
+            crcs.append(crc32c_blocks(b, crc_block))
         n -= len(b)
+    if not crc_block:
+        return None
+    return np.concatenate(crcs) if crcs else np.zeros(0, dtype=np.uint32)
 
 
 # --- reader -----------------------------------------------------------------------------------
@@ -680,6 +749,15 @@ def _check_key_types(p: str, kv: dict[str, GGUFValue]) -> None:
             raise RippleFormatError(p, f"metadata key {key} is {kv[key].value}, expected a fraction in (0, 1]")
 
 
+def _int_key(p: str, md: dict, key: str) -> int:
+    v = md.get(key)
+    if v is None:
+        raise RippleFormatError(p, f"missing metadata key {key}")
+    if type(v) is not int:
+        raise RippleFormatError(p, f"{key} must be an integer, got {v!r:.40}")
+    return v
+
+
 def _attach_offline(p: str, md: dict, layers: list[RippleLayer], region_offset: int, region_size: int) -> None:
     """Per-layer thresholds and predictor blobs from the optional offline-stage keys."""
     n = len(layers)
@@ -720,6 +798,10 @@ class RippleFile:
     placement_method: str
     layers: list[RippleLayer]
     gguf: GGUFHeader = field(repr=False)
+    checksum_offset: int = 0  # absolute offset of the checksum table
+    checksum_size: int = 0
+    checksum_block: int = 0  # bytes per checksum of the standard FFN tensors
+    _checksums: Optional[list[LayerChecksums]] = field(default=None, repr=False)
 
     @staticmethod
     def is_ripple(path: os.PathLike | str) -> bool:
@@ -823,12 +905,22 @@ class RippleFile:
             layer.down_table_offset = region_offset + t_off if t_size else 0
             layers.append(layer)
         _attach_offline(p, md, layers, region_offset, region_size)
+        ck_off, ck_size, ck_block = (_int_key(p, md, k) for k in (Keys.Checksum.OFFSET, Keys.Checksum.SIZE,
+                                                                  Keys.Checksum.BLOCK_SIZE))
+        for key in (Keys.Checksum.SHA256, Keys.METADATA_SHA256):
+            if not isinstance(need(key), str) or len(need(key)) != 64:
+                raise RippleFormatError(p, f"{key} is not a sha256 hex digest")
+        if ck_block <= 0 or ck_size != 4 * sum(l.checksum_entries(ck_block) for l in layers) or \
+                ck_off % 64 or ck_off < C.HEADER_SIZE or ck_off + ck_size > region_size - C.FOOTER_SIZE:
+            raise RippleFormatError(p, f"checksum table ({ck_size} bytes at {ck_off}, blocks of {ck_block}) does "
+                                       "not fit the layout")
         src = SourceInfo(str(md.get(Keys.Source.NAME, "")), str(md.get(Keys.Source.SHA256, "")),
                          int(md.get(Keys.Source.SIZE, 0)))
         return cls(path=p, file_size=int(need(Keys.Region.FILE_SIZE)), n_layers=n_layers, n_embd=n_embd,
                    metadata=md, source=src, region_offset=region_offset, region_size=region_size,
                    region_id=str(need(Keys.Region.ID)), placement_method=str(md.get(Keys.Placement.METHOD, "")),
-                   layers=layers, gguf=hdr)
+                   layers=layers, gguf=hdr, checksum_offset=region_offset + ck_off, checksum_size=ck_size,
+                   checksum_block=ck_block)
 
     # --- offline-stage data ---
 
@@ -869,18 +961,52 @@ class RippleFile:
     def has_predictors(self) -> bool:
         return all(l.predictor_size for l in self.layers)
 
+    def checksums(self) -> list[LayerChecksums]:
+        """The checksum table, per layer (read once; checked against ripple.checksum.sha256)."""
+        if self._checksums is None:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                raw = _pread(self.path, fd, self.checksum_offset, self.checksum_size)
+            finally:
+                os.close(fd)
+            if hashlib.sha256(raw).hexdigest() != self.metadata[Keys.Checksum.SHA256]:
+                raise RippleFormatError(self.path, "checksum table does not match ripple.checksum.sha256 "
+                                                   "(file damaged or modified after conversion)")
+            crc, at, out = np.frombuffer(raw, dtype="<u4").astype(np.uint32), 0, []
+            for l in self.layers:
+                n = l.checksum_entries(self.checksum_block)
+                part = crc[at:at + n]
+                out.append(LayerChecksums(part[:l.n_ff], part[l.n_ff:n - 2], int(part[n - 2]), int(part[n - 1])))
+                at += n
+            self._checksums = out
+        return self._checksums
+
+    def _layer_checksums(self, layer: RippleLayer) -> LayerChecksums:
+        return self.checksums()[next(i for i, l in enumerate(self.layers) if l.block == layer.block)]
+
+    def _check_crc(self, layer: RippleLayer, what: str, data: bytes, want: int) -> None:
+        from ripple_gguf._native import crc32c
+
+        if crc32c(data) != want:
+            raise RippleFormatError(self.path, f"layer {layer.block}: {what} does not match its checksum "
+                                               "(file damaged or modified after conversion)")
+
     def read_predictor_blob(self, layer: RippleLayer) -> bytes:
+        """The layer's predictor blob, checked against the checksum table."""
         if not layer.predictor_size:
             raise RippleFormatError(self.path, f"layer {layer.block}: no predictor in this file")
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            return _pread(self.path, fd, layer.predictor_offset, layer.predictor_size)
+            blob = _pread(self.path, fd, layer.predictor_offset, layer.predictor_size)
         finally:
             os.close(fd)
+        self._check_crc(layer, "predictor blob", blob, self._layer_checksums(layer).predictor)
+        return blob
 
     def read_down_table(self, layer: RippleLayer) -> bytes:
         """The layer's down scale table (split layout; b"" for column layouts), checked: finite,
-        and its entries for the first and last row of ffn_down equal that row's block scales."""
+        its entries for the first and last row of ffn_down equal that row's block scales, and it
+        matches the checksum table."""
         from ripple_gguf.convert import split_values  # the converter's own parsing
 
         if not layer.down_table_size:
@@ -900,6 +1026,7 @@ class RippleFile:
         if bad:
             raise RippleFormatError(p, f"layer {layer.block}: down scale table does not match ffn_down's scales "
                                        "(file modified after conversion?)")
+        self._check_crc(layer, "down scale table", table, self._layer_checksums(layer).down_table)
         return table
 
     def read_predictor(self, layer: RippleLayer):
@@ -945,18 +1072,30 @@ class RippleFile:
                 raise RippleFormatError(p, f"layer {layer.block}: bundle at position {pos} (neuron {nid}) "
                                            "up row differs from ffn_up")
 
+    def _check_metadata(self, fd: int) -> None:
+        raw = _pread(self.path, fd, 0, self.gguf.header_end)
+        if metadata_sha256(raw, self.gguf.kv[Keys.METADATA_SHA256].span) != self.metadata[Keys.METADATA_SHA256]:
+            raise RippleFormatError(self.path, "GGUF header (metadata or tensor infos) does not match "
+                                               f"{Keys.METADATA_SHA256}: modified after conversion")
+
     def check_quick(self) -> None:
-        """Cheap consistency check (a few small reads): raises RippleFormatError on a mismatch."""
+        """The load-time check (a few small reads): file size, region header and footer, a few
+        bundles against the standard tensors, the checksum table's and the header's digests.
+        Raises RippleFormatError on a mismatch."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
             self._check_frame(fd)
             for l in self.layers:
                 self._check_bundle_rows(fd, l, sorted({0, l.n_ff // 2, l.n_ff - 1}))
+            self.checksums()
+            self._check_metadata(fd)
         finally:
             os.close(fd)
 
     def verify_full(self, progress: Callable[[Iterable], Iterable] = lambda it: it) -> None:
-        """Region checksum plus every bundle re-derived from the file's own standard tensors."""
+        """Region checksum, every bundle re-derived from the file's own standard tensors, every
+        entry of the checksum table, and the header's digest."""
+        from ripple_gguf._native import crc32c, crc32c_blocks
         from ripple_gguf.convert import make_layer_bundles  # the converter's own derivation
 
         p = self.path
@@ -986,8 +1125,22 @@ class RippleFile:
                     pos = int(bad[0])
                     raise RippleFormatError(p, f"layer {l.block}: {bad.size} bundles differ from the standard "
                                                f"tensors (first at position {pos}, neuron {int(l.order[pos])})")
+                ck = self._layer_checksums(l)
+                offs = (l.gate_offset, l.up_offset, l.down_offset)
+                tensors = [crc32c_blocks(data[o:o + n], self.checksum_block)
+                           for o, n in zip(offs, l.tensor_bytes) if n]
+                blob = data[l.predictor_offset:l.predictor_offset + l.predictor_size] if l.predictor_size else b""
+                if not (np.array_equal(crc32c_blocks(got, l.bundle_size), ck.bundles)
+                        and np.array_equal(np.concatenate(tensors), ck.tensors)
+                        and crc32c(table) == ck.down_table and crc32c(blob) == ck.predictor):
+                    raise RippleFormatError(p, f"layer {l.block}: checksum table entries do not match the data")
         finally:
             del data
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            self._check_metadata(fd)
+        finally:
+            os.close(fd)
 
     def _predictor_json(self) -> Optional[dict]:
         m = self.predictor_metrics

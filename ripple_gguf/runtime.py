@@ -63,6 +63,8 @@ def register() -> None:
                     stacklevel=3,
                 )
         _apply(env)
+        # diagnostic only (scripts/checksum_cost.py): reads unchecked against the checksum table
+        _native.lib.ripple_set_verify_reads(1 if _bool("RIPPLE_VERIFY_READS", os.environ.get("RIPPLE_VERIFY_READS", "").strip() or "1") else 0)
         _wrap_model_loader()
         _state["registered"] = True
 
@@ -115,9 +117,14 @@ def descriptors(rf: RippleFile):
     descs = ffi.new("ripple_layer_desc[]", len(rf.layers))
     keep = []
     sparsity = rf.sparsity
-    for d, layer in zip(descs, rf.layers):
+    for d, layer, ck in zip(descs, rf.layers, rf.checksums()):
         order = np.ascontiguousarray(layer.order, dtype=np.int32)
-        keep.append(order)
+        bundle_crc, tensor_crc = np.ascontiguousarray(ck.bundles), np.ascontiguousarray(ck.tensors)
+        keep += [order, bundle_crc, tensor_crc]
+        d.bundle_crc = ffi.from_buffer("uint32_t[]", bundle_crc)
+        d.tensor_crc = ffi.from_buffer("uint32_t[]", tensor_crc)
+        d.tensor_crc_count = tensor_crc.size
+        d.crc_block = rf.checksum_block
         d.block = layer.block
         d.n_ff = layer.n_ff
         d.n_embd = layer.n_embd

@@ -238,3 +238,38 @@ def stock_logits(paths: list, tokens: list[int]) -> list[np.ndarray]:
     from ripple_gguf import quality
 
     return [quality.run(p, tokens=tokens, stock=True, n_ctx=256, n_threads=1, n_batch=64)["logits"] for p in paths]
+
+
+def reseal(path: os.PathLike | str) -> None:
+    """After a test's deliberate edit of a ripple-packed file: the checksum table, the region
+    sha256 and the header digest recomputed for the bytes it now holds (what the converter writes)."""
+    import hashlib
+
+    from ripple_gguf._native import crc32c, crc32c_blocks
+    from ripple_gguf.constants import Keys
+    from ripple_gguf.format import RippleFile, metadata_sha256
+
+    rf = RippleFile.open(path)
+    data = bytearray(open(path, "rb").read())
+    arr = np.frombuffer(data, dtype=np.uint8)
+    crc = lambda off, n: crc32c(arr[off:off + n]) if n else 0
+    parts = []
+    for l in rf.layers:
+        parts.append(crc32c_blocks(arr[l.bundles_offset:l.bundles_offset + l.block_bytes], l.bundle_size))
+        parts += [crc32c_blocks(arr[o:o + n], rf.checksum_block)
+                  for o, n in zip((l.gate_offset, l.up_offset, l.down_offset), l.tensor_bytes) if n]
+        parts.append(np.array([crc(l.down_table_offset, l.down_table_size), crc(l.predictor_offset, l.predictor_size)],
+                              dtype=np.uint32))
+    table = np.concatenate(parts).astype("<u4").tobytes()
+    del arr
+    data[rf.checksum_offset:rf.checksum_offset + len(table)] = table
+
+    def put(key: str, digest: str) -> None:
+        end = rf.gguf.kv[key].span[1]
+        data[end - 64:end] = digest.encode("ascii")
+
+    put(Keys.Checksum.SHA256, hashlib.sha256(table).hexdigest())
+    put(Keys.Region.SHA256, hashlib.sha256(data[rf.region_offset:rf.file_size]).hexdigest())
+    put(Keys.METADATA_SHA256, metadata_sha256(bytes(data[:rf.gguf.header_end]), rf.gguf.kv[Keys.METADATA_SHA256].span))
+    with open(path, "wb") as f:
+        f.write(data)

@@ -228,13 +228,71 @@ def test_header_reader_matches_gguf_py(packed):
     assert [t.nbytes for t in h.tensors] == [int(t.n_bytes) for t in r.tensors]
 
 
-def test_other_format_version_is_refused(packed, tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_other_format_version_is_refused(packed, tmp_path, version):
+    """Version 2 files (no checksum table) and version 1 are refused: convert again."""
     _, dst = packed
     data = bytearray(open(dst, "rb").read())
     at = data.index(C.Keys.FORMAT_VERSION.encode()) + len(C.Keys.FORMAT_VERSION)
     assert struct.unpack_from("<II", data, at) == (4, C.FORMAT_VERSION)  # GGUF u32 value
-    struct.pack_into("<I", data, at + 4, 1)
-    old = tmp_path / "v1.ripple.gguf"
+    struct.pack_into("<I", data, at + 4, version)
+    old = tmp_path / f"v{version}.ripple.gguf"
     old.write_bytes(bytes(data))
-    with pytest.raises(RippleFormatError, match="v1.ripple.gguf: ripple format version 1 is not supported.*convert"):
+    with pytest.raises(RippleFormatError,
+                       match=f"v{version}.ripple.gguf: ripple format version {version} is not supported.*convert"):
         RippleFile.open(old)
+
+
+def test_crc32c():
+    """CRC32C (Castagnoli) as the checksum table holds it: the standard check value, and blocks."""
+    from ripple_gguf._native import crc32c, crc32c_blocks
+
+    assert crc32c(b"123456789") == 0xE3069283 and crc32c(b"") == 0
+    data = np.random.default_rng(0).integers(0, 256, 100_003, dtype=np.uint8)
+    blocks = crc32c_blocks(data, 1000)
+    assert blocks.size == 101 and blocks[-1] == crc32c(data[100_000:].tobytes())
+    assert all(blocks[i] == crc32c(data[i * 1000:(i + 1) * 1000].tobytes()) for i in range(100))
+
+
+def test_checksum_table_covers_every_read(packed):
+    """One CRC per bundle and per 64 KiB of each standard FFN tensor, and the header digest."""
+    from ripple_gguf._native import crc32c_blocks
+
+    _, dst = packed
+    rf = RippleFile.open(dst)
+    data = np.fromfile(dst, dtype=np.uint8)
+    assert rf.checksum_block == C.CHECKSUM_BLOCK and rf.checksum_offset % 64 == 0
+    assert rf.region_offset < rf.checksum_offset < rf.file_size - C.FOOTER_SIZE
+    for l, ck in zip(rf.layers, rf.checksums()):
+        got = data[l.bundles_offset:l.bundles_offset + l.block_bytes]
+        assert np.array_equal(crc32c_blocks(got, l.bundle_size), ck.bundles)
+        want = [crc32c_blocks(data[o:o + n], C.CHECKSUM_BLOCK)
+                for o, n in zip((l.gate_offset, l.up_offset, l.down_offset), l.tensor_bytes)]
+        assert np.array_equal(np.concatenate(want), ck.tensors)
+        assert ck.down_table == 0 and ck.predictor == 0  # f16 columns, no profiling
+    assert list(read_gguf_header(dst).kv)[-1] == Keys.METADATA_SHA256
+
+
+def test_damaged_checksum_table_or_header_detected(packed, tmp_path):
+    _, dst = packed
+    rf = RippleFile.open(dst)
+    p = _copy(dst, tmp_path, "table.gguf")
+    with open(p, "r+b") as f:
+        f.seek(rf.checksum_offset + 5)
+        f.write(b"\x01")
+    with pytest.raises(RippleFormatError, match="table.gguf: checksum table does not match"):
+        RippleFile.open(p).check_quick()
+    with pytest.raises(RippleFormatError, match="table.gguf: region sha256"):
+        RippleFile.open(p).verify_full()
+    # a byte of a source key's value (general.name) and a tensor info's offset
+    hdr = read_gguf_header(dst)
+    for name, off in (("name.gguf", hdr.kv["general.name"].span[1] - 1),
+                      ("info.gguf", hdr.header_end - 8)):  # the low byte of an offset
+        p = _copy(dst, tmp_path, name)
+        with open(p, "r+b") as f:
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 0x20]))
+        with pytest.raises(RippleFormatError, match=f"{name}: GGUF header"):
+            RippleFile.open(p).check_quick()

@@ -14,7 +14,7 @@ from ripple_gguf import quality
 from ripple_gguf.convert import convert
 from ripple_gguf.format import RippleFile
 from ripple_gguf.offline import OfflineConfig
-from synth import make_model
+from synth import make_model, reseal
 
 TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 200, 3, 17]
 
@@ -49,6 +49,9 @@ def select_everything(rf: RippleFile, dst) -> None:
     field = r.fields[C.Keys.Sparsity.THRESHOLD]
     for i in field.data:
         field.parts[i][0] = 0.0
+    r.data.flush()
+    del r, field
+    reseal(dst)
 
 
 def test_sparse_with_every_neuron_equals_dense_from_bundles(packed, tmp_path, settings):

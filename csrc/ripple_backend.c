@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "ggml-backend-impl.h"
@@ -311,6 +312,19 @@ static int down_from_tensor(ripple_backend_ctx * ctx, const ripple_binding * b, 
     if (reserve(&ctx->dbuf, &ctx->dbuf_cap, need, "down projection") != 0) {
         return -1;
     }
+    /* The rows are checked against their checksums when first read, and again whenever the file
+     * changed since (its size, mtime or ctime: a write or an overwrite in place): re-checking 16 MB
+     * of unchanged page-cache bytes per token cost exact mode 14% of its decode speed on SmolLM2.
+     * The stamp is taken before the read, so a change during it is seen at the next read. */
+    ripple_layer * Lw = &m->layers[b->layer];
+    struct stat st;
+    int64_t stamp[5] = { -1, -1, -1, -1, -1 };
+    if (fstat(m->fd, &st) == 0) {
+        const int64_t now[5] = { (int64_t) st.st_size, (int64_t) st.st_mtim.tv_sec, (int64_t) st.st_mtim.tv_nsec,
+                                 (int64_t) st.st_ctim.tv_sec, (int64_t) st.st_ctim.tv_nsec };
+        memcpy(stamp, now, sizeof(stamp));
+    }
+    const int check = !Lw->down_checked || stamp[0] < 0 || memcmp(stamp, Lw->down_stamp, sizeof(stamp)) != 0;
     /* read in pieces of a few checksum blocks, each checked while it is still in the CPU cache (a
      * multiple of 3 blocks: the CRC runs three blocks side by side) */
     const size_t piece = (size_t) m->crc_block * 6;
@@ -322,12 +336,17 @@ static int down_from_tensor(ripple_backend_ctx * ctx, const ripple_binding * b, 
         RIPPLE_COUNT(io_ns, ripple_now_ns() - t0);
         RIPPLE_COUNT(read_ops, 1);
         RIPPLE_COUNT(bytes_read, rc == 0 ? len : 0);
-        if (rc == 0) {
+        if (rc == 0 && check) {
             rc = ripple_verify_tensor(m, b->layer, RIPPLE_DOWN, ctx->dbuf + off, off, len);
         }
     }
     if (rc != 0) {
+        Lw->down_checked = 0;
         return -1;
+    }
+    if (check && ripple_get_verify_reads() && stamp[0] >= 0) {
+        memcpy(Lw->down_stamp, stamp, sizeof(stamp));
+        Lw->down_checked = 1;
     }
     ripple_rows rows = { t, L->d.n_ff, L->d.n_embd, ctx->dbuf, row, NULL, NULL, 0, NULL, 0 };
     return ripple_kernel_rows(ctx->pool, ctx->n_threads, &rows, 1, src1, &node);

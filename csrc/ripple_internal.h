@@ -48,6 +48,10 @@ typedef struct ripple_layer {
     int       down_bits; /* split: bits per stored value (4, 5 or 8) */
     int       down_qoff; /* split: offset subtracted from the stored integer */
     uint64_t  dense_bytes; /* the layer's standard ffn_gate/up/down tensors: what a dense FFN reads */
+    /* exact mode: the file's (size, mtime, ctime) when this layer's ffn_down rows last passed their
+     * checksums; while the file keeps them, re-reads of the rows are not checked again */
+    int       down_checked;
+    int64_t   down_stamp[5];
     uint32_t * bundle_crc;     /* n_ff, position order */
     uint32_t * tensor_crc[3];  /* per enum ripple_kind: one per crc_block bytes of the standard tensor */
     uint64_t  tensor_bytes[3]; /* bytes of the standard tensors (gate: 0 when ungated) */

@@ -225,6 +225,13 @@ def test_bad_environment_variable_fails_the_import_naming_it(tmp_path):
                                               "print(s['cache_mb'], s['direct_io'], s['prefetch'])"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.split() == ["8.0", "False", "False"], r.stderr
+    # the command says it in one line (no traceback) and exits 2
+    exe = shutil.which("ripple-gguf") or os.path.join(os.path.dirname(sys.executable), "ripple-gguf")
+    r = subprocess.run([exe, "inspect", str(tmp_path / "none.gguf")], env=dict(os.environ, RIPPLE_CACHE_MB="nan"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == \
+        "ripple-gguf: error: RIPPLE_CACHE_MB must be a finite number of MiB in [0, 1048576], got 'nan'"
 
 
 # --- 3. clear errors for damaged or unreadable ripple files -------------------------------------

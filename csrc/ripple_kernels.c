@@ -9,6 +9,10 @@
 
 #include "ggml-cpu.h"
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 #ifdef RIPPLE_OPENMP
 #include <omp.h>
 #endif
@@ -159,6 +163,8 @@ typedef struct {
     ggml_vec_dot_t       vec_dot[2];
 } rows_job;
 
+#define RIPPLE_ROWS_AHEAD 4 /* bundles ahead whose gate/up rows are prefetched */
+
 static const uint8_t * row_at(const ripple_rows * r, int64_t i) {
     const int64_t at = r->map ? r->map[i] : i;
     return r->ptrs ? r->ptrs[at] + r->ptr_off : r->base + (size_t) at * r->stride;
@@ -171,8 +177,18 @@ static void rows_task(void * v, int ith, int nth) {
     const int64_t per = (n + nth - 1) / nth;
     const int64_t k0 = per * ith;
     const int64_t k1 = k0 + per < n ? k0 + per : n;
+    const size_t row_bytes = ggml_row_size(r0->type, r0->row_len);
     for (int64_t k = k0; k < k1; k++) {
         const int64_t i = r0->list ? r0->list[k] : k;
+        if (r0->ptrs && k + RIPPLE_ROWS_AHEAD < k1) { /* bundles lie apart: prefetch a later one's rows */
+            const int64_t ia = r0->list ? r0->list[k + RIPPLE_ROWS_AHEAD] : k + RIPPLE_ROWS_AHEAD;
+            for (int m = 0; m < j->n_mats; m++) {
+                const uint8_t * at = row_at(&j->rows[m], ia);
+                for (size_t c = 0; c < row_bytes; c += 64) {
+                    __builtin_prefetch(at + c);
+                }
+            }
+        }
         for (int m = 0; m < j->n_mats; m++) {
             const uint8_t * row = row_at(&j->rows[m], i);
             const struct ggml_tensor * dst = j->dst[m];
@@ -311,19 +327,34 @@ static void slice_of(const down_job * j, int ith, int nth, int64_t * r0, int64_t
     *r1 = n_steps * (ith + 1) / nth * j->step;
 }
 
-/* rows [r0, r1) of a split column as signed integers q - offset (r0, r1 multiples of 8) */
-static void split_unpack(const ripple_layer * L, const uint8_t * src, int64_t r0, int64_t r1, int8_t * y) {
+/* rows [r0, r1) of a split column as 16-bit integers q - offset (r0, r1 multiples of 8) */
+static void split_unpack(const ripple_layer * L, const uint8_t * src, int64_t r0, int64_t r1, int16_t * y) {
     const int off = L->down_qoff;
     if (L->down_bits == 8) {
-        memcpy(y, src + r0, (size_t) (r1 - r0));
+        const int8_t * q = (const int8_t *) src + r0;
+        for (int64_t r = 0; r < r1 - r0; r++) {
+            y[r] = q[r];
+        }
         return;
     }
     const uint8_t * s = src + r0 / 2;
     const int64_t nb = (r1 - r0) / 2;
     if (L->down_bits == 4) {
-        for (int64_t b = 0; b < nb; b++) {
-            y[2 * b] = (int8_t) ((s[b] & 0x0F) - off);
-            y[2 * b + 1] = (int8_t) ((s[b] >> 4) - off);
+        int64_t b = 0;
+#ifdef __AVX2__
+        /* 16 bytes -> 32 values: low and high nibbles interleaved back into row order */
+        const __m128i m4 = _mm_set1_epi8(0x0F);
+        const __m256i o16 = _mm256_set1_epi16((short) off);
+        for (; b + 16 <= nb; b += 16) {
+            const __m128i x = _mm_loadu_si128((const __m128i *) (s + b));
+            const __m128i lo = _mm_and_si128(x, m4), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m4);
+            _mm256_storeu_si256((__m256i *) (y + 2 * b), _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi)), o16));
+            _mm256_storeu_si256((__m256i *) (y + 2 * b + 16), _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi)), o16));
+        }
+#endif
+        for (; b < nb; b++) {
+            y[2 * b] = (int16_t) ((s[b] & 0x0F) - off);
+            y[2 * b + 1] = (int16_t) ((s[b] >> 4) - off);
         }
         return;
     }
@@ -332,14 +363,26 @@ static void split_unpack(const ripple_layer * L, const uint8_t * src, int64_t r0
         const int64_t r = r0 + 2 * b;
         const int q0 = (s[b] & 0x0F) | (((hi[r >> 3] >> (r & 7)) & 1) << 4);
         const int q1 = (s[b] >> 4) | (((hi[(r + 1) >> 3] >> ((r + 1) & 7)) & 1) << 4);
-        y[2 * b] = (int8_t) (q0 - off);
-        y[2 * b + 1] = (int8_t) (q1 - off);
+        y[2 * b] = (int16_t) (q0 - off);
+        y[2 * b + 1] = (int16_t) (q1 - off);
+    }
+}
+
+/* bundles ahead of the one computed whose slice is prefetched: they lie far apart (a bundle is
+ * gate row + up row + column), so the hardware prefetcher does not follow them */
+#define RIPPLE_DOWN_AHEAD 6
+
+/* a[r] += c[r] * q in 16-bit lanes (the caller keeps the sums within int16) */
+static void mla16(int16_t * restrict a, const int16_t * restrict c, int16_t q, int64_t n) {
+    for (int64_t r = 0; r < n; r++) {
+        a[r] = (int16_t) (a[r] + c[r] * q);
     }
 }
 
 /* Bundles are visited in position order (the order they lie in memory, so the hardware prefetcher
  * streams them); each neuron's integer products go to the sums of its source block, and the blocks
- * are combined in block order at the end. */
+ * are combined in block order at the end. The products are summed in 16-bit lanes (twice the
+ * vector width of 32-bit ones) and moved to 32-bit sums before they can overflow. */
 static void down_split_task(void * v, int ith, int nth) {
     const down_job * j = v;
     const ripple_layer * L = j->L;
@@ -353,15 +396,25 @@ static void down_split_task(void * v, int ith, int nth) {
     const size_t off = L->gate_row + L->up_row;
     const size_t qoff = j->has_s ? 4 : 2;
     const int tile = j->tile;
-    /* per thread: isum[tile][nb][w] int32, used[tile][nb], col[w] */
+    /* |q_w - offset| <= 15 for 4 bits, 31 for 5, 128 for 8; |q_x| <= 127: sums of this many
+     * neurons' products fit int16 */
+    const int limit = L->down_bits == 4 ? 16 : L->down_bits == 5 ? 8 : 2;
+    /* per thread: isum[tile][nb][w] int32, psum[tile][nb][w] int16, cnt[tile][nb], col[w] int16 */
+    const size_t cells = (size_t) tile * (size_t) nb;
     int32_t * isum = (int32_t *) (j->work + (size_t) ith * j->work_per_thread);
-    uint8_t * used = (uint8_t *) (isum + (size_t) tile * (size_t) nb * (size_t) w);
-    int8_t * col = (int8_t *) (used + (size_t) tile * (size_t) nb);
+    int16_t * psum = (int16_t *) (isum + cells * (size_t) w);
+    int16_t * col = psum + cells * (size_t) w;
+    uint8_t * cnt = (uint8_t *) (col + w);
+    uint8_t * used = cnt + cells;
     const int64_t n = j->positions ? j->n_positions : n_ff;
+    const int64_t slice_bytes = L->down_bits == 8 ? w : L->down_bits == 4 ? w / 2 : w / 2 + w / 8;
     for (int64_t t0 = 0; t0 < T; t0 += tile) {
         const int tt = (int) (T - t0 < tile ? T - t0 : tile);
-        memset(isum, 0, sizeof(int32_t) * (size_t) tt * (size_t) nb * (size_t) w);
-        memset(used, 0, (size_t) tt * (size_t) nb);
+        const size_t live = (size_t) tt * (size_t) nb;
+        memset(isum, 0, sizeof(int32_t) * live * (size_t) w);
+        memset(psum, 0, sizeof(int16_t) * live * (size_t) w);
+        memset(cnt, 0, live);
+        memset(used, 0, live);
         const int8_t * qx_of[RIPPLE_DOWN_TILE]; /* token u's Q8 values of neuron i: qx_of[u][i / 32 * block + i % 32] */
         for (int u = 0; u < tt; u++) {
             qx_of[u] = (const int8_t *) (j->xq + (size_t) (t0 + u) * j->xq_stride + qoff);
@@ -377,16 +430,30 @@ static void down_split_task(void * v, int ith, int nth) {
             if (!any) {
                 continue;
             }
+            if (k + RIPPLE_DOWN_AHEAD < n) { /* a later bundle's slice, while this one computes */
+                const int64_t pn = j->positions ? j->positions[k + RIPPLE_DOWN_AHEAD] : k + RIPPLE_DOWN_AHEAD;
+                const uint8_t * at = j->ptrs[pn] + off + (L->down_bits == 8 ? r0 : r0 / 2);
+                for (int64_t c = 0; c < slice_bytes; c += 64) {
+                    __builtin_prefetch(at + c);
+                }
+            }
             split_unpack(L, j->ptrs[p] + off, r0, r1, col);
             for (int u = 0; u < tt; u++) {
-                const int32_t qx = qx_of[u][at];
+                const int16_t qx = qx_of[u][at];
                 if (qx == 0) {
                     continue;
                 }
-                used[(size_t) u * (size_t) nb + (size_t) b] = 1;
-                int32_t * is = isum + ((size_t) u * (size_t) nb + (size_t) b) * (size_t) w;
-                for (int64_t r = 0; r < w; r++) {
-                    is[r] += (int32_t) col[r] * qx;
+                const size_t c = (size_t) u * (size_t) nb + (size_t) b;
+                used[c] = 1;
+                int16_t * ps = psum + c * (size_t) w;
+                mla16(ps, col, qx, w);
+                if (++cnt[c] == limit) {
+                    int32_t * is = isum + c * (size_t) w;
+                    for (int64_t r = 0; r < w; r++) {
+                        is[r] += ps[r];
+                        ps[r] = 0;
+                    }
+                    cnt[c] = 0;
                 }
             }
         }
@@ -395,23 +462,25 @@ static void down_split_task(void * v, int ith, int nth) {
             memset(out, 0, sizeof(float) * (size_t) w);
             const uint8_t * xt = j->xq + (size_t) (t0 + u) * j->xq_stride;
             for (int64_t b = 0; b < nb; b++) {
-                if (!used[(size_t) u * (size_t) nb + (size_t) b]) {
+                const size_t c = (size_t) u * (size_t) nb + (size_t) b;
+                if (!used[c]) {
                     continue; /* every q_x of the block is 0, and so is s */
                 }
                 ggml_fp16_t d16, s16;
                 memcpy(&d16, xt + (size_t) b * j->xq_block, 2);
                 const float dx = ggml_fp16_to_fp32(d16);
-                const int32_t * is = isum + ((size_t) u * (size_t) nb + (size_t) b) * (size_t) w;
+                const int32_t * is = isum + c * (size_t) w;
+                const int16_t * ps = psum + c * (size_t) w;
                 const float * dm = L->down_tab + ((size_t) b * (size_t) n_embd + (size_t) r0) * 2;
                 if (j->has_s) {
                     memcpy(&s16, xt + (size_t) b * j->xq_block + 2, 2);
                     const float sx = ggml_fp16_to_fp32(s16);
                     for (int64_t r = 0; r < w; r++) {
-                        out[r] += (float) is[r] * (dm[2 * r] * dx) + dm[2 * r + 1] * sx;
+                        out[r] += (float) (is[r] + ps[r]) * (dm[2 * r] * dx) + dm[2 * r + 1] * sx;
                     }
                 } else {
                     for (int64_t r = 0; r < w; r++) {
-                        out[r] += (float) is[r] * (dm[2 * r] * dx);
+                        out[r] += (float) (is[r] + ps[r]) * (dm[2 * r] * dx);
                     }
                 }
             }
@@ -520,10 +589,10 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
     uint8_t * xq = vt == GGML_TYPE_F32 ? NULL : malloc(vt_row * (size_t) n_tokens);
     float * h = integer ? NULL : malloc(sizeof(float) * (size_t) (n_tokens * n_ff));
     /* the integer sums of a token span every source block: up to 256 KiB of them per thread */
-    const size_t per_token = (sizeof(int32_t) * (size_t) w_max + 1) * (size_t) (n_ff / 32);
+    const size_t per_token = ((sizeof(int32_t) + sizeof(int16_t)) * (size_t) w_max + 2) * (size_t) (n_ff / 32);
     j.tile = (int) (per_token * RIPPLE_DOWN_TILE <= (256u << 10) ? RIPPLE_DOWN_TILE
                     : per_token * 2 <= (256u << 10) ? (256u << 10) / per_token : 1);
-    j.work_per_thread = integer ? per_token * (size_t) j.tile + (size_t) w_max
+    j.work_per_thread = integer ? per_token * (size_t) j.tile + sizeof(int16_t) * (size_t) w_max
                                 : sizeof(float) * RIPPLE_DOWN_BLOCK * (size_t) w_max;
     j.work_per_thread = (j.work_per_thread + 63) & ~(size_t) 63;
     j.work = malloc(j.work_per_thread * (size_t) n_threads);

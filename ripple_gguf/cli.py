@@ -1,5 +1,5 @@
-"""The ``ripple-gguf`` command: convert, inspect, verify, perplexity, probe-storage, bench, quickstart
-(one function per subcommand)."""
+"""The ``ripple-gguf`` command: convert, inspect, verify, perplexity, probe-storage, bench, membench,
+quickstart (one function per subcommand)."""
 from __future__ import annotations
 
 import argparse
@@ -169,6 +169,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_membench(args: argparse.Namespace) -> int:
+    from ripple_gguf import membench
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (fail before the measurements, not after)
+        except ImportError:
+            raise RuntimeError('--plot needs matplotlib: pip install ".[bench]"') from None
+    fractions = sorted(set(args.memory_fraction or membench.DEFAULT_FRACTIONS))
+    if any(not 0.0 < x <= 4.0 for x in fractions):
+        raise ValueError(f"--memory-fraction must be in (0, 4], got {fractions}")
+    result = membench.run(args.src, fractions=fractions, tokens=args.tokens, threads=args.threads,
+                          work_dir=args.work_dir)
+    print(membench.report(result))
+    if args.json:
+        from ripple_gguf.atomic import atomic_output
+
+        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"results written to {args.json}")
+    if args.plot:
+        print(f"figure written to {membench.plot(result, args.plot)}")
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from ripple_gguf import quickstart
 
@@ -255,6 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="OUT.json", help="write every figure as JSON")
     b.add_argument("--plot", metavar="OUT.png", help="write the figures (needs matplotlib: the bench extra)")
     b.set_defaults(func=_cmd_bench)
+
+    mb = sub.add_parser("membench", help="stock llama.cpp and ripple under kernel memory limits (cgroups)")
+    mb.add_argument("src", metavar="SRC.gguf", help="source GGUF model (its ripple file is packed and cached)")
+    mb.add_argument("--memory-fraction", type=float, action="append", metavar="X",
+                    help="memory limit as a fraction of stock's unconfined peak; repeat (default 0.6, 0.75, 0.9)")
+    mb.add_argument("--tokens", type=int, default=64, help="held-out tokens decoded one at a time (default 64)")
+    mb.add_argument("--threads", type=int, default=2, help="llama.cpp threads of every system (default 2)")
+    mb.add_argument("--work-dir", help="where the packed file is cached (default ~/.cache/ripple-gguf/bench)")
+    mb.add_argument("--json", metavar="OUT.json", help="write every figure as JSON")
+    mb.add_argument("--plot", metavar="OUT.png", help="decode tokens/s against the limit (needs matplotlib)")
+    mb.set_defaults(func=_cmd_membench)
 
     q = sub.add_parser("quickstart", add_help=False,
                        help="install the default model (SmolLM2-135M), pack it and generate with the plugin")

@@ -1,0 +1,274 @@
+"""``ripple-gguf membench``: the scenario users have, a model larger than their memory.
+
+Each system runs in a child process confined by a kernel memory limit (cgroup v2 ``memory.max`` or
+v1 ``memory.limit_in_bytes``; the page cache is charged to the cgroup, so file pages beyond the
+limit really leave memory and are read again). First stock llama.cpp runs unconfined to measure
+its peak memory with the whole model resident (P); then, for each fraction X, stock llama.cpp
+(default mmap) and ripple in sparse and exact mode (O_DIRECT reads, the neuron cache sized to what
+the limit leaves) run under a limit of X x P. Each evaluates a 128-token prompt, then decodes N
+held-out tokens one at a time (the text's own tokens, so perplexity is measured on them).
+Reported: decode and prompt tokens/s, MB read from the disk per decoded token (/proc/PID/io),
+peak memory of the cgroup, perplexity.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+SYSTEMS = ("llama.cpp", "ripple-sparse", "ripple-exact")
+DEFAULT_FRACTIONS = (0.6, 0.75, 0.9)
+PROMPT_TOKENS = 128
+# what ripple's process holds besides the neuron cache and the file's pages it reads: measured
+# unconfined with the cache off; the cache gets the limit minus that minus this margin
+CACHE_MARGIN_MB = 8
+
+
+class CgroupError(RuntimeError):
+    """No memory cgroup can be made on this machine."""
+
+
+# ---- memory cgroups ----
+
+class MemoryCgroup:
+    """A child memory cgroup of this process's own, v2 or v1, removed by :meth:`close`."""
+
+    def __init__(self, limit_bytes: Optional[int]):
+        self.v2 = False
+        base = self._base()
+        self.path = base / f"ripple-membench-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            self.path.mkdir()
+        except OSError as e:
+            raise CgroupError(f"cannot create a memory cgroup under {base}: {e.strerror} (run as root on a "
+                              "machine with the memory controller)") from None
+        try:
+            if limit_bytes is not None:
+                self._write("memory.max" if self.v2 else "memory.limit_in_bytes", str(int(limit_bytes)))
+                if not self.v2 and (self.path / "memory.memsw.limit_in_bytes").exists():
+                    try:  # no swapping around the limit where swap accounting exists
+                        self._write("memory.memsw.limit_in_bytes", str(int(limit_bytes)))
+                    except OSError:
+                        pass
+        except OSError as e:
+            self.close()
+            raise CgroupError(f"cannot set the memory limit of {self.path}: {e.strerror}") from None
+
+    def _base(self) -> Path:
+        text = Path("/proc/self/cgroup").read_text()
+        for line in text.splitlines():
+            _, controllers, rel = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                base = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
+                if base.is_dir():
+                    return base
+        for line in text.splitlines():  # v2: the unified hierarchy, "0::/path"
+            if line.startswith("0::"):
+                for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+                    base = root / line[3:].lstrip("/")
+                    if (root / "cgroup.controllers").exists() and "memory" in (root / "cgroup.controllers").read_text():
+                        self.v2 = True
+                        return base
+        raise CgroupError("this machine offers no memory cgroup controller (neither v1 nor v2)")
+
+    def _write(self, name: str, value: str) -> None:
+        (self.path / name).write_text(value)
+
+    def peak_bytes(self) -> int:
+        for name in ("memory.peak", "memory.max_usage_in_bytes"):
+            f = self.path / name
+            if f.exists():
+                return int(f.read_text().split()[0])
+        return 0
+
+    def oom_killed(self) -> bool:
+        f = self.path / ("memory.events" if self.v2 else "memory.oom_control")
+        if not f.exists():
+            return False
+        for line in f.read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k in ("oom_kill", "oom") and v.strip().isdigit() and int(v) > 0 and (k == "oom_kill" or self.v2):
+                return True
+        return False
+
+    def close(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def drop_pages(paths: Sequence[os.PathLike]) -> None:
+    """Evict the files' pages from the page cache (clean pages of unmapped files), so the confined
+    child reads them itself and they are charged to its cgroup."""
+    for p in paths:
+        fd = os.open(os.fspath(p), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# ---- the child ----
+
+def _child(spec: dict) -> dict:
+    """Runs inside the cgroup: load, prompt, decode one token at a time, report."""
+    if spec["system"] != "llama.cpp":
+        import ripple_gguf
+
+        ripple_gguf.configure(mode=spec["system"].split("-", 1)[1], direct_io=True, cache_mb=spec["cache_mb"])
+    import numpy as np
+    import llama_cpp
+
+    def read_bytes() -> int:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+        return 0
+
+    toks = spec["tokens"]
+    n_prompt = spec["prompt"]
+    llm = llama_cpp.Llama(model_path=spec["path"], n_ctx=n_prompt + len(toks) + 8, n_batch=512,
+                          n_threads=spec["threads"], n_threads_batch=spec["threads"], logits_all=True, verbose=False)
+    t0 = time.perf_counter()
+    llm.eval(toks[:n_prompt])
+    t1 = time.perf_counter()
+    r0 = read_bytes()
+    for t in toks[n_prompt:]:
+        llm.eval([t])
+    t2 = time.perf_counter()
+    r1 = read_bytes()
+    scores = np.asarray(llm.scores[n_prompt - 1:len(toks) - 1], dtype=np.float64)
+    targets = np.asarray(toks[n_prompt:], dtype=np.int64)
+    m = scores.max(axis=1, keepdims=True)
+    logp = scores[np.arange(len(targets)), targets] - (m[:, 0] + np.log(np.exp(scores - m).sum(axis=1)))
+    n_dec = len(toks) - n_prompt
+    return {"prompt_tok_s": n_prompt / (t1 - t0), "decode_tok_s": n_dec / (t2 - t1),
+            "read_mb_per_token": (r1 - r0) / n_dec / 1e6, "ppl": float(math.exp(-logp.mean()))}
+
+
+def run_confined(spec: dict, limit_bytes: Optional[int], *, timeout: float = 1800) -> dict:
+    """One child in its own memory cgroup: the child's report plus the cgroup's peak memory."""
+    drop_pages([spec["path"]])
+    cg = MemoryCgroup(limit_bytes)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "out.json"
+            spec_file = Path(d) / "spec.json"
+            spec_file.write_text(json.dumps(spec))
+            # the child joins the cgroup before it imports or loads anything
+            code = (f"import os; open({str(cg.path / 'cgroup.procs')!r}, 'w').write(str(os.getpid()));"
+                    f"import json, ripple_gguf.membench as m; "
+                    f"r = m._child(json.load(open({str(spec_file)!r})));"
+                    f"open({str(out)!r}, 'w').write(json.dumps(r))")
+            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+            peak = cg.peak_bytes()
+            if p.returncode != 0 or not out.exists():
+                why = "killed by the kernel's OOM killer" if cg.oom_killed() or p.returncode == -9 else \
+                      (p.stderr.strip().splitlines() or ["exit code %d" % p.returncode])[-1]
+                return {"error": why, "peak_mb": peak / 2**20}
+            r = json.loads(out.read_text())
+            r["peak_mb"] = peak / 2**20
+            return r
+    finally:
+        cg.close()
+
+
+# ---- the benchmark ----
+
+def run(src: os.PathLike, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, tokens: int = 64, threads: int = 2,
+        work_dir: Optional[os.PathLike] = None, quiet: bool = False) -> Dict[str, object]:
+    from . import bench, quality
+
+    src = Path(src)
+    say = (lambda msg: None) if quiet else (lambda msg: print(f"membench: {msg}", file=sys.stderr, flush=True))
+    MemoryCgroup(None).close()  # fails early, with the reason, where no memory cgroup can be made
+    packed = bench.prepare_variants(src, work_dir or bench.default_work_dir(), placements=("ripple",),
+                                    quiet=quiet)["ripple"]
+    toks = quality.tokenize(src, quality.heldout_text(), PROMPT_TOKENS + tokens)
+    base = {"tokens": toks, "prompt": PROMPT_TOKENS, "threads": threads}
+    say(f"stock llama.cpp unconfined on {src.name}")
+    ref = run_confined(dict(base, system="llama.cpp", path=os.fspath(src)), None)
+    if "error" in ref:
+        raise RuntimeError(f"stock llama.cpp failed unconfined: {ref['error']}")
+    P = ref["peak_mb"]
+    say(f"stock peak {P:.1f} MiB; ripple's own footprint with the cache off")
+    own = run_confined(dict(base, system="ripple-sparse", path=os.fspath(packed), cache_mb=0), None)
+    if "error" in own:
+        raise RuntimeError(f"ripple failed unconfined: {own['error']}")
+    results: List[dict] = [dict(system="llama.cpp", memory_fraction=None, memory_limit_mb=None, cache_mb=None,
+                                **{k: ref[k] for k in ("decode_tok_s", "prompt_tok_s", "read_mb_per_token", "peak_mb", "ppl")})]
+    for x in fractions:
+        limit_mb = x * P
+        cache_mb = max(0.0, limit_mb - own["peak_mb"] - CACHE_MARGIN_MB)
+        for system in SYSTEMS:
+            ripple = system != "llama.cpp"
+            say(f"X={x:.2f} ({limit_mb:.0f} MiB): {system}" + (f", cache {cache_mb:.0f} MiB" if ripple else ""))
+            spec = dict(base, system=system, path=os.fspath(packed if ripple else src), cache_mb=cache_mb)
+            r = run_confined(spec, int(limit_mb * 2**20))
+            row = {"system": system, "memory_fraction": x, "memory_limit_mb": limit_mb,
+                   "cache_mb": cache_mb if ripple else None}
+            for k in ("decode_tok_s", "prompt_tok_s", "read_mb_per_token", "peak_mb", "ppl"):
+                row[k] = r.get(k)
+            if "error" in r:
+                row["error"] = r["error"]
+            results.append(row)
+    return {"machine": bench.machine(), "model": {"source": os.fspath(src), "packed": os.fspath(packed),
+                                                  "stock_peak_mb": P, "ripple_own_peak_mb": own["peak_mb"],
+                                                  "prompt_tokens": PROMPT_TOKENS,
+                                                  "decode_tokens": tokens, "threads": threads},
+            "results": results}
+
+
+def report(result: Mapping[str, object]) -> str:
+    m = result["model"]
+    lines = [f"{Path(m['source']).name}: stock peak {m['stock_peak_mb']:.1f} MiB unconfined (P); ripple's own "
+             f"footprint {m['ripple_own_peak_mb']:.1f} MiB with the cache off; {m['decode_tokens']} tokens decoded "
+             f"after a {m['prompt_tokens']}-token prompt, {m['threads']} threads",
+             f"{'X':>5} {'limit MiB':>9} {'system':<14} {'cache MiB':>9} {'decode tok/s':>12} {'vs stock':>8} "
+             f"{'prompt tok/s':>12} {'MB read/tok':>11} {'peak MiB':>8} {'ppl':>8}"]
+    stock = {r["memory_fraction"]: r for r in result["results"] if r["system"] == "llama.cpp"}
+    fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
+    for r in result["results"]:
+        s = stock.get(r["memory_fraction"], {})
+        ratio = r["decode_tok_s"] / s["decode_tok_s"] if r.get("decode_tok_s") and s.get("decode_tok_s") else None
+        x = "none" if r["memory_fraction"] is None else f"{r['memory_fraction']:.2f}"
+        lines.append(f"{x:>5} {fmt(r['memory_limit_mb'], '9.0f'):>9} {r['system']:<14} {fmt(r['cache_mb'], '9.0f'):>9} "
+                     f"{fmt(r['decode_tok_s'], '12.1f'):>12} {fmt(ratio, '8.2f'):>8} {fmt(r['prompt_tok_s'], '12.1f'):>12} "
+                     f"{fmt(r['read_mb_per_token'], '11.2f'):>11} {fmt(r['peak_mb'], '8.1f'):>8} {fmt(r['ppl'], '8.3f'):>8}"
+                     + (f"  ({r['error']})" if r.get("error") else ""))
+    return "\n".join(lines)
+
+
+def plot(result: Mapping[str, object], out: os.PathLike) -> Path:
+    """Decode tokens/s of each system against the memory limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system in SYSTEMS:
+        rows = [r for r in result["results"] if r["system"] == system and r["memory_fraction"] is not None
+                and r.get("decode_tok_s")]
+        ax.plot([r["memory_fraction"] for r in rows], [r["decode_tok_s"] for r in rows], marker="o", label=system)
+    ax.set_xlabel("memory limit / stock's unconfined peak")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.set_title(Path(result["model"]["source"]).name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)

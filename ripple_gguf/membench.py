@@ -188,13 +188,15 @@ def run_confined(spec: dict, limit_bytes: Optional[int], *, timeout: float = 180
 # ---- the benchmark ----
 
 def run(src: os.PathLike, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, tokens: int = 64, threads: int = 2,
-        work_dir: Optional[os.PathLike] = None, quiet: bool = False) -> Dict[str, object]:
+        work_dir: Optional[os.PathLike] = None, offline=None, quiet: bool = False) -> Dict[str, object]:
+    """The measurements (``offline``: the OfflineConfig the ripple file is packed with, default
+    settings when None)."""
     from . import bench, quality
 
     src = Path(src)
     say = (lambda msg: None) if quiet else (lambda msg: print(f"membench: {msg}", file=sys.stderr, flush=True))
     MemoryCgroup(None).close()  # fails early, with the reason, where no memory cgroup can be made
-    packed = bench.prepare_variants(src, work_dir or bench.default_work_dir(), placements=("ripple",),
+    packed = bench.prepare_variants(src, work_dir or bench.default_work_dir(), offline, placements=("ripple",),
                                     quiet=quiet)["ripple"]
     toks = quality.tokenize(src, quality.heldout_text(), PROMPT_TOKENS + tokens)
     base = {"tokens": toks, "prompt": PROMPT_TOKENS, "threads": threads}

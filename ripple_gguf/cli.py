@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ripple_gguf import constants as C
 
@@ -140,28 +140,36 @@ def _cmd_probe_storage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_plot(out: Optional[str]) -> None:
+    if out:
+        try:
+            import matplotlib  # noqa: F401  (fail before the measurements, not after)
+        except ImportError:
+            raise RuntimeError('--plot needs matplotlib: pip install ".[bench]"') from None
+
+
+def _write_json(out: Optional[str], result) -> None:
+    if out:
+        from ripple_gguf.atomic import atomic_output
+
+        with atomic_output(out) as tmp, open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"results written to {out}")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ripple_gguf import bench
     from ripple_gguf.profile import read_text
 
     text, text_name = (read_text(args.text), args.text) if args.text else (None, "held-out pydoc_data.topics")
     calib = [(path, read_text(path)) for path in args.calib] if args.calib else None
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (fail before the measurements, not after)
-        except ImportError:
-            raise RuntimeError('--plot needs matplotlib: pip install ".[bench]"') from None
+    _check_plot(args.plot)
     fractions = sorted(set(args.cache_fraction or [0.05, 0.1]))
     result = bench.run(args.src, text=text, text_name=text_name, calib=calib, tokens=args.tokens,
                        fractions=fractions, rounds=args.rounds, n_threads=args.threads, ppl_tokens=args.ppl_tokens,
                        cross_dataset=not args.no_cross_dataset, work_dir=args.work_dir)
     print(bench.report(result))
-    if args.json:
-        from ripple_gguf.atomic import atomic_output
-
-        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"results written to {args.json}")
+    _write_json(args.json, result)
     if args.plot:
         from ripple_gguf.bench_plot import plot
 
@@ -172,23 +180,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_membench(args: argparse.Namespace) -> int:
     from ripple_gguf import membench
 
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (fail before the measurements, not after)
-        except ImportError:
-            raise RuntimeError('--plot needs matplotlib: pip install ".[bench]"') from None
+    _check_plot(args.plot)
     fractions = sorted(set(args.memory_fraction or membench.DEFAULT_FRACTIONS))
     if any(not 0.0 < x <= 4.0 for x in fractions):
         raise ValueError(f"--memory-fraction must be in (0, 4], got {fractions}")
     result = membench.run(args.src, fractions=fractions, tokens=args.tokens, threads=args.threads,
                           work_dir=args.work_dir)
     print(membench.report(result))
-    if args.json:
-        from ripple_gguf.atomic import atomic_output
-
-        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"results written to {args.json}")
+    _write_json(args.json, result)
     if args.plot:
         print(f"figure written to {membench.plot(result, args.plot)}")
     return 0

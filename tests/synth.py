@@ -75,8 +75,7 @@ def make_model(path: os.PathLike | str, *, n_layers: int = 2, n_embd: int = 64, 
                               kinds=ffn_type if isinstance(ffn_type, Mapping) else
                               {k: ffn_type for k in ("gate", "up", "down")}, seed=seed, n_ctx=n_ctx, edit=edit)
     rng = np.random.default_rng(seed)
-    tokens, scores, ttypes = tokenizer_vocab()
-    n_vocab = len(tokens)
+    n_vocab = len(tokenizer_vocab()[0])
     kinds = ffn_type if isinstance(ffn_type, Mapping) else {k: ffn_type for k in ("gate", "up", "down")}
 
     def w(*shape: int, scale: float | None = None) -> np.ndarray:
@@ -131,6 +130,12 @@ def make_model(path: os.PathLike | str, *, n_layers: int = 2, n_embd: int = 64, 
         wr.add_head_count_kv(n_head)
         wr.add_layer_norm_rms_eps(1e-5)
         wr.add_rope_dimension_count(n_embd // n_head)
+    return _finish(wr, t, path)
+
+
+def _finish(wr: gguf.GGUFWriter, t: Mapping[str, object], path):
+    """The minimal tokenizer, the tensors ({name: values or (raw, raw_dtype)}), and the file written."""
+    tokens, scores, ttypes = tokenizer_vocab()
     wr.add_file_type(0)
     wr.add_tokenizer_model("llama")
     wr.add_token_list(tokens)
@@ -141,8 +146,7 @@ def make_model(path: os.PathLike | str, *, n_layers: int = 2, n_embd: int = 64, 
     wr.add_unk_token_id(0)
     for name, v in t.items():
         if isinstance(v, tuple):
-            arr, raw_dtype = v
-            wr.add_tensor(name, arr, raw_dtype=raw_dtype)
+            wr.add_tensor(name, v[0], raw_dtype=v[1])
         else:
             wr.add_tensor(name, v)
     wr.write_header_to_file()
@@ -160,8 +164,7 @@ def _make_new_arch(path: str, arch: str, *, n_layers: int, n_embd: int, n_ff: in
                    kinds: Mapping[str, TypeSpec], seed: int, n_ctx: int,
                    edit: Callable[[dict], None] | None) -> str:
     rng = np.random.default_rng(seed)
-    tokens, scores, ttypes = tokenizer_vocab()
-    n_vocab = len(tokens)
+    n_vocab = len(tokenizer_vocab()[0])
 
     def w(*shape: int, scale: float | None = None) -> np.ndarray:
         scale = scale if scale is not None else 1.0 / np.sqrt(shape[-1])
@@ -212,24 +215,7 @@ def _make_new_arch(path: str, arch: str, *, n_layers: int, n_embd: int, n_ff: in
         wr.add_key_length(n_embd // n_head)
         wr.add_value_length(n_embd // n_head)
         wr.add_sliding_window(n_ctx)
-    wr.add_file_type(0)
-    wr.add_tokenizer_model("llama")
-    wr.add_token_list(tokens)
-    wr.add_token_scores(scores)
-    wr.add_token_types(ttypes)
-    wr.add_bos_token_id(1)
-    wr.add_eos_token_id(2)
-    wr.add_unk_token_id(0)
-    for name, v in t.items():
-        if isinstance(v, tuple):
-            wr.add_tensor(name, v[0], raw_dtype=v[1])
-        else:
-            wr.add_tensor(name, v)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
-    return path
+    return _finish(wr, t, path)
 
 
 def stock_logits(paths: list, tokens: list[int]) -> list[np.ndarray]:

@@ -30,9 +30,9 @@ typedef struct ripple_predictor {
     float   threshold;
     float * x_shift; /* n_embd */
     float * x_scale; /* n_embd */
-    float * w1t; /* rank x n_embd */
+    ggml_fp16_t * w1t; /* rank x n_embd, as stored (f16 halves the memory the predictors keep) */
     float * b1;  /* rank */
-    float * w2t; /* n_ff x rank */
+    ggml_fp16_t * w2t; /* n_ff x rank */
     float * b2;  /* n_ff */
 } ripple_predictor;
 

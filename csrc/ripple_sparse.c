@@ -9,6 +9,10 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#if defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 /* ---- predictor blob (ripple_gguf/predictor.py, docs/FORMAT.md 3b) ---- */
 
 #define RIPPLE_PREDICTOR_VERSION 2 /* predictor.VERSION */
@@ -38,12 +42,14 @@ static int all_finite(const float * v, size_t n) {
     return 1;
 }
 
-static void f16_row(const uint8_t * src, float * dst, size_t n) {
+/* no f16 infinity or nan (exponent bits all ones) */
+static int all_finite_f16(const ggml_fp16_t * v, size_t n) {
     for (size_t i = 0; i < n; i++) {
-        ggml_fp16_t h;
-        memcpy(&h, src + 2 * i, 2);
-        dst[i] = ggml_fp16_to_fp32(h);
+        if ((v[i] & 0x7C00) == 0x7C00) {
+            return 0;
+        }
     }
+    return 1;
 }
 
 ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int n_embd, int n_ff,
@@ -85,9 +91,9 @@ ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int 
     p->threshold = threshold;
     p->x_shift = malloc(sizeof(float) * e);
     p->x_scale = malloc(sizeof(float) * e);
-    p->w1t = malloc(sizeof(float) * rank * e);
+    p->w1t = malloc(sizeof(ggml_fp16_t) * rank * e);
     p->b1 = malloc(sizeof(float) * rank);
-    p->w2t = malloc(sizeof(float) * (size_t) f * rank);
+    p->w2t = malloc(sizeof(ggml_fp16_t) * (size_t) f * rank);
     p->b2 = malloc(sizeof(float) * f);
     if (!p->x_shift || !p->x_scale || !p->w1t || !p->b1 || !p->w2t || !p->b2) {
         ripple_predictor_free(p);
@@ -96,15 +102,15 @@ ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int 
     }
     memcpy(p->x_shift, blob + 64, 4 * (size_t) e);
     memcpy(p->x_scale, blob + o_sc, 4 * (size_t) e);
-    f16_row(blob + o_w1, p->w1t, (size_t) rank * e);
+    memcpy(p->w1t, blob + o_w1, sizeof(ggml_fp16_t) * rank * e);
     memcpy(p->b1, blob + o_b1, 4 * (size_t) rank);
-    f16_row(blob + o_w2, p->w2t, (size_t) f * rank);
+    memcpy(p->w2t, blob + o_w2, sizeof(ggml_fp16_t) * (size_t) f * rank);
     memcpy(p->b2, blob + o_b2, 4 * (size_t) f);
     /* a non-finite value would select every neuron or none, silently */
     const char * bad = !isfinite(threshold) ? "threshold"
                      : !all_finite(p->x_shift, e) || !all_finite(p->x_scale, e) ? "input standardisation"
-                     : !all_finite(p->w1t, (size_t) rank * e) || !all_finite(p->b1, rank) ? "first layer"
-                     : !all_finite(p->w2t, (size_t) f * rank) || !all_finite(p->b2, f) ? "second layer" : NULL;
+                     : !all_finite_f16(p->w1t, (size_t) rank * e) || !all_finite(p->b1, rank) ? "first layer"
+                     : !all_finite_f16(p->w2t, (size_t) f * rank) || !all_finite(p->b2, f) ? "second layer" : NULL;
     if (bad) {
         ripple_predictor_free(p);
         snprintf(err, err_len, "predictor blob: %s holds inf or nan", bad);
@@ -113,19 +119,28 @@ ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int 
     return p;
 }
 
-/* Dot product with 8 independent partial sums (one vector register): vectorised by the compiler,
- * and the same order of additions for every call, so a token's selection never depends on the batch. */
-static float dot(const float * a, const float * b, int64_t n) {
+/* Dot product of f16 weights and f32 values with 8 independent partial sums (one vector register),
+ * combined in a fixed order: the same order of additions for every call, so a token's selection
+ * never depends on the batch. */
+static float dot(const ggml_fp16_t * a, const float * b, int64_t n) {
     float acc[8] = { 0 };
     int64_t i = 0;
+#if defined(__F16C__) && defined(__FMA__)
+    __m256 v = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        v = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (a + i))), _mm256_loadu_ps(b + i), v);
+    }
+    _mm256_storeu_ps(acc, v);
+#else
     for (; i + 8 <= n; i += 8) {
         for (int k = 0; k < 8; k++) {
-            acc[k] += a[i + k] * b[i + k];
+            acc[k] += ggml_fp16_to_fp32(a[i + k]) * b[i + k];
         }
     }
+#endif
     float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (; i < n; i++) {
-        s += a[i] * b[i];
+        s += ggml_fp16_to_fp32(a[i]) * b[i];
     }
     return s;
 }

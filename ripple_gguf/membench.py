@@ -25,9 +25,10 @@ from typing import Dict, List, Mapping, Optional, Sequence
 SYSTEMS = ("llama.cpp", "ripple-sparse", "ripple-exact")
 DEFAULT_FRACTIONS = (0.6, 0.75, 0.9)
 PROMPT_TOKENS = 128
-# what ripple's process holds besides the neuron cache and the file's pages it reads: measured
-# unconfined with the cache off; the cache gets the limit minus that minus this margin
-CACHE_MARGIN_MB = 8
+# The neuron cache gets what the limit leaves: minus ripple's anonymous memory (measured unconfined
+# with the cache off, at the end of the same run), minus the non-FFN tensors' bytes (their pages
+# are read every token), minus this margin for what the estimate misses (transient peaks).
+CACHE_MARGIN_MB = 16
 
 
 class CgroupError(RuntimeError):
@@ -139,26 +140,38 @@ def _child(spec: dict) -> dict:
 
     toks = spec["tokens"]
     n_prompt = spec["prompt"]
-    llm = llama_cpp.Llama(model_path=spec["path"], n_ctx=n_prompt + len(toks) + 8, n_batch=512,
-                          n_threads=spec["threads"], n_threads_batch=spec["threads"], logits_all=True, verbose=False)
+    # only the last token's logits are kept (as a deployment would); perplexity from them, token by token
+    llm = llama_cpp.Llama(model_path=spec["path"], n_ctx=n_prompt + len(toks) + 8, n_batch=n_prompt,
+                          n_threads=spec["threads"], n_threads_batch=spec["threads"], logits_all=False, verbose=False)
+    n_vocab = llm.n_vocab()
+    nll = []
+
+    def score(target: int) -> None:
+        z = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).astype(np.float64)
+        m = z.max()
+        nll.append(m + math.log(np.exp(z - m).sum()) - z[target])
+
     t0 = time.perf_counter()
     llm.eval(toks[:n_prompt])
     t1 = time.perf_counter()
+    score(toks[n_prompt])
     r0 = read_bytes()
-    for t in toks[n_prompt:]:
-        llm.eval([t])
-    t2 = time.perf_counter()
+    t_dec = 0.0
+    for k in range(n_prompt, len(toks)):
+        ts = time.perf_counter()
+        llm.eval([toks[k]])
+        t_dec += time.perf_counter() - ts
+        if k + 1 < len(toks):
+            score(toks[k + 1])
     r1 = read_bytes()
-    scores = np.asarray(llm.scores[n_prompt - 1:len(toks) - 1], dtype=np.float64)
-    targets = np.asarray(toks[n_prompt:], dtype=np.int64)
-    m = scores.max(axis=1, keepdims=True)
-    logp = scores[np.arange(len(targets)), targets] - (m[:, 0] + np.log(np.exp(scores - m).sum(axis=1)))
     n_dec = len(toks) - n_prompt
-    return {"prompt_tok_s": n_prompt / (t1 - t0), "decode_tok_s": n_dec / (t2 - t1),
-            "read_mb_per_token": (r1 - r0) / n_dec / 1e6, "ppl": float(math.exp(-logp.mean()))}
+    status = Path("/proc/self/status").read_text()
+    anon_kb = int(status.split("RssAnon:")[1].split()[0]) if "RssAnon:" in status else 0
+    return {"prompt_tok_s": n_prompt / (t1 - t0), "decode_tok_s": n_dec / t_dec, "anon_mb": anon_kb / 1024,
+            "read_mb_per_token": (r1 - r0) / n_dec / 1e6, "ppl": float(math.exp(sum(nll) / len(nll)))}
 
 
-def run_confined(spec: dict, limit_bytes: Optional[int], *, timeout: float = 1800) -> dict:
+def run_confined(spec: dict, limit_bytes: Optional[int], *, timeout: float = 300) -> dict:
     """One child in its own memory cgroup: the child's report plus the cgroup's peak memory."""
     drop_pages([spec["path"]])
     cg = MemoryCgroup(limit_bytes)
@@ -172,7 +185,10 @@ def run_confined(spec: dict, limit_bytes: Optional[int], *, timeout: float = 180
                     f"import json, ripple_gguf.membench as m; "
                     f"r = m._child(json.load(open({str(spec_file)!r})));"
                     f"open({str(out)!r}, 'w').write(json.dumps(r))")
-            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+            try:
+                p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:  # thrashing at the limit: the child was killed
+                return {"error": f"no result within {timeout:.0f} s (thrashing)", "peak_mb": cg.peak_bytes() / 2**20}
             peak = cg.peak_bytes()
             if p.returncode != 0 or not out.exists():
                 why = "killed by the kernel's OOM killer" if cg.oom_killed() or p.returncode == -9 else \
@@ -188,7 +204,8 @@ def run_confined(spec: dict, limit_bytes: Optional[int], *, timeout: float = 180
 # ---- the benchmark ----
 
 def run(src: os.PathLike, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, tokens: int = 64, threads: int = 2,
-        work_dir: Optional[os.PathLike] = None, offline=None, quiet: bool = False) -> Dict[str, object]:
+        work_dir: Optional[os.PathLike] = None, offline=None, timeout: float = 300,
+        quiet: bool = False) -> Dict[str, object]:
     """The measurements (``offline``: the OfflineConfig the ripple file is packed with, default
     settings when None)."""
     from . import bench, quality
@@ -205,6 +222,9 @@ def run(src: os.PathLike, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, tok
     if "error" in ref:
         raise RuntimeError(f"stock llama.cpp failed unconfined: {ref['error']}")
     P = ref["peak_mb"]
+    from .format import is_ffn_tensor, read_gguf_header
+
+    non_ffn_mb = sum(t.nbytes for t in read_gguf_header(packed).tensors if not is_ffn_tensor(t.name)) / 2**20
     say(f"stock peak {P:.1f} MiB; ripple's own footprint with the cache off")
     own = run_confined(dict(base, system="ripple-sparse", path=os.fspath(packed), cache_mb=0), None)
     if "error" in own:
@@ -213,12 +233,12 @@ def run(src: os.PathLike, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, tok
                                 **{k: ref[k] for k in ("decode_tok_s", "prompt_tok_s", "read_mb_per_token", "peak_mb", "ppl")})]
     for x in fractions:
         limit_mb = x * P
-        cache_mb = max(0.0, limit_mb - own["peak_mb"] - CACHE_MARGIN_MB)
+        cache_mb = max(0.0, limit_mb - own["anon_mb"] - non_ffn_mb - CACHE_MARGIN_MB)
         for system in SYSTEMS:
             ripple = system != "llama.cpp"
             say(f"X={x:.2f} ({limit_mb:.0f} MiB): {system}" + (f", cache {cache_mb:.0f} MiB" if ripple else ""))
             spec = dict(base, system=system, path=os.fspath(packed if ripple else src), cache_mb=cache_mb)
-            r = run_confined(spec, int(limit_mb * 2**20))
+            r = run_confined(spec, int(limit_mb * 2**20), timeout=timeout)
             row = {"system": system, "memory_fraction": x, "memory_limit_mb": limit_mb,
                    "cache_mb": cache_mb if ripple else None}
             for k in ("decode_tok_s", "prompt_tok_s", "read_mb_per_token", "peak_mb", "ppl"):
@@ -228,6 +248,7 @@ def run(src: os.PathLike, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, tok
             results.append(row)
     return {"machine": bench.machine(), "model": {"source": os.fspath(src), "packed": os.fspath(packed),
                                                   "stock_peak_mb": P, "ripple_own_peak_mb": own["peak_mb"],
+                                                  "ripple_own_anon_mb": own["anon_mb"], "non_ffn_mb": non_ffn_mb,
                                                   "prompt_tokens": PROMPT_TOKENS,
                                                   "decode_tokens": tokens, "threads": threads},
             "results": results}
@@ -235,9 +256,10 @@ def run(src: os.PathLike, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, tok
 
 def report(result: Mapping[str, object]) -> str:
     m = result["model"]
-    lines = [f"{Path(m['source']).name}: stock peak {m['stock_peak_mb']:.1f} MiB unconfined (P); ripple's own "
-             f"footprint {m['ripple_own_peak_mb']:.1f} MiB with the cache off; {m['decode_tokens']} tokens decoded "
-             f"after a {m['prompt_tokens']}-token prompt, {m['threads']} threads",
+    lines = [f"{Path(m['source']).name}: stock peak {m['stock_peak_mb']:.1f} MiB unconfined (P); ripple with the "
+             f"cache off: peak {m['ripple_own_peak_mb']:.1f} MiB, anonymous {m['ripple_own_anon_mb']:.1f} MiB; "
+             f"non-FFN tensors {m['non_ffn_mb']:.1f} MiB; {m['decode_tokens']} tokens decoded after a "
+             f"{m['prompt_tokens']}-token prompt, {m['threads']} threads",
              f"{'X':>5} {'limit MiB':>9} {'system':<14} {'cache MiB':>9} {'decode tok/s':>12} {'vs stock':>8} "
              f"{'prompt tok/s':>12} {'MB read/tok':>11} {'peak MiB':>8} {'ppl':>8}"]
     stock = {r["memory_fraction"]: r for r in result["results"] if r["system"] == "llama.cpp"}

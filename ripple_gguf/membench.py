@@ -128,7 +128,8 @@ def _child(spec: dict) -> dict:
     if spec["system"] != "llama.cpp":
         import ripple_gguf
 
-        ripple_gguf.configure(mode=spec["system"].split("-", 1)[1], direct_io=True, cache_mb=spec["cache_mb"])
+        ripple_gguf.configure(mode=spec["system"].split("-", 1)[1], direct_io=True, cache_mb=spec["cache_mb"],
+                              cache_policy=spec.get("cache_policy", "s3fifo"))
     import numpy as np
     import llama_cpp
 

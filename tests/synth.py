@@ -218,6 +218,16 @@ def _make_new_arch(path: str, arch: str, *, n_layers: int, n_embd: int, n_ff: in
     return _finish(wr, t, path)
 
 
+def small_offline(**kw):
+    """An OfflineConfig small enough for the tiny synthetic models (seconds, one thread)."""
+    from ripple_gguf.offline import OfflineConfig
+
+    base = dict(calib_tokens=512, chunk_tokens=128, threshold_tokens=256, eval_tokens=256, predictor_rank=8,
+                threads=1, quiet=True)
+    base.update(kw)
+    return OfflineConfig(**base)
+
+
 def stock_logits(paths: list, tokens: list[int]) -> list[np.ndarray]:
     """Logits of every position for ``tokens`` from *stock* llama.cpp, one array per model: a fresh
     interpreter that never imports ripple_gguf, n_threads=1 so results are deterministic."""

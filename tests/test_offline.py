@@ -15,16 +15,9 @@ from ripple_gguf.convert import convert
 from ripple_gguf.format import RippleFile, RippleFormatError
 from ripple_gguf.offline import OfflineConfig
 from ripple_gguf.profile import ActivationCapture, ProfileError, tokenize_chunks
-from synth import make_model, stock_logits
+from synth import make_model, stock_logits, small_offline
 
 TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 200, 3, 17]
-
-
-def small_cfg(**kw) -> OfflineConfig:
-    base = dict(calib_tokens=512, chunk_tokens=128, threshold_tokens=256, eval_tokens=256, predictor_rank=8,
-                threads=1, quiet=True)
-    base.update(kw)
-    return OfflineConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +42,7 @@ def test_capture_matches_shapes_and_all_layers(model):
 def test_offline_file_contents_and_exactness(model, tmp_path, exact_mode):
     dst = tmp_path / "m.ripple.gguf"
     times = {}
-    rf = convert(model, dst, offline=small_cfg(), quiet=True, stage_seconds=times)
+    rf = convert(model, dst, offline=small_offline(), quiet=True, stage_seconds=times)
     assert {"profile", "predictors", "placement", "write"} <= set(times)
     assert rf.placement_method == "ripple"
     sp = rf.sparsity
@@ -79,8 +72,8 @@ def test_offline_file_contents_and_exactness(model, tmp_path, exact_mode):
 
 
 def test_deterministic_for_a_seed(model, tmp_path):
-    a = convert(model, tmp_path / "a.gguf", offline=small_cfg(seed=3), quiet=True)
-    b = convert(model, tmp_path / "b.gguf", offline=small_cfg(seed=3), quiet=True)
+    a = convert(model, tmp_path / "a.gguf", offline=small_offline(seed=3), quiet=True)
+    b = convert(model, tmp_path / "b.gguf", offline=small_offline(seed=3), quiet=True)
     assert open(a.path, "rb").read() == open(b.path, "rb").read()
 
 
@@ -88,23 +81,23 @@ def test_predictor_fit_fraction(model, tmp_path):
     """Predictors fitted to the top 25% of |h| (default) or to the active sets (None): different
     predictors, thresholds tuned to the same recall of the active sets either way."""
     cfg = dict(active_fraction=0.5, predictor_recall=0.96)
-    top = convert(model, tmp_path / "top.gguf", offline=small_cfg(**cfg), quiet=True)
-    act = convert(model, tmp_path / "act.gguf", offline=small_cfg(predictor_fit_fraction=None, **cfg), quiet=True)
+    top = convert(model, tmp_path / "top.gguf", offline=small_offline(**cfg), quiet=True)
+    act = convert(model, tmp_path / "act.gguf", offline=small_offline(predictor_fit_fraction=None, **cfg), quiet=True)
     assert top.predictor_metrics["fit_fraction"] == 0.25 and act.predictor_metrics["fit_fraction"] is None
     assert any(top.read_predictor(l).to_bytes() != act.read_predictor(l).to_bytes() for l in top.layers)
     for rf in (top, act):
         assert rf.predictor_metrics["recall"] > 0.85  # tuned to 0.96 on validation tokens
     # a fit fraction at or above the active fraction fits the active sets: the same file as None
-    same = convert(model, tmp_path / "same.gguf", offline=small_cfg(predictor_fit_fraction=0.6, **cfg), quiet=True)
+    same = convert(model, tmp_path / "same.gguf", offline=small_offline(predictor_fit_fraction=0.6, **cfg), quiet=True)
     assert same.predictor_metrics["fit_fraction"] is None
     assert all(same.read_predictor(l).to_bytes() == act.read_predictor(l).to_bytes() for l in act.layers)
     with pytest.raises(ProfileError, match="predictor-fit-fraction"):
-        convert(model, tmp_path / "x.gguf", offline=small_cfg(predictor_fit_fraction=0.0), quiet=True)
+        convert(model, tmp_path / "x.gguf", offline=small_offline(predictor_fit_fraction=0.0), quiet=True)
 
 
 @pytest.mark.parametrize("method", ["original", "frequency"])
 def test_other_placements(model, tmp_path, method):
-    rf = convert(model, tmp_path / "m.gguf", offline=small_cfg(placement=method, predictor_rank=0), quiet=True)
+    rf = convert(model, tmp_path / "m.gguf", offline=small_offline(placement=method, predictor_rank=0), quiet=True)
     assert rf.placement_method == method and not rf.has_predictors
     assert rf.placement_quality["needed"] == "active"
     if method == "original":
@@ -113,11 +106,11 @@ def test_other_placements(model, tmp_path, method):
 
 def test_bad_calibration_input(model, tmp_path):
     with pytest.raises(ProfileError, match="empty"):
-        convert(model, tmp_path / "x.gguf", offline=small_cfg(calib=[("blank.txt", "   \n")]), quiet=True)
+        convert(model, tmp_path / "x.gguf", offline=small_offline(calib=[("blank.txt", "   \n")]), quiet=True)
     with pytest.raises(ProfileError, match="too short.*short.txt"):
-        convert(model, tmp_path / "x.gguf", offline=small_cfg(calib=[("short.txt", "a few words")]), quiet=True)
+        convert(model, tmp_path / "x.gguf", offline=small_offline(calib=[("short.txt", "a few words")]), quiet=True)
     with pytest.raises(ProfileError, match="between 0 and 1"):
-        convert(model, tmp_path / "x.gguf", offline=small_cfg(active_fraction=1.5), quiet=True)
+        convert(model, tmp_path / "x.gguf", offline=small_offline(active_fraction=1.5), quiet=True)
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)
     assert main(["convert", model, str(tmp_path / "x.gguf"), "--calib", str(bad), "--quiet"]) == 2
@@ -127,7 +120,7 @@ def test_bad_calibration_input(model, tmp_path):
 def test_model_without_ffn_layers_is_refused(tmp_path):
     src = make_model(tmp_path / "noffn.gguf", edit=lambda t: [t.pop(k) for k in list(t) if ".ffn_" in k])
     with pytest.raises(RippleFormatError, match="noffn.gguf"):
-        convert(src, tmp_path / "x.gguf", offline=small_cfg(), quiet=True)
+        convert(src, tmp_path / "x.gguf", offline=small_offline(), quiet=True)
 
 
 def test_cli_convert_and_inspect(model, tmp_path, capsys):
@@ -171,9 +164,9 @@ def test_calibration_text_that_is_not_text_is_refused(model, tmp_path, capsys):
     assert "nul.txt" in err and "control characters" in err and "Traceback" not in err
     assert not out.exists()
     with pytest.raises(ProfileError, match="same.txt: one token is 99% of the calibration tokens"):
-        convert(model, out, offline=small_cfg(calib=[("same.txt", "a" * 5000)]), quiet=True)
+        convert(model, out, offline=small_offline(calib=[("same.txt", "a" * 5000)]), quiet=True)
     with pytest.raises(ProfileError, match=r"few.txt: the calibration tokens hold \d+ distinct tokens, at least 16"):
-        convert(model, out, offline=small_cfg(calib=[("few.txt", "hello " * 2000)]), quiet=True)
+        convert(model, out, offline=small_offline(calib=[("few.txt", "hello " * 2000)]), quiet=True)
     assert not out.exists()
 
 
@@ -185,5 +178,5 @@ def test_non_finite_activations_are_refused(tmp_path):
 
     src = make_model(tmp_path / "inf.gguf", ffn_type="Q8_0", n_layers=2, edit=edit)
     with pytest.raises(ProfileError, match=r"inf\.gguf: layer 1: FFN input holds inf or nan"):
-        convert(src, tmp_path / "x.gguf", offline=small_cfg(), quiet=True)
+        convert(src, tmp_path / "x.gguf", offline=small_offline(), quiet=True)
     assert not (tmp_path / "x.gguf").exists()

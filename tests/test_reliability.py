@@ -20,8 +20,7 @@ from ripple_gguf.atomic import atomic_output
 from ripple_gguf.cli import main
 from ripple_gguf.convert import convert
 from ripple_gguf.format import RippleFile, RippleFormatError, read_gguf_header
-from ripple_gguf.offline import OfflineConfig
-from synth import make_model
+from synth import make_model, small_offline
 
 Keys = C.Keys
 
@@ -31,19 +30,12 @@ def _sha(path) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _small_offline(**kw) -> OfflineConfig:
-    base = dict(calib_tokens=512, chunk_tokens=128, threshold_tokens=256, eval_tokens=256, predictor_rank=8,
-                threads=1, quiet=True)
-    base.update(kw)
-    return OfflineConfig(**base)
-
-
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
     """A small synthetic model packed with profiling (thresholds, predictors, quality keys)."""
     d = tmp_path_factory.mktemp("reliability")
     src = make_model(d / "src.gguf", ffn_type="Q8_0", n_embd=64, n_ff=128, n_layers=2)
-    return convert(src, d / "profiled.ripple.gguf", offline=_small_offline(), quiet=True).path
+    return convert(src, d / "profiled.ripple.gguf", offline=small_offline(), quiet=True).path
 
 
 def _cli(capsys, *argv) -> tuple[int, str]:

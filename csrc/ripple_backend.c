@@ -324,18 +324,28 @@ static int down_from_tensor(ripple_backend_ctx * ctx, const ripple_binding * b, 
                                  (int64_t) st.st_ctim.tv_sec, (int64_t) st.st_ctim.tv_nsec };
         memcpy(stamp, now, sizeof(stamp));
     }
-    const int check = !Lw->down_checked || stamp[0] < 0 || memcmp(stamp, Lw->down_stamp, sizeof(stamp)) != 0;
+    /* With direct_io the rows come from the device itself (O_DIRECT, as the bundles do: under a memory
+     * limit they would otherwise push the non-FFN pages out of the page cache), so they are checked
+     * at every read. */
+    int direct = 0;
+    const int fd = ripple_read_fd(m, &direct);
+    const int check = direct || !Lw->down_checked || stamp[0] < 0 || memcmp(stamp, Lw->down_stamp, sizeof(stamp)) != 0;
     /* read in pieces of a few checksum blocks, each checked while it is still in the CPU cache (a
      * multiple of 3 blocks: the CRC runs three blocks side by side) */
     const size_t piece = (size_t) m->crc_block * 6;
     int rc = 0;
     for (size_t off = 0; off < need && rc == 0; off += piece) {
         const size_t len = need - off < piece ? need - off : piece;
-        uint64_t t0 = ripple_now_ns();
-        rc = ripple_pread_full(m->fd, ctx->dbuf + off, len, L->d.down_offset + off, m->path);
+        uint64_t t0 = ripple_now_ns(), dev = len;
+        if (direct) {
+            const ripple_io_req req = { fd, 1, L->d.down_offset + off, len, ctx->dbuf + off };
+            rc = ripple_io_run(&req, 1, m->path, &dev);
+        } else {
+            rc = ripple_pread_full(fd, ctx->dbuf + off, len, L->d.down_offset + off, m->path);
+        }
         RIPPLE_COUNT(io_ns, ripple_now_ns() - t0);
         RIPPLE_COUNT(read_ops, 1);
-        RIPPLE_COUNT(bytes_read, rc == 0 ? len : 0);
+        RIPPLE_COUNT(bytes_read, rc == 0 ? dev : 0);
         if (rc == 0 && check) {
             rc = ripple_verify_tensor(m, b->layer, RIPPLE_DOWN, ctx->dbuf + off, off, len);
         }
@@ -344,7 +354,7 @@ static int down_from_tensor(ripple_backend_ctx * ctx, const ripple_binding * b, 
         Lw->down_checked = 0;
         return -1;
     }
-    if (check && ripple_get_verify_reads() && stamp[0] >= 0) {
+    if (check && !direct && ripple_get_verify_reads() && stamp[0] >= 0) {
         memcpy(Lw->down_stamp, stamp, sizeof(stamp));
         Lw->down_checked = 1;
     }

@@ -121,7 +121,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     print(f"tokens: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated in {gen_s:.2f} s "
           f"({usage['completion_tokens'] / gen_s:.1f} tokens/s)")
     settings = ripple_gguf.settings()
-    print(f"mode {settings['mode']}: FFN matmuls served {s['ffn_matmuls']:,}; neurons computed "
+    mode = settings["mode"]
+    if mode == "auto":  # the file's own default
+        mode = f"{load.get('default_mode', 'sparse')} (the file's default)"
+    print(f"mode {mode}: FFN matmuls served {s['ffn_matmuls']:,}; neurons computed "
           f"{s['neurons_computed']:,} of {s['neurons_total']:,} ({s['neurons_computed'] / max(1, s['neurons_total']):.1%}); "
           f"needed bundles {s['needed_bytes'] / max(1, s['dense_bytes']):.1%} of the dense FFN bytes")
     print(f"read from the file: {_mib(s['bytes_read'])} in {s['read_ops']:,} reads (mean run of needed bundles "

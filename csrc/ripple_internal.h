@@ -52,6 +52,11 @@ typedef struct ripple_layer {
      * checksums; while the file keeps them, re-reads of the rows are not checked again */
     int       down_checked;
     int64_t   down_stamp[5];
+    /* exact mode without direct_io: the file's ffn_down rows mapped read-only (page cache, as stock
+     * llama.cpp maps its weights), computed on in place instead of copied every token */
+    void *    down_map;
+    size_t    down_map_len;
+    size_t    down_map_skip; /* bytes from the mapping's start to the rows (page alignment) */
     uint32_t * bundle_crc;     /* n_ff, position order */
     uint32_t * tensor_crc[3];  /* per enum ripple_kind: one per crc_block bytes of the standard tensor */
     uint64_t  tensor_bytes[3]; /* bytes of the standard tensors (gate: 0 when ungated) */

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 ripple_counters g_ripple_counters;
@@ -108,6 +109,9 @@ static void model_free(ripple_model * m) {
         free(m->layers[l].down_tab);
         free(m->layers[l].bundle_crc);
         free(m->layers[l].tensor_crc[0]); /* one allocation for the three */
+        if (m->layers[l].down_map) {
+            munmap(m->layers[l].down_map, m->layers[l].down_map_len);
+        }
     }
     free(m->layers);
     free(m->layer_of_block);

@@ -433,5 +433,30 @@ def test_file_overwritten_while_loaded_fails_the_decode(profiled, tmp_path, mode
         ripple_gguf.configure(cache_mb=ripple_gguf.runtime.DEFAULT_CACHE_MB, mode="sparse", prefetch=False)
 
 
+def test_file_truncated_while_loaded_fails_the_decode(profiled, tmp_path):
+    """Exact mode computes ffn_down on a mapping of the file: a file cut short under a loaded model
+    (its bundles all in the neuron cache) fails llama_decode with the file named, not SIGBUS."""
+    import llama_cpp
+    import ripple_gguf
+    from ripple_gguf.format import RippleFile
+
+    rf = RippleFile.open(profiled)
+    p = tmp_path / "cut-live.gguf"
+    shutil.copyfile(profiled, p)
+    try:
+        ripple_gguf.configure(cache_mb=64, cache_fraction=None, mode="exact")
+        llm = llama_cpp.Llama(model_path=os.fspath(p), n_ctx=64, n_threads=2, verbose=False)
+        llm.eval(PROMPT[:4])
+        os.truncate(p, rf.layers[1].down_offset + 100)
+        llm.reset()
+        with pytest.raises(RuntimeError, match="llama_decode returned"):
+            llm.eval(PROMPT[:4])
+        msg = ripple_gguf.last_error()
+        assert str(p) in msg and "truncated" in msg and "ffn_down of layer 1" in msg, msg
+        llm.close()
+    finally:
+        ripple_gguf.configure(cache_mb=ripple_gguf.runtime.DEFAULT_CACHE_MB, mode="sparse")
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
     _child(sys.argv[2], int(sys.argv[3]))

@@ -44,7 +44,7 @@ typedef struct ripple_layer {
     size_t    gate_row; /* bytes of each part of a bundle */
     size_t    up_row;
     size_t    down_row;
-    float *   down_tab;  /* split down columns: (d, m) per [n_ff/32][n_embd], NULL for column layouts */
+    ggml_fp16_t * down_tab; /* split down columns: per source block n_embd scales d, then n_embd minimums m; NULL for column layouts */
     int       down_bits; /* split: bits per stored value (4, 5 or 8) */
     int       down_qoff; /* split: offset subtracted from the stored integer */
     uint64_t  dense_bytes; /* the layer's standard ffn_gate/up/down tensors: what a dense FFN reads */

@@ -286,8 +286,8 @@ static void dequant_vec_dot_type(enum ggml_type vt, const void * src, float * ds
 
 /* ---- down: out[:, t] = sum_i h[i, t] * column_i ----
  * Threads own slices of the output rows (n_embd), never neurons: every output value is the sum of
- * its terms in a fixed order (source blocks, then neurons), whatever the thread count, the batch and
- * the other tokens' selections, so a token's result depends on its own activations only (batched and
+ * its terms in a fixed order (source blocks in order; within a block an exact integer sum),
+ * whatever the thread count, the batch and the other tokens' selections, so a token's result depends on its own activations only (batched and
  * single-token evaluation, and a prompt whose prefix came from the KV cache, give the same logits).
  *
  * The activations go through what stock does to them first: converted to the vec_dot type of the
@@ -298,8 +298,6 @@ static void dequant_vec_dot_type(enum ggml_type vt, const void * src, float * ds
  * which is stock's dot product up to the order of the float additions. Other layouts (float columns,
  * or Q8_0 columns of k-quant sources) are dequantized and summed in f32. */
 
-#define RIPPLE_DOWN_TILE 8 /* at most this many tokens' integer sums kept together (a column is unpacked once for them) */
-
 typedef struct {
     const ripple_layer *       L;
     const uint8_t * const *    ptrs;      /* per position: the bundle */
@@ -307,12 +305,14 @@ typedef struct {
     int64_t                    n_positions;
     int64_t                    n_tokens;
     int64_t                    step;      /* slice granularity in rows */
-    /* integer path: the activations in the vec_dot type, one row per token */
+    /* integer path: the activations in the vec_dot type, one row per token, and the neurons with a
+     * non-zero value for some token, ascending, grouped by source block of 32 */
     const uint8_t *            xq;
     size_t                     xq_stride;
     size_t                     xq_block;  /* bytes per block of 32 (34 for Q8_0, 36 for Q8_1) */
     int                        has_s;     /* Q8_1: the block carries s = d * sum(q) */
-    int                        tile;      /* tokens whose sums are kept together */
+    const int32_t *            nlist;     /* neurons */
+    const int32_t *            blk_start; /* n_ff / 32 + 1: block b's neurons are nlist[blk_start[b] .. blk_start[b + 1]) */
     /* float path: the activations rounded like stock, n_tokens x n_ff */
     const float *              h;
     ggml_to_float_t            to_float;
@@ -368,21 +368,95 @@ static void split_unpack(const ripple_layer * L, const uint8_t * src, int64_t r0
     }
 }
 
-/* bundles ahead of the one computed whose slice is prefetched: they lie far apart (a bundle is
- * gate row + up row + column), so the hardware prefetcher does not follow them */
-#define RIPPLE_DOWN_AHEAD 6
-
-/* a[r] += c[r] * q in 16-bit lanes (the caller keeps the sums within int16) */
-static void mla16(int16_t * restrict a, const int16_t * restrict c, int16_t q, int64_t n) {
-    for (int64_t r = 0; r < n; r++) {
-        a[r] = (int16_t) (a[r] + c[r] * q);
+/* S[r] = sum_k col[k][r] * q[k] over the m columns (stride w) of one source block: exact integer
+ * sums, the products summed in 16-bit lanes and moved to 32-bit ones every `limit` non-zero terms
+ * (the caller's bound that keeps the 16-bit sums in range). */
+static void block_sum(const int16_t * col, int64_t w, const int16_t * q, int m, int limit, int32_t * S) {
+    int64_t c = 0;
+#ifdef __AVX512BW__
+#define RIPPLE_WIDEN(a, lo, hi) do { \
+        lo = _mm512_add_epi32(lo, _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a))); \
+        hi = _mm512_add_epi32(hi, _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(a, 1))); \
+        a = _mm512_setzero_si512(); } while (0)
+    for (; c + 128 <= w; c += 128) { /* 128 rows: 4 registers of 16-bit sums, 8 of 32-bit ones */
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        __m512i s0 = a0, s1 = a0, s2 = a0, s3 = a0, s4 = a0, s5 = a0, s6 = a0, s7 = a0;
+        int cnt = 0;
+        for (int k = 0; k < m; k++) {
+            if (!q[k]) {
+                continue;
+            }
+            const __m512i qv = _mm512_set1_epi16(q[k]);
+            const int16_t * ck = col + (size_t) k * (size_t) w + c;
+            a0 = _mm512_add_epi16(a0, _mm512_mullo_epi16(_mm512_loadu_si512(ck), qv));
+            a1 = _mm512_add_epi16(a1, _mm512_mullo_epi16(_mm512_loadu_si512(ck + 32), qv));
+            a2 = _mm512_add_epi16(a2, _mm512_mullo_epi16(_mm512_loadu_si512(ck + 64), qv));
+            a3 = _mm512_add_epi16(a3, _mm512_mullo_epi16(_mm512_loadu_si512(ck + 96), qv));
+            if (++cnt == limit) {
+                RIPPLE_WIDEN(a0, s0, s1); RIPPLE_WIDEN(a1, s2, s3); RIPPLE_WIDEN(a2, s4, s5); RIPPLE_WIDEN(a3, s6, s7);
+                cnt = 0;
+            }
+        }
+        RIPPLE_WIDEN(a0, s0, s1); RIPPLE_WIDEN(a1, s2, s3); RIPPLE_WIDEN(a2, s4, s5); RIPPLE_WIDEN(a3, s6, s7);
+        _mm512_storeu_si512(S + c, s0);      _mm512_storeu_si512(S + c + 16, s1);
+        _mm512_storeu_si512(S + c + 32, s2); _mm512_storeu_si512(S + c + 48, s3);
+        _mm512_storeu_si512(S + c + 64, s4); _mm512_storeu_si512(S + c + 80, s5);
+        _mm512_storeu_si512(S + c + 96, s6); _mm512_storeu_si512(S + c + 112, s7);
+    }
+    for (; c + 32 <= w; c += 32) {
+        __m512i a0 = _mm512_setzero_si512(), s0 = a0, s1 = a0;
+        int cnt = 0;
+        for (int k = 0; k < m; k++) {
+            if (!q[k]) {
+                continue;
+            }
+            a0 = _mm512_add_epi16(a0, _mm512_mullo_epi16(_mm512_loadu_si512(col + (size_t) k * (size_t) w + c),
+                                                         _mm512_set1_epi16(q[k])));
+            if (++cnt == limit) {
+                RIPPLE_WIDEN(a0, s0, s1);
+                cnt = 0;
+            }
+        }
+        RIPPLE_WIDEN(a0, s0, s1);
+        _mm512_storeu_si512(S + c, s0);
+        _mm512_storeu_si512(S + c + 16, s1);
+    }
+#undef RIPPLE_WIDEN
+#endif
+    for (; c < w; c++) {
+        int32_t sum = 0;
+        for (int k = 0; k < m; k++) {
+            sum += (int32_t) col[(size_t) k * (size_t) w + c] * q[k];
+        }
+        S[c] = sum;
     }
 }
 
-/* Bundles are visited in position order (the order they lie in memory, so the hardware prefetcher
- * streams them); each neuron's integer products go to the sums of its source block, and the blocks
- * are combined in block order at the end. The products are summed in 16-bit lanes (twice the
- * vector width of 32-bit ones) and moved to 32-bit sums before they can overflow. */
+/* out[r] += S[r] * (d[r] * dx) + m[r] * sx: a source block's integer sums scaled as stock scales
+ * them (m NULL: no minimums); one rounding sequence on every path (the multiply-add fused) */
+static void block_scale_add(float * out, const int32_t * S, const ggml_fp16_t * d, const ggml_fp16_t * m, float dx,
+                            float sx, int64_t w) {
+    int64_t r = 0;
+#if defined(__AVX512F__)
+    const __m512 vdx = _mm512_set1_ps(dx), vsx = _mm512_set1_ps(sx);
+    for (; r + 16 <= w; r += 16) {
+        const __m512 sc = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (d + r))), vdx);
+        const __m512 mn = m ? _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (m + r))), vsx)
+                            : _mm512_setzero_ps();
+        const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(S + r)), sc, mn);
+        _mm512_storeu_ps(out + r, _mm512_add_ps(_mm512_loadu_ps(out + r), t));
+    }
+#endif
+    for (; r < w; r++) {
+        const float mn = m ? ggml_fp16_to_fp32(m[r]) * sx : 0.0f;
+        out[r] += fmaf((float) S[r], ggml_fp16_to_fp32(d[r]) * dx, mn);
+    }
+}
+
+/* Threads own slices of the output rows. The source blocks are visited in order; a block's columns
+ * (the neurons some token uses) are unpacked once, then each token's integer sums over the block are
+ * formed and added to its output scaled as stock scales them, so every output value is its blocks'
+ * terms summed in block order, whatever the batch and the thread count. */
 static void down_split_task(void * v, int ith, int nth) {
     const down_job * j = v;
     const ripple_layer * L = j->L;
@@ -395,95 +469,54 @@ static void down_split_task(void * v, int ith, int nth) {
     }
     const size_t off = L->gate_row + L->up_row;
     const size_t qoff = j->has_s ? 4 : 2;
-    const int tile = j->tile;
     /* |q_w - offset| <= 15 for 4 bits, 31 for 5, 128 for 8; |q_x| <= 127: sums of this many
      * neurons' products fit int16 */
     const int limit = L->down_bits == 4 ? 16 : L->down_bits == 5 ? 8 : 2;
-    /* per thread: isum[tile][nb][w] int32, psum[tile][nb][w] int16, cnt[tile][nb], col[w] int16 */
-    const size_t cells = (size_t) tile * (size_t) nb;
-    int32_t * isum = (int32_t *) (j->work + (size_t) ith * j->work_per_thread);
-    int16_t * psum = (int16_t *) (isum + cells * (size_t) w);
-    int16_t * col = psum + cells * (size_t) w;
-    uint8_t * cnt = (uint8_t *) (col + w);
-    uint8_t * used = cnt + cells;
-    const int64_t n = j->positions ? j->n_positions : n_ff;
-    const int64_t slice_bytes = L->down_bits == 8 ? w : L->down_bits == 4 ? w / 2 : w / 2 + w / 8;
-    for (int64_t t0 = 0; t0 < T; t0 += tile) {
-        const int tt = (int) (T - t0 < tile ? T - t0 : tile);
-        const size_t live = (size_t) tt * (size_t) nb;
-        memset(isum, 0, sizeof(int32_t) * live * (size_t) w);
-        memset(psum, 0, sizeof(int16_t) * live * (size_t) w);
-        memset(cnt, 0, live);
-        memset(used, 0, live);
-        const int8_t * qx_of[RIPPLE_DOWN_TILE]; /* token u's Q8 values of neuron i: qx_of[u][i / 32 * block + i % 32] */
-        for (int u = 0; u < tt; u++) {
-            qx_of[u] = (const int8_t *) (j->xq + (size_t) (t0 + u) * j->xq_stride + qoff);
+    int16_t * col = (int16_t *) (j->work + (size_t) ith * j->work_per_thread); /* 32 x w */
+    int32_t * S = (int32_t *) (col + 32 * (size_t) w);                          /* w */
+    const int64_t slice_at = L->down_bits == 8 ? r0 : r0 / 2;
+    const int64_t slice_bytes = L->down_bits == 8 ? w : w / 2;
+    for (int64_t t = 0; t < T; t++) {
+        memset((float *) ((char *) j->dst->data + t * j->dst->nb[1]) + r0, 0, sizeof(float) * (size_t) w);
+    }
+    const int64_t n_list = j->blk_start[nb];
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t k0 = j->blk_start[b], k1 = j->blk_start[b + 1];
+        if (k0 == k1) {
+            continue;
         }
-        for (int64_t k = 0; k < n; k++) {
-            const int64_t p = j->positions ? j->positions[k] : k;
-            const int64_t i = L->order[p], b = i / 32;
-            const size_t at = (size_t) b * j->xq_block + (size_t) (i % 32);
+        /* the next neurons' slices, while this block computes: bundles lie apart, so the hardware
+         * prefetcher does not follow them */
+        for (int64_t k = k1; k < n_list && k < k1 + 32; k++) {
+            const uint8_t * at = j->ptrs[L->pos_of[j->nlist[k]]] + off + slice_at;
+            for (int64_t c = 0; c < slice_bytes; c += 64) {
+                __builtin_prefetch(at + c);
+            }
+        }
+        const int m = (int) (k1 - k0);
+        for (int k = 0; k < m; k++) {
+            split_unpack(L, j->ptrs[L->pos_of[j->nlist[k0 + k]]] + off, r0, r1, col + (size_t) k * (size_t) w);
+        }
+        const ggml_fp16_t * dw = L->down_tab + (size_t) b * 2 * (size_t) n_embd + (size_t) r0, * mw = dw + n_embd;
+        for (int64_t t = 0; t < T; t++) {
+            const uint8_t * xb = j->xq + (size_t) t * j->xq_stride + (size_t) b * j->xq_block;
+            int16_t q[32];
             int any = 0;
-            for (int u = 0; u < tt; u++) {
-                any |= qx_of[u][at] != 0;
+            for (int k = 0; k < m; k++) {
+                q[k] = ((const int8_t *) (xb + qoff))[j->nlist[k0 + k] % 32];
+                any |= q[k];
             }
             if (!any) {
-                continue;
+                continue; /* every q_x of the block is 0, and so is s */
             }
-            if (k + RIPPLE_DOWN_AHEAD < n) { /* a later bundle's slice, while this one computes */
-                const int64_t pn = j->positions ? j->positions[k + RIPPLE_DOWN_AHEAD] : k + RIPPLE_DOWN_AHEAD;
-                const uint8_t * at = j->ptrs[pn] + off + (L->down_bits == 8 ? r0 : r0 / 2);
-                for (int64_t c = 0; c < slice_bytes; c += 64) {
-                    __builtin_prefetch(at + c);
-                }
+            block_sum(col, w, q, m, limit, S);
+            float * out = (float *) ((char *) j->dst->data + t * j->dst->nb[1]) + r0;
+            ggml_fp16_t d16, s16 = 0;
+            memcpy(&d16, xb, 2);
+            if (j->has_s) {
+                memcpy(&s16, xb + 2, 2);
             }
-            split_unpack(L, j->ptrs[p] + off, r0, r1, col);
-            for (int u = 0; u < tt; u++) {
-                const int16_t qx = qx_of[u][at];
-                if (qx == 0) {
-                    continue;
-                }
-                const size_t c = (size_t) u * (size_t) nb + (size_t) b;
-                used[c] = 1;
-                int16_t * ps = psum + c * (size_t) w;
-                mla16(ps, col, qx, w);
-                if (++cnt[c] == limit) {
-                    int32_t * is = isum + c * (size_t) w;
-                    for (int64_t r = 0; r < w; r++) {
-                        is[r] += ps[r];
-                        ps[r] = 0;
-                    }
-                    cnt[c] = 0;
-                }
-            }
-        }
-        for (int u = 0; u < tt; u++) {
-            float * out = (float *) ((char *) j->dst->data + (t0 + u) * j->dst->nb[1]) + r0;
-            memset(out, 0, sizeof(float) * (size_t) w);
-            const uint8_t * xt = j->xq + (size_t) (t0 + u) * j->xq_stride;
-            for (int64_t b = 0; b < nb; b++) {
-                const size_t c = (size_t) u * (size_t) nb + (size_t) b;
-                if (!used[c]) {
-                    continue; /* every q_x of the block is 0, and so is s */
-                }
-                ggml_fp16_t d16, s16;
-                memcpy(&d16, xt + (size_t) b * j->xq_block, 2);
-                const float dx = ggml_fp16_to_fp32(d16);
-                const int32_t * is = isum + c * (size_t) w;
-                const int16_t * ps = psum + c * (size_t) w;
-                const float * dm = L->down_tab + ((size_t) b * (size_t) n_embd + (size_t) r0) * 2;
-                if (j->has_s) {
-                    memcpy(&s16, xt + (size_t) b * j->xq_block + 2, 2);
-                    const float sx = ggml_fp16_to_fp32(s16);
-                    for (int64_t r = 0; r < w; r++) {
-                        out[r] += (float) (is[r] + ps[r]) * (dm[2 * r] * dx) + dm[2 * r + 1] * sx;
-                    }
-                } else {
-                    for (int64_t r = 0; r < w; r++) {
-                        out[r] += (float) (is[r] + ps[r]) * (dm[2 * r] * dx);
-                    }
-                }
-            }
+            block_scale_add(out, S, dw, j->has_s ? mw : NULL, ggml_fp16_to_fp32(d16), ggml_fp16_to_fp32(s16), w);
         }
     }
 }
@@ -588,15 +621,14 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
     float * hm = malloc(sizeof(float) * (size_t) n_ff);
     uint8_t * xq = vt == GGML_TYPE_F32 ? NULL : malloc(vt_row * (size_t) n_tokens);
     float * h = integer ? NULL : malloc(sizeof(float) * (size_t) (n_tokens * n_ff));
-    /* the integer sums of a token span every source block: up to 256 KiB of them per thread */
-    const size_t per_token = ((sizeof(int32_t) + sizeof(int16_t)) * (size_t) w_max + 2) * (size_t) (n_ff / 32);
-    j.tile = (int) (per_token * RIPPLE_DOWN_TILE <= (256u << 10) ? RIPPLE_DOWN_TILE
-                    : per_token * 2 <= (256u << 10) ? (256u << 10) / per_token : 1);
-    j.work_per_thread = integer ? per_token * (size_t) j.tile + sizeof(int16_t) * (size_t) w_max
+    /* integer path: per thread a block's unpacked columns (32 x w int16) and its sums (w int32) */
+    j.work_per_thread = integer ? (32 * sizeof(int16_t) + sizeof(int32_t)) * (size_t) w_max
                                 : sizeof(float) * RIPPLE_DOWN_BLOCK * (size_t) w_max;
     j.work_per_thread = (j.work_per_thread + 63) & ~(size_t) 63;
     j.work = malloc(j.work_per_thread * (size_t) n_threads);
-    if (!hm || (vt != GGML_TYPE_F32 && !xq) || (!integer && !h) || !j.work) {
+    int32_t * lists = integer ? malloc(sizeof(int32_t) * (size_t) (n_ff + n_ff / 32 + 1)) : NULL;
+    if (!hm || (vt != GGML_TYPE_F32 && !xq) || (!integer && !h) || !j.work || (integer && !lists)) {
+        free(lists);
         free(hm);
         free(xq);
         free(h);
@@ -626,7 +658,29 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
     j.xq = xq;
     j.xq_stride = vt_row;
     j.h = h;
+    if (integer) {
+        /* the neurons with a non-zero value for some token, by source block */
+        const size_t qoff = j.has_s ? 4 : 2;
+        int32_t * nlist = lists, * blk_start = lists + n_ff;
+        int64_t k = 0;
+        for (int64_t b = 0; b < n_ff / 32; b++) {
+            blk_start[b] = (int32_t) k;
+            for (int64_t i = b * 32; i < b * 32 + 32; i++) {
+                int any = 0;
+                for (int64_t t = 0; t < n_tokens && !any; t++) {
+                    any = xq[(size_t) t * vt_row + (size_t) b * j.xq_block + qoff + (size_t) (i % 32)] != 0;
+                }
+                if (any) {
+                    nlist[k++] = (int32_t) i;
+                }
+            }
+        }
+        blk_start[n_ff / 32] = (int32_t) k;
+        j.nlist = nlist;
+        j.blk_start = blk_start;
+    }
     ripple_pool_run(pool, n_threads, integer ? down_split_task : down_float_task, &j);
+    free(lists);
     free(hm);
     free(xq);
     free(h);

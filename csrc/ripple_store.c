@@ -92,11 +92,28 @@ static int split_layout(ripple_layer * L, const ripple_layer_desc * d) {
     }
     L->down_row = L->down_bits == 4 ? (size_t) d->n_embd / 2 :
                   L->down_bits == 5 ? (size_t) d->n_embd / 2 + (size_t) d->n_embd / 8 : (size_t) d->n_embd;
-    L->down_tab = malloc(tab);
+    /* kept in f16 (the source's own block scales are f16, so nothing is lost: checked), planar:
+     * per source block the n_embd scales d, then the n_embd minimums m */
+    L->down_tab = malloc(tab / 2);
     if (!L->down_tab) {
         return -1;
     }
-    memcpy(L->down_tab, d->down_table, tab);
+    const int64_t nb = d->n_ff / 32;
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t r = 0; r < d->n_embd; r++) {
+            for (int k = 0; k < 2; k++) {
+                float v;
+                memcpy(&v, (const char *) d->down_table + ((b * d->n_embd + r) * 2 + k) * sizeof(float), sizeof(v));
+                const ggml_fp16_t h = ggml_fp32_to_fp16(v);
+                if (ggml_fp16_to_fp32(h) != v && !(v != v)) {
+                    free(L->down_tab);
+                    L->down_tab = NULL;
+                    return -1;
+                }
+                L->down_tab[(b * 2 + k) * d->n_embd + r] = h;
+            }
+        }
+    }
     return 0;
 }
 
@@ -258,7 +275,7 @@ static ripple_model * model_create(const char * path, uint64_t file_size, int32_
         } else if (d->down_layout == 1) {
             if (split_layout(L, d) != 0) {
                 set_err(err, err_len, "%s: layer %d: split down columns of type %s need n_ff a multiple of 32, "
-                        "n_embd a multiple of 8 and a %llu-byte scale table (got %llu bytes)", path, d->block,
+                        "n_embd a multiple of 8 and a %llu-byte scale table of f16 values (got %llu bytes)", path, d->block,
                         ggml_type_name((enum ggml_type) d->down_type),
                         (unsigned long long) ((uint64_t) d->n_ff / 32 * (uint64_t) d->n_embd * 8),
                         (unsigned long long) d->down_table_size);

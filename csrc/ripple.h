@@ -70,6 +70,7 @@ typedef struct ripple_stats {
     uint64_t prefetch_bytes;   /* bytes read ahead for the next layer (also in bytes_read/read_ops) */
     uint64_t prefetch_used_bytes; /* bytes of prefetched bundles the next layer needed */
     double   prefetch_seconds; /* wall time of the read-ahead, overlapped with compute (not in io_seconds) */
+    double   io_exposed_seconds; /* wall time compute waited for reads (io_seconds minus what overlapped compute) */
 } ripple_stats;
 
 /* Versions of the ggml this library was compiled against (recorded at build time). */
@@ -146,6 +147,10 @@ void ripple_set_cost_model(double latency_s, double bandwidth_bps, double parall
  * time the next fetch waits. */
 void ripple_set_prefetch(int on);
 int ripple_get_prefetch(void);
+/* Overlapped reads (default on): a layer's reads are issued in pieces and the gate/up rows of the
+ * bundles already in memory, then of each piece as it lands, are computed while the rest are read. */
+void ripple_set_overlap(int on);
+int ripple_get_overlap(void);
 
 /* Activity trace: while on, every layer fetch appends one record of int32s
  * [model handle, layer index, tokens in the batch, n, n neuron ids needed]. ripple_trace_read copies

@@ -235,7 +235,7 @@ static int reserve(uint8_t ** buf, size_t * cap, size_t need, const char * what)
  * FFN input, at the gate/up matmul). One fetch serves the gate, up and down matmuls of a token
  * batch: the down matmul ends its use. */
 static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, const struct ggml_tensor * src1,
-                        int for_down) {
+                        int for_down, int overlap) {
     ripple_model * m = b->model;
     const ripple_layer * L = &m->layers[b->layer];
     if (ctx->ws_valid && ctx->ws_model == m && ctx->ws_layer == b->layer) {
@@ -288,7 +288,8 @@ static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, cons
     }
     /* a read-ahead in flight is waited for; its data serves this fetch when it is for this layer */
     const ripple_prefetch * pf = ripple_prefetch_take(&ctx->pf, m, ctx->sparse ? b->layer : -1);
-    if (ripple_fetch_bundles(m, b->layer, ctx->sparse ? need_neuron : NULL, src1->ne[1], ctx->ws, pf, &ctx->fetch) != 0) {
+    if (ripple_fetch_bundles(m, b->layer, ctx->sparse ? need_neuron : NULL, src1->ne[1], ctx->ws, pf, &ctx->fetch,
+                             overlap && !for_down) != 0) {
         return -1;
     }
     if (ctx->sparse && src1->ne[1] == 1 && ripple_get_prefetch()) {
@@ -394,7 +395,7 @@ static int down_from_tensor(ripple_backend_ctx * ctx, const ripple_binding * b, 
         memcpy(Lw->down_stamp, stamp, sizeof(stamp));
         Lw->down_checked = 1;
     }
-    ripple_rows rows = { t, L->d.n_ff, L->d.n_embd, rows_at ? rows_at : ctx->dbuf, row, NULL, NULL, 0, NULL, 0 };
+    ripple_rows rows = { t, L->d.n_ff, L->d.n_embd, rows_at ? rows_at : ctx->dbuf, row, NULL, NULL, 0, NULL, 0, 0 };
     return ripple_kernel_rows(ctx->pool, ctx->n_threads, &rows, 1, src1, &node);
 }
 
@@ -415,13 +416,15 @@ static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node, s
     if (down_tensor) {
         ctx->ws_valid = 0; /* the layer's bundles are done with */
         ripple_fetch_admit(&ctx->fetch);
-    } else if (ensure_layer(ctx, b, src1, b->kind == RIPPLE_DOWN) != 0) {
+    } else if (ensure_layer(ctx, b, src1, b->kind == RIPPLE_DOWN, ripple_get_overlap()) != 0 ||
+               (b->kind == RIPPLE_DOWN && ripple_fetch_finish(&ctx->fetch) != 0)) {
         return -1;
     }
     const int32_t * positions = ctx->sparse ? (const int32_t *) (ctx->need + L->d.n_ff) : NULL;
     const int32_t * neurons = ctx->sparse ? positions + L->d.n_ff : NULL;
     const int64_t n_sel = down_tensor ? L->d.n_ff : ctx->n_sel;
     uint64_t t0 = ripple_now_ns();
+    const uint64_t exposed0 = __atomic_load_n(&g_ripple_counters.io_exposed_ns, __ATOMIC_RELAXED);
     int rc, n_mats = 1;
     if (down_tensor) {
         rc = down_from_tensor(ctx, b, src1, node);
@@ -446,11 +449,42 @@ static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node, s
                 /* .n_list  = */ n_sel,
                 /* .ptrs    = */ ctx->fetch.ptr,
                 /* .ptr_off = */ kind == RIPPLE_GATE ? 0 : L->gate_row,
+                /* .keep    = */ 0,
             };
         }
-        rc = ripple_kernel_rows(ctx->pool, ctx->n_threads, rows, n_mats, src1, dsts);
+        ripple_fetch * f = &ctx->fetch;
+        if (f->n_pieces == 0) {
+            rc = ripple_kernel_rows(ctx->pool, ctx->n_threads, rows, n_mats, src1, dsts);
+        } else {
+            /* reads in flight: the bundles present first, then each piece as it lands (the rows
+             * are independent dot products: the same values in any order) */
+            const int n_pieces = f->n_pieces;
+            for (int k = 0; k < n_mats; k++) {
+                for (int64_t t = 0; t < src1->ne[1]; t++) {
+                    memset((char *) dsts[k]->data + t * dsts[k]->nb[1], 0, sizeof(float) * (size_t) L->d.n_ff);
+                }
+                rows[k].keep = 1;
+            }
+            rc = 0;
+            for (int piece = -1; piece < n_pieces && rc == 0; piece++) {
+                const int64_t l0 = piece < 0 ? 0 : piece == 0 ? f->n_ready : f->piece_end[piece - 1];
+                const int64_t l1 = piece < 0 ? f->n_ready : f->piece_end[piece];
+                if (piece >= 0 && ripple_fetch_piece(f, piece) != 0) {
+                    rc = -1;
+                    break;
+                }
+                for (int k = 0; k < n_mats; k++) {
+                    rows[k].list = f->list + l0;
+                    rows[k].n_list = l1 - l0;
+                }
+                if (l1 > l0) {
+                    rc = ripple_kernel_rows(ctx->pool, ctx->n_threads, rows, n_mats, src1, dsts);
+                }
+            }
+        }
     }
-    RIPPLE_COUNT(compute_ns, ripple_now_ns() - t0);
+    /* the time spent waiting for reads in flight is I/O, not compute */
+    RIPPLE_COUNT(compute_ns, ripple_now_ns() - t0 - (__atomic_load_n(&g_ripple_counters.io_exposed_ns, __ATOMIC_RELAXED) - exposed0));
     RIPPLE_COUNT(ffn_matmuls, n_mats);
     RIPPLE_COUNT(neurons_computed, n_mats * (ctx->sparse && !down_tensor ? (uint64_t) ctx->n_selected
                                                                          : (uint64_t) n_sel * (uint64_t) src1->ne[1]));

@@ -212,7 +212,12 @@ void ripple_prefetch_start(ripple_prefetch * pf, ripple_model * m, int layer, co
 const ripple_prefetch * ripple_prefetch_take(ripple_prefetch * pf, ripple_model * m, int layer);
 
 /* Where the needed bundles of a layer fetch are, and which were read from the file: those are offered
- * to the cache by ripple_fetch_admit once the layer's compute is done. */
+ * to the cache by ripple_fetch_admit once the layer's compute is done.
+ * A fetch with overlap returns while its reads are in flight: a reader thread reads the requests in
+ * up to RIPPLE_FETCH_PIECES pieces, one after the other, and the caller computes the bundles already
+ * present (list[0, n_ready)) and then each piece's (list[piece_end[k-1], piece_end[k])) as soon as
+ * ripple_fetch_piece(f, k) says it landed and passed its checksums. */
+#define RIPPLE_FETCH_PIECES 4
 typedef struct ripple_fetch {
     const uint8_t ** ptr;      /* per position: the bundle (cache slot or read buffer) */
     uint8_t *        admit;    /* per position: read by this fetch */
@@ -222,13 +227,37 @@ typedef struct ripple_fetch {
     int              layer;
     const uint8_t *  dst;
     int              pending;
+    /* overlap */
+    int32_t *        list;      /* needed neurons: present first, then piece by piece */
+    int64_t          n_ready;
+    int              n_pieces;  /* 0: nothing in flight */
+    int64_t          piece_end[RIPPLE_FETCH_PIECES];
+    int64_t *        check;     /* positions read, to verify, piece by piece */
+    int64_t          check_end[RIPPLE_FETCH_PIECES];
+    ripple_io_req *  reqs;
+    int              req_end[RIPPLE_FETCH_PIECES];
+    int              verified;  /* pieces checked by the caller */
+    int              rc;        /* first failure of a piece (read or checksum) */
+    /* reader thread */
+    pthread_t        tid;
+    int              started, quit, queued;
+    int              landed;    /* pieces read (or failed) */
+    int              read_rc;
+    uint64_t         bytes, io_ns;
+    pthread_mutex_t  mu;
+    pthread_cond_t   cv;
 } ripple_fetch;
 /* read the bundles at positions flagged in need (NULL = all), for a batch of n_tokens; access
  * collapse, and for batches of several tokens the cost model's union-or-stream choice; bundles in pf
  * (a prefetch of this layer, may be NULL) are taken from it. With f, cache hits stay in place
- * (f->ptr) and admission waits for ripple_fetch_admit; without f, hits are copied into dst. */
+ * (f->ptr) and admission waits for ripple_fetch_admit; without f, hits are copied into dst. With f
+ * and overlap, the reads may still be in flight on return (f->n_pieces > 0). */
 int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int64_t n_tokens, uint8_t * dst,
-                         const ripple_prefetch * pf, ripple_fetch * f);
+                         const ripple_prefetch * pf, ripple_fetch * f, int overlap);
+/* wait for piece k of an overlapped fetch, check it; 0 or -1 (error set) */
+int ripple_fetch_piece(ripple_fetch * f, int k);
+/* wait for every read of f still in flight (and check them); 0 or -1 */
+int ripple_fetch_finish(ripple_fetch * f);
 void ripple_fetch_admit(ripple_fetch * f);
 void ripple_fetch_free(ripple_fetch * f);
 int ripple_read_fd(ripple_model * m, int * direct);
@@ -263,6 +292,7 @@ typedef struct ripple_rows {
     int64_t         n_list;
     const uint8_t * const * ptrs; /* NULL: base/stride */
     size_t          ptr_off;
+    int             keep;     /* with a list: the rows not in it are left as they are (not set to 0) */
 } ripple_rows;
 
 /* dsts[m][i, t] = dot(row i of rows[m], src1[:, t]) with ggml's vec_dot (stock's arithmetic), for
@@ -287,6 +317,7 @@ typedef struct ripple_counters {
     uint64_t io_ns, compute_ns, predictor_ns;
     uint64_t tokens, needed_bytes, dense_bytes, collapse_extra_bytes, needed_runs, needed_bundles, max_run_length;
     uint64_t stream_reads, prefetch_bytes, prefetch_used_bytes, prefetch_ns;
+    uint64_t io_exposed_ns;
 } ripple_counters;
 extern ripple_counters g_ripple_counters;
 #define RIPPLE_COUNT(field, v) __atomic_fetch_add(&g_ripple_counters.field, (uint64_t)(v), __ATOMIC_RELAXED)

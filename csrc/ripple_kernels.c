@@ -234,13 +234,13 @@ int ripple_kernel_rows(ripple_pool * pool, int n_threads, const ripple_rows * ro
             }
         }
         j.xq[m] = owned[m];
-        if (rows[m].list) {
+        if (rows[m].list && !rows[m].keep) {
             for (int64_t t = 0; t < n_tokens; t++) {
                 memset((char *) dsts[m]->data + t * dsts[m]->nb[1], 0, sizeof(float) * (size_t) rows[m].n_rows);
             }
         }
     }
-    if (n_mats == 2 && rows[1].list && j.xq[1] == j.xq[0]) {
+    if (n_mats == 2 && rows[1].list && !rows[1].keep && j.xq[1] == j.xq[0]) {
         for (int64_t t = 0; t < n_tokens; t++) {
             memset((char *) dsts[1]->data + t * dsts[1]->nb[1], 0, sizeof(float) * (size_t) rows[1].n_rows);
         }

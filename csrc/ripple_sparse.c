@@ -297,6 +297,102 @@ static void admit(ripple_model * m, int layer, const uint8_t * dst, const uint8_
     pthread_mutex_unlock(&m->mu);
 }
 
+/* ---- overlapped reads: a reader thread per fetch reads the pieces one after the other ---- */
+
+static void * reader_main(void * arg) {
+    ripple_fetch * f = arg;
+    pthread_mutex_lock(&f->mu);
+    for (;;) {
+        while (!f->quit && !f->queued) {
+            pthread_cond_wait(&f->cv, &f->mu);
+        }
+        if (f->quit) {
+            break;
+        }
+        f->queued = 0;
+        const int n_pieces = f->n_pieces;
+        const char * path = f->m->path;
+        for (int k = 0; k < n_pieces; k++) {
+            const int r0 = k ? f->req_end[k - 1] : 0, r1 = f->req_end[k];
+            const int failed = f->read_rc != 0;
+            pthread_mutex_unlock(&f->mu);
+            uint64_t bytes = 0, t0 = ripple_now_ns();
+            const int rc = failed ? -1 : ripple_io_run(f->reqs + r0, r1 - r0, path, &bytes);
+            const uint64_t ns = ripple_now_ns() - t0;
+            pthread_mutex_lock(&f->mu);
+            f->bytes += bytes;
+            f->io_ns += ns;
+            if (rc != 0) {
+                f->read_rc = -1; /* the later pieces are not read */
+            }
+            f->landed = k + 1;
+            pthread_cond_broadcast(&f->cv);
+        }
+    }
+    pthread_mutex_unlock(&f->mu);
+    return NULL;
+}
+
+static int reader_start(ripple_fetch * f) {
+    if (!f->started) {
+        pthread_mutex_init(&f->mu, NULL);
+        pthread_cond_init(&f->cv, NULL);
+        if (pthread_create(&f->tid, NULL, reader_main, f) != 0) {
+            pthread_mutex_destroy(&f->mu);
+            pthread_cond_destroy(&f->cv);
+            return -1;
+        }
+        f->started = 1;
+    }
+    pthread_mutex_lock(&f->mu);
+    f->landed = 0;
+    f->read_rc = 0;
+    f->bytes = 0;
+    f->io_ns = 0;
+    f->queued = 1;
+    pthread_cond_broadcast(&f->cv);
+    pthread_mutex_unlock(&f->mu);
+    return 0;
+}
+
+int ripple_fetch_piece(ripple_fetch * f, int k) {
+    if (k < f->verified) {
+        return f->rc;
+    }
+    const uint64_t t0 = ripple_now_ns();
+    pthread_mutex_lock(&f->mu);
+    while (f->landed <= k) {
+        pthread_cond_wait(&f->cv, &f->mu);
+    }
+    const int read_rc = f->read_rc;
+    pthread_mutex_unlock(&f->mu);
+    RIPPLE_COUNT(io_exposed_ns, ripple_now_ns() - t0);
+    for (; f->verified <= k; f->verified++) {
+        const int j = f->verified;
+        const int64_t c0 = j ? f->check_end[j - 1] : 0;
+        if (f->rc == 0 && read_rc != 0) {
+            f->rc = -1; /* the reader set the error */
+        }
+        if (f->rc == 0) {
+            f->rc = ripple_verify_bundles(f->m, f->layer, f->dst, f->check + c0, f->check_end[j] - c0);
+        }
+    }
+    if (f->verified == f->n_pieces) { /* everything landed: the reader's totals */
+        RIPPLE_COUNT(io_ns, f->io_ns);
+        RIPPLE_COUNT(bytes_read, f->bytes);
+        f->n_pieces = 0;
+        f->pending = f->rc == 0 && f->m->cache.n_slots > 0;
+    }
+    return f->rc;
+}
+
+int ripple_fetch_finish(ripple_fetch * f) {
+    if (f->n_pieces == 0) {
+        return 0;
+    }
+    return ripple_fetch_piece(f, f->n_pieces - 1);
+}
+
 /* Fetch the bundles at the positions flagged in `need` (NULL = all): cache hits are used where they
  * are (with f; without f they are copied into dst), misses read into dst as runs of consecutive
  * positions, runs separated by a gap the collapse setting covers merged into one request (access
@@ -305,40 +401,52 @@ static void admit(ripple_model * m, int layer, const uint8_t * dst, const uint8_
  * needed positions (the placement's quality, before cache and collapse). With f, f->ptr[p] is where
  * bundle p is and the bundles read are offered to the cache by ripple_fetch_admit once the layer's
  * compute is done (admitting them now could evict a slot the compute reads); without f they are
- * offered at once. */
+ * offered at once. With f and overlap the reads are left in flight in pieces (see ripple_fetch). */
 int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int64_t n_tokens, uint8_t * dst,
-                         const ripple_prefetch * pf, ripple_fetch * f) {
+                         const ripple_prefetch * pf, ripple_fetch * f, int overlap) {
     const ripple_layer * L = &m->layers[layer];
     const size_t bs = L->d.bundle_size;
     const int64_t n = L->d.n_ff;
     const int64_t gap = ripple_get_collapse_bytes() / (int64_t) bs;
     if (f) {
+        if (ripple_fetch_finish(f) != 0) { /* never leave reads in flight into a buffer being reused */
+            f->n_pieces = 0;
+        }
         ripple_fetch_admit(f); /* a fetch whose compute did not finish: its reads are still good */
         if (f->cap < n) {
             free(f->ptr);
             free(f->admit);
             free(f->read_len);
+            free(f->list);
+            free(f->check);
+            free(f->reqs);
             f->ptr = malloc(sizeof(*f->ptr) * (size_t) n);
             f->admit = malloc((size_t) n);
             f->read_len = malloc(sizeof(int32_t) * (size_t) n);
-            f->cap = f->ptr && f->admit && f->read_len ? n : 0;
+            f->list = malloc(sizeof(int32_t) * (size_t) n);
+            f->check = malloc(sizeof(int64_t) * (size_t) n);
+            f->reqs = malloc(sizeof(ripple_io_req) * (size_t) (n + 1));
+            f->cap = f->ptr && f->admit && f->read_len && f->list && f->check && f->reqs ? n : 0;
             if (!f->cap) {
                 ripple_set_error("out of memory");
                 return -1;
             }
         }
+        f->n_pieces = 0;
+        f->verified = 0;
+        f->rc = 0;
     }
     uint8_t * missing = f ? f->admit : malloc((size_t) n);
     int32_t * read_len = f ? f->read_len : malloc(sizeof(int32_t) * (size_t) n); /* length of the read a bundle came in */
-    ripple_io_req * reqs = malloc(sizeof(ripple_io_req) * (size_t) (n + 1));
-    int64_t * check = malloc(sizeof(int64_t) * (size_t) n); /* positions whose bytes came from the file */
+    ripple_io_req * reqs = f ? f->reqs : malloc(sizeof(ripple_io_req) * (size_t) (n + 1));
+    int64_t * check = f ? f->check : malloc(sizeof(int64_t) * (size_t) n); /* positions whose bytes came from the file */
     if (!missing || !read_len || !reqs || !check) {
         if (!f) {
             free(missing);
             free(read_len);
+            free(reqs);
+            free(check);
         }
-        free(reqs);
-        free(check);
         ripple_set_error("out of memory");
         return -1;
     }
@@ -406,11 +514,7 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
         }
     }
     ripple_iolog_record(layer, n_tokens, reqs, n_req);
-    uint64_t bytes = 0, t0 = ripple_now_ns();
-    int rc = ripple_io_run(reqs, n_req, m->path, &bytes);
-    RIPPLE_COUNT(io_ns, ripple_now_ns() - t0);
     RIPPLE_COUNT(read_ops, n_req);
-    RIPPLE_COUNT(bytes_read, bytes);
     RIPPLE_COUNT(collapse_extra_bytes, extra);
     RIPPLE_COUNT(stream_reads, streamed);
     RIPPLE_COUNT(cache_hits, hits);
@@ -421,25 +525,92 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
     RIPPLE_COUNT(dense_bytes, L->dense_bytes);
     count_max_run(max_run);
 
+    /* bytes used from the file now: the misses (read here or ahead), and with a streamed layer
+     * every needed bundle that is used from dst (the cached copies are used in place with f) */
+#define RIPPLE_FROM_FILE(p) (missing[p] || (from_pf && from_pf[p]) || (streamed && (!need || need[p]) && !f))
+    if (f && overlap && n_req > 0) {
+        /* pieces of about equal bytes, whole requests each; the needed neurons listed present
+         * first, then by the piece their bytes arrive in (requests lie in position order) */
+        uint64_t total = 0, acc = 0;
+        for (int r = 0; r < n_req; r++) {
+            total += reqs[r].len;
+        }
+        int np = 0;
+        for (int r = 0; r < n_req; r++) {
+            acc += reqs[r].len;
+            if (acc * RIPPLE_FETCH_PIECES >= total * (uint64_t) (np + 1) || r == n_req - 1) {
+                f->req_end[np++] = r + 1;
+            }
+            if (np == RIPPLE_FETCH_PIECES - 1 && r < n_req - 1) {
+                f->req_end[np++] = n_req;
+                break;
+            }
+        }
+        int64_t k = 0, c = 0;
+        for (int64_t p = 0; p < n; p++) {
+            if ((!need || need[p]) && !missing[p]) {
+                f->list[k++] = L->order[p];
+            }
+        }
+        f->n_ready = k;
+        for (int j = 0; j < np; j++) {
+            const ripple_io_req * last = &reqs[f->req_end[j] - 1];
+            const int64_t p_end = (int64_t) ((last->offset + last->len - L->d.bundles_offset) / bs);
+            const int64_t p_start = (int64_t) ((reqs[j ? f->req_end[j - 1] : 0].offset - L->d.bundles_offset) / bs);
+            for (int64_t p = p_start; p < p_end; p++) {
+                if (missing[p]) {
+                    f->list[k++] = L->order[p];
+                    check[c++] = p;
+                }
+            }
+            f->piece_end[j] = k;
+            f->check_end[j] = c;
+        }
+        /* bundles read ahead are computed at once: checked now */
+        int64_t n_pf = 0;
+        for (int64_t p = 0; p < n; p++) {
+            if (from_pf && from_pf[p]) {
+                check[c + n_pf++] = p;
+                missing[p] = 1; /* offered to the cache as read */
+            }
+        }
+        free(from_pf);
+        if (n_pf && ripple_verify_bundles(m, layer, dst, check + c, n_pf) != 0) {
+            return -1;
+        }
+        f->m = m;
+        f->layer = layer;
+        f->dst = dst;
+        f->n_pieces = np;
+        if (reader_start(f) != 0) {
+            f->n_pieces = 0;
+            ripple_set_error("cannot start a reader thread");
+            return -1;
+        }
+        return 0;
+    }
+    uint64_t bytes = 0, t0 = ripple_now_ns();
+    int rc = ripple_io_run(reqs, n_req, m->path, &bytes);
+    const uint64_t io = ripple_now_ns() - t0;
+    RIPPLE_COUNT(io_ns, io);
+    RIPPLE_COUNT(io_exposed_ns, io);
+    RIPPLE_COUNT(bytes_read, bytes);
     if (rc == 0) {
-        /* bytes used from the file now: the misses (read here or ahead), and with a streamed layer
-         * every needed bundle that is used from dst (the cached copies are used in place with f) */
         int64_t n_check = 0;
         for (int64_t p = 0; p < n; p++) {
-            if (missing[p] || (from_pf && from_pf[p]) || (streamed && (!need || need[p]) && !f)) {
+            if (RIPPLE_FROM_FILE(p)) {
                 check[n_check++] = p;
             }
         }
         rc = ripple_verify_bundles(m, layer, dst, check, n_check);
     }
-    free(check);
+#undef RIPPLE_FROM_FILE
     if (from_pf) {
         for (int64_t p = 0; p < n; p++) {
             missing[p] |= from_pf[p];
         }
     }
     free(from_pf);
-    free(reqs);
     if (f) {
         f->m = m;
         f->layer = layer;
@@ -447,6 +618,8 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
         f->pending = rc == 0 && m->cache.n_slots > 0;
         return rc;
     }
+    free(reqs);
+    free(check);
     if (rc == 0 && m->cache.n_slots > 0) {
         admit(m, layer, dst, missing, read_len);
     }
@@ -456,6 +629,9 @@ int ripple_fetch_bundles(ripple_model * m, int layer, const uint8_t * need, int6
 }
 
 void ripple_fetch_admit(ripple_fetch * f) {
+    if (f->n_pieces > 0 && ripple_fetch_finish(f) != 0) {
+        f->pending = 0;
+    }
     if (f->pending) {
         f->pending = 0;
         admit(f->m, f->layer, f->dst, f->admit, f->read_len);
@@ -463,9 +639,24 @@ void ripple_fetch_admit(ripple_fetch * f) {
 }
 
 void ripple_fetch_free(ripple_fetch * f) {
+    if (f->n_pieces > 0) {
+        ripple_fetch_finish(f);
+    }
+    if (f->started) {
+        pthread_mutex_lock(&f->mu);
+        f->quit = 1;
+        pthread_cond_broadcast(&f->cv);
+        pthread_mutex_unlock(&f->mu);
+        pthread_join(f->tid, NULL);
+        pthread_mutex_destroy(&f->mu);
+        pthread_cond_destroy(&f->cv);
+    }
     free(f->ptr);
     free(f->admit);
     free(f->read_len);
+    free(f->list);
+    free(f->check);
+    free(f->reqs);
     memset(f, 0, sizeof(*f));
 }
 

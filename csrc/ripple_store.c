@@ -28,6 +28,7 @@ static int             g_cache_policy = RIPPLE_CACHE_LRU;
 static double          g_cache_fraction = 0.0; /* > 0: budget = fraction of each model's FFN bytes */
 static int             g_direct_io = 0;
 static int             g_prefetch = 0;
+static int             g_overlap = 1;
 /* storage cost model (ripple_set_cost_model); the default matches ripple_gguf.storage.DEFAULT */
 static double          g_cost_latency = 51.5e-6, g_cost_bandwidth = 3.5e9, g_cost_parallelism = 104.0;
 static char            g_error[1024];
@@ -666,6 +667,14 @@ int ripple_get_prefetch(void) {
     return __atomic_load_n(&g_prefetch, __ATOMIC_RELAXED);
 }
 
+void ripple_set_overlap(int on) {
+    __atomic_store_n(&g_overlap, on ? 1 : 0, __ATOMIC_RELAXED);
+}
+
+int ripple_get_overlap(void) {
+    return __atomic_load_n(&g_overlap, __ATOMIC_RELAXED);
+}
+
 int ripple_get_direct_io(void) {
     return __atomic_load_n(&g_direct_io, __ATOMIC_RELAXED);
 }
@@ -766,6 +775,7 @@ void ripple_get_stats(ripple_stats * out) {
     out->prefetch_bytes = LOAD(prefetch_bytes);
     out->prefetch_used_bytes = LOAD(prefetch_used_bytes);
     out->prefetch_seconds = (double) LOAD(prefetch_ns) * 1e-9;
+    out->io_exposed_seconds = (double) LOAD(io_exposed_ns) * 1e-9;
     pthread_mutex_lock(&g_mu);
     for (ripple_model * m = g_models; m; m = m->next) {
         pthread_mutex_lock(&m->mu);
@@ -839,7 +849,7 @@ int ripple_store_fetch(int handle, int32_t layer, const int32_t * neurons, int64
     if (layer == 0) {
         RIPPLE_COUNT(tokens, (uint64_t) n_tokens);
     }
-    return ripple_fetch_bundles(m, layer, need, n_tokens, m->scratch, NULL, NULL);
+    return ripple_fetch_bundles(m, layer, need, n_tokens, m->scratch, NULL, NULL, 0);
 }
 
 void ripple_store_close(int handle) {

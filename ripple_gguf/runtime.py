@@ -207,10 +207,10 @@ _BOOL_RULE = 'True/False, 0/1 or one of "1", "0", "true", "false", "yes", "no", 
 ENV_VARS = {"mode": "RIPPLE_MODE", "cache_mb": "RIPPLE_CACHE_MB", "cache_fraction": "RIPPLE_CACHE_FRACTION",
             "cache_policy": "RIPPLE_CACHE_POLICY", "collapse": "RIPPLE_COLLAPSE", "direct_io": "RIPPLE_DIRECT_IO",
             "io_threads": "RIPPLE_IO_THREADS", "io_engine": "RIPPLE_IO_ENGINE", "prefetch": "RIPPLE_PREFETCH",
-            "exact_down": "RIPPLE_EXACT_DOWN"}
+            "overlap": "RIPPLE_OVERLAP", "exact_down": "RIPPLE_EXACT_DOWN"}
 _DEFAULTS = {"mode": "auto", "cache_policy": "lru", "collapse": True,
              "direct_io": False, "io_threads": DEFAULT_IO_THREADS, "io_engine": "auto", "prefetch": False,
-             "exact_down": "tensor"}
+             "overlap": True, "exact_down": "tensor"}
 
 
 class _BadSetting(ValueError):
@@ -269,6 +269,7 @@ _CHECKS = {
     "io_threads": lambda label, v: _number(label, v, 1, MAX_IO_THREADS, integer=True),
     "io_engine": _choice(IO_ENGINES),
     "prefetch": _bool,
+    "overlap": _bool,
     "exact_down": _choice(EXACT_DOWN),
 }
 
@@ -309,7 +310,8 @@ def reset_settings() -> Dict[str, object]:
 def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[float] = None,
               exact_down: Optional[str] = None, mode: Optional[str] = None, cache_policy: Optional[str] = None,
               collapse=None, direct_io: Optional[bool] = None, io_threads: Optional[int] = None,
-              prefetch: Optional[bool] = None, io_engine: Optional[str] = None) -> Dict[str, object]:
+              prefetch: Optional[bool] = None, io_engine: Optional[str] = None,
+              overlap: Optional[bool] = None) -> Dict[str, object]:
     """Change runtime settings; returns the settings in force (:func:`settings`).
 
     Every argument is checked before any is applied: a call that raises ValueError (naming the
@@ -344,6 +346,9 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     prefetch: in sparse mode, while a layer computes, read the bundles the next layer's predictor
     selects from this layer's FFN input (one-token batches). Environment: ``RIPPLE_PREFETCH``
     (a boolean, default 0).
+    overlap: issue a layer's reads in pieces and compute the gate/up rows of the bundles already in
+    memory, then of each piece as it lands, while the rest are read (``stats()["io_exposed_seconds"]``
+    is the read time left uncovered). Environment: ``RIPPLE_OVERLAP`` (a boolean, default 1).
     exact_down: where exact mode takes the down projection from: ``"tensor"`` (default) runs stock
     llama.cpp's own dot products on the rows of the standard ffn_down tensor, read from the file,
     so results equal stock's; ``"bundles"`` computes it from the bundles (the sparse path: split
@@ -352,7 +357,7 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     """
     args = dict(cache_mb=cache_mb, cache_fraction=cache_fraction, exact_down=exact_down, mode=mode,
                 cache_policy=cache_policy, collapse=collapse, direct_io=direct_io, io_threads=io_threads,
-                prefetch=prefetch, io_engine=io_engine)
+                prefetch=prefetch, io_engine=io_engine, overlap=overlap)
     _apply(_validate(args, {k: k for k in args}))
     return settings()
 
@@ -381,6 +386,8 @@ def _apply(v: Dict[str, object]) -> None:
         lib.ripple_set_direct_io(1 if v["direct_io"] else 0)
     if "prefetch" in v:
         lib.ripple_set_prefetch(1 if v["prefetch"] else 0)
+    if "overlap" in v:
+        lib.ripple_set_overlap(1 if v["overlap"] else 0)
     if "io_engine" in v and lib.ripple_set_io_engine(IO_ENGINES[v["io_engine"]]) != 0:
         warnings.warn("ripple-gguf: this build has no io_uring; reading with threads", RuntimeWarning, stacklevel=3)
     cache_mb, cache_fraction, cache_policy = v.get("cache_mb"), v.get("cache_fraction"), v.get("cache_policy")
@@ -425,6 +432,7 @@ def settings() -> Dict[str, object]:
         "direct_io": bool(_native.lib.ripple_get_direct_io()),
         "io_threads": _native.lib.ripple_get_io_threads(),
         "prefetch": bool(_native.lib.ripple_get_prefetch()),
+        "overlap": bool(_native.lib.ripple_get_overlap()),
         **_io_engine(),
         "cost_model": _cost["model"].to_dict() if _cost["model"] is not None else None,
         "exact_down": next(k for k, v in EXACT_DOWN.items() if v == down),

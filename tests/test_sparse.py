@@ -201,3 +201,26 @@ def test_sparse_output_independent_of_batching_and_threads(packed, settings):
         assert np.abs(got - ref).max() <= 1e-4 * span, (n_batch, n_threads, split)
     s = settings.stats()
     assert s["neurons_computed"] < s["neurons_total"]  # sparse mode really selected
+
+
+@pytest.mark.parametrize("mode", ["exact", "sparse"])
+@pytest.mark.parametrize("cache_fraction", [None, 0.4])
+def test_overlapped_reads_do_not_change_logits(packed, settings, mode, cache_fraction):
+    """Reads issued in pieces, with the bundles already in memory and then each piece computed as it
+    lands, give the logits of the reads done first (in batches and token by token)."""
+    cache = {"cache_mb": 0} if cache_fraction is None else {"cache_fraction": cache_fraction}
+    out = {}
+    for overlap in (False, True):
+        settings.configure(mode=mode, collapse=False, overlap=overlap, **cache)
+        settings.reset_stats()
+        out[overlap] = [_eval_logits(packed.path, TOKENS, n_batch, 2) for n_batch in (64, 1)]
+        s = settings.stats()
+        assert s["bytes_read"] > 0 and s["read_ops"] > 2 * len(packed.layers)  # several requests per layer
+        if overlap:
+            assert s["io_exposed_seconds"] > 0  # (it may exceed io_seconds: the wake-ups are in it)
+            if cache_fraction:
+                assert s["cache_hits"] > 0
+        else:
+            assert s["io_exposed_seconds"] == pytest.approx(s["io_seconds"])
+    for a, b in zip(out[False], out[True]):
+        assert np.array_equal(a, b)

@@ -381,6 +381,7 @@ static int down_from_tensor(ripple_backend_ctx * ctx, const ripple_binding * b, 
             rc = ripple_pread_full(fd, ctx->dbuf + off, len, L->d.down_offset + off, m->path);
         }
         RIPPLE_COUNT(io_ns, ripple_now_ns() - t0);
+        RIPPLE_COUNT(io_exposed_ns, ripple_now_ns() - t0);
         RIPPLE_COUNT(read_ops, 1);
         RIPPLE_COUNT(bytes_read, rc == 0 ? dev : 0);
         if (rc == 0 && check) {

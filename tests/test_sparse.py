@@ -208,7 +208,7 @@ def test_sparse_output_independent_of_batching_and_threads(packed, settings):
 def test_overlapped_reads_do_not_change_logits(packed, settings, mode, cache_fraction):
     """Reads issued in pieces, with the bundles already in memory and then each piece computed as it
     lands, give the logits of the reads done first (in batches and token by token)."""
-    cache = {"cache_mb": 0} if cache_fraction is None else {"cache_fraction": cache_fraction}
+    cache = {"cache_mb": 0} if cache_fraction is None else {"cache_fraction": cache_fraction, "cache_policy": "s3fifo"}
     out = {}
     for overlap in (False, True):
         settings.configure(mode=mode, collapse=False, overlap=overlap, **cache)
@@ -218,7 +218,7 @@ def test_overlapped_reads_do_not_change_logits(packed, settings, mode, cache_fra
         assert s["bytes_read"] > 0 and s["read_ops"] > 2 * len(packed.layers)  # several requests per layer
         if overlap:
             assert s["io_exposed_seconds"] > 0  # (it may exceed io_seconds: the wake-ups are in it)
-            if cache_fraction:
+            if cache_fraction and mode == "sparse":  # (exact mode's cyclic order defeats a 40% cache)
                 assert s["cache_hits"] > 0
         else:
             assert s["io_exposed_seconds"] == pytest.approx(s["io_seconds"])

@@ -43,6 +43,8 @@ typedef struct ripple_layer_desc {
                                     ungated), ffn_up and ffn_down data, in that order; copied */
     uint64_t tensor_crc_count;
     uint64_t crc_block;          /* bytes per tensor checksum block (the last block of a tensor may be shorter) */
+    const uint8_t * frequency;   /* n_ff, position order: how often each bundle is needed (255 = every
+                                    token), measured by the converter; NULL = unknown; copied */
 } ripple_layer_desc;
 
 typedef struct ripple_stats {
@@ -245,6 +247,9 @@ bool ripple_sparsify_eval(void * tensor, bool ask, void * user_data);
  * a cache (policy 0 lru, 1 s3fifo, 2 linking) over n_layers fake layers of n_ff[l] bundles of
  * bundle_size bytes, each holding a pattern derived from (layer, position). */
 void *  ripple_cache_test_new(int n_layers, const int32_t * n_ff, size_t bundle_size, size_t budget, int policy);
+/* the same with each bundle's frequency (flat u8 over the layers, position order; NULL = unknown) */
+void *  ripple_cache_test_new_freq(int n_layers, const int32_t * n_ff, const uint8_t * freq, size_t bundle_size,
+                                   size_t budget, int policy);
 void    ripple_cache_test_free(void * t);
 /* 1 hit with the right bytes, 0 miss, -1 hit with wrong bytes, -2 out of range. Updates the policy. */
 int     ripple_cache_test_get(void * t, int layer, int64_t pos);

@@ -9,6 +9,11 @@
  *          remembered in a ghost FIFO of keys (as many as the main queue holds). A bundle found in
  *          the ghost goes straight to main. Main is a CLOCK with a 2-bit counter: the tail is
  *          reinserted with its count decreased while the count is > 0, else evicted.
+ * pinned:  a static set: the bundles the converter measured as most often needed (ripple_layer.freq;
+ *          ties and files without frequencies: lower layer, then lower position first), as many as
+ *          the slots hold, kept once read and never evicted; the others are never admitted. Under a
+ *          cyclic access (exact mode reads every bundle of every layer per token) LRU and FIFO
+ *          policies evict each bundle before its next use, a static set keeps its share.
  * linking: s3fifo whose admission of new bundles (not ghosts) depends on how they were read: a
  *          bundle from a contiguous read of L bundles is admitted with probability 1/L. On an
  *          IOPS-bound device the request cost dominates and is shared by the L bundles, so 1/L is
@@ -38,7 +43,9 @@ void ripple_cache_free(ripple_cache * c) {
     for (int l = 0; l < c->n_layers; l++) {
         if (c->slot_of) free(c->slot_of[l]);
         if (c->ghost_at) free(c->ghost_at[l]);
+        if (c->pin) free(c->pin[l]);
     }
+    free(c->pin);
     free(c->slot_layer);
     free(c->slot_pos);
     free(c->prev);
@@ -59,7 +66,7 @@ void ripple_cache_init(ripple_cache * c, int n_layers, const ripple_layer * laye
             c->slot_size = layers[l].d.bundle_size;
         }
     }
-    if (policy < RIPPLE_CACHE_LRU || policy > RIPPLE_CACHE_LINKING || c->slot_size == 0 || budget_bytes < c->slot_size) {
+    if (policy < RIPPLE_CACHE_LRU || policy > RIPPLE_CACHE_PINNED || c->slot_size == 0 || budget_bytes < c->slot_size) {
         return;
     }
     int64_t total = 0;
@@ -81,7 +88,8 @@ void ripple_cache_init(ripple_cache * c, int n_layers, const ripple_layer * laye
     }
     c->arena = a;
     c->n_layers = n_layers;
-    const bool s3 = policy != RIPPLE_CACHE_LRU;
+    const bool s3 = policy == RIPPLE_CACHE_S3FIFO || policy == RIPPLE_CACHE_LINKING;
+    const bool pinned = policy == RIPPLE_CACHE_PINNED;
     c->slot_layer = malloc(sizeof(int32_t) * (size_t) n);
     c->slot_pos = malloc(sizeof(int32_t) * (size_t) n);
     c->prev = malloc(sizeof(int64_t) * (size_t) n);
@@ -90,13 +98,19 @@ void ripple_cache_init(ripple_cache * c, int n_layers, const ripple_layer * laye
     c->freq = calloc((size_t) n, 1);
     c->slot_of = calloc((size_t) n_layers, sizeof(int32_t *));
     c->ghost_at = s3 ? calloc((size_t) n_layers, sizeof(int64_t *)) : NULL;
-    bool ok = c->slot_layer && c->slot_pos && c->prev && c->next && c->queue && c->freq && c->slot_of && (!s3 || c->ghost_at);
+    c->pin = pinned ? calloc((size_t) n_layers, sizeof(uint8_t *)) : NULL;
+    bool ok = c->slot_layer && c->slot_pos && c->prev && c->next && c->queue && c->freq && c->slot_of && (!s3 || c->ghost_at) &&
+              (!pinned || c->pin);
     for (int l = 0; ok && l < n_layers; l++) {
         c->slot_of[l] = malloc(sizeof(int32_t) * (size_t) layers[l].d.n_ff);
         ok = c->slot_of[l] != NULL;
         if (ok && s3) {
             c->ghost_at[l] = calloc((size_t) layers[l].d.n_ff, sizeof(int64_t));
             ok = c->ghost_at[l] != NULL;
+        }
+        if (ok && pinned) {
+            c->pin[l] = calloc((size_t) layers[l].d.n_ff, 1);
+            ok = c->pin[l] != NULL;
         }
         for (int32_t p = 0; ok && p < layers[l].d.n_ff; p++) {
             c->slot_of[l][p] = -1;
@@ -110,6 +124,27 @@ void ripple_cache_init(ripple_cache * c, int n_layers, const ripple_layer * laye
         c->slot_layer[s] = -1;
     }
     c->n_slots = n;
+    if (pinned) {
+        /* the n most frequent: every bundle above a frequency F, then those at F in (layer, position) order */
+        int64_t hist[256] = { 0 };
+        for (int l = 0; l < n_layers; l++) {
+            for (int32_t p = 0; p < layers[l].d.n_ff; p++) {
+                hist[layers[l].freq ? layers[l].freq[p] : 0]++;
+            }
+        }
+        int f = 255;
+        int64_t above = 0;
+        while (f > 0 && above + hist[f] <= n) {
+            above += hist[f--];
+        }
+        int64_t at_f = n - above; /* bundles of frequency f still kept */
+        for (int l = 0; l < n_layers; l++) {
+            for (int32_t p = 0; p < layers[l].d.n_ff; p++) {
+                const int v = layers[l].freq ? layers[l].freq[p] : 0;
+                c->pin[l][p] = v > f || (v == f && at_f-- > 0);
+            }
+        }
+    }
     c->small_cap = n / S3FIFO_SMALL_DIVISOR > 0 ? n / S3FIFO_SMALL_DIVISOR : 1;
     c->ghost_cap = n - c->small_cap;
 }
@@ -205,6 +240,8 @@ uint8_t * ripple_cache_get(ripple_cache * c, int layer, int64_t pos) {
     if (c->policy == RIPPLE_CACHE_LRU) {
         queue_unlink(c, s);
         queue_push(c, RIPPLE_CACHE_MAIN, s);
+    } else if (c->policy == RIPPLE_CACHE_PINNED) {
+        /* nothing to keep track of */
     } else if (c->freq[s] < S3FIFO_FREQ_MAX) {
         c->freq[s]++;
     }
@@ -216,7 +253,11 @@ void ripple_cache_put(ripple_cache * c, int layer, int64_t pos, const uint8_t * 
         return;
     }
     int q = RIPPLE_CACHE_MAIN;
-    if (c->policy != RIPPLE_CACHE_LRU) {
+    if (c->policy == RIPPLE_CACHE_PINNED) {
+        if (!c->pin[layer][pos] || c->n_used >= c->n_slots) {
+            return; /* not in the set (every member fits: the set has as many bundles as slots) */
+        }
+    } else if (c->policy != RIPPLE_CACHE_LRU) {
         if (ghost_contains(c, layer, pos)) {
             c->ghost_at[layer][pos] = 0;
         } else if (c->policy == RIPPLE_CACHE_LINKING && run_length > 1 && linking_next(c) % (uint64_t) run_length != 0) {

@@ -27,6 +27,11 @@ static bool in_range(const ripple_cache_test * t, int layer, int64_t pos) {
 }
 
 void * ripple_cache_test_new(int n_layers, const int32_t * n_ff, size_t bundle_size, size_t budget, int policy) {
+    return ripple_cache_test_new_freq(n_layers, n_ff, NULL, bundle_size, budget, policy);
+}
+
+void * ripple_cache_test_new_freq(int n_layers, const int32_t * n_ff, const uint8_t * freq, size_t bundle_size,
+                                  size_t budget, int policy) {
     ripple_cache_test * t = calloc(1, sizeof(*t));
     if (!t) {
         return NULL;
@@ -45,6 +50,13 @@ void * ripple_cache_test_new(int n_layers, const int32_t * n_ff, size_t bundle_s
         t->layers[l].d.block = l;
         t->layers[l].d.n_ff = n_ff[l];
         t->layers[l].d.bundle_size = bundle_size;
+        if (freq) { /* flat over the layers, position order */
+            t->layers[l].freq = malloc((size_t) n_ff[l] ? (size_t) n_ff[l] : 1);
+            if (t->layers[l].freq) {
+                memcpy(t->layers[l].freq, freq, (size_t) n_ff[l]);
+            }
+            freq += n_ff[l];
+        }
     }
     ripple_cache_init(&t->cache, n_layers, t->layers, budget, policy);
     return t;
@@ -56,6 +68,9 @@ void ripple_cache_test_free(void * handle) {
         return;
     }
     ripple_cache_free(&t->cache);
+    for (int l = 0; l < t->n_layers; l++) {
+        free(t->layers[l].freq);
+    }
     free(t->layers);
     free(t->buf);
     free(t);

@@ -57,6 +57,7 @@ typedef struct ripple_layer {
     void *    down_map;
     size_t    down_map_len;
     size_t    down_map_skip; /* bytes from the mapping's start to the rows (page alignment) */
+    uint8_t * freq;            /* n_ff, position order: how often needed (255 = every token); NULL = unknown */
     uint32_t * bundle_crc;     /* n_ff, position order */
     uint32_t * tensor_crc[3];  /* per enum ripple_kind: one per crc_block bytes of the standard tensor */
     uint64_t  tensor_bytes[3]; /* bytes of the standard tensors (gate: 0 when ungated) */
@@ -67,6 +68,7 @@ enum ripple_cache_policy {
     RIPPLE_CACHE_LRU     = 0, /* least recently used evicted first */
     RIPPLE_CACHE_S3FIFO  = 1, /* S3-FIFO (SOSP'23): small FIFO + main 2-bit CLOCK FIFO + ghost */
     RIPPLE_CACHE_LINKING = 2, /* S3-FIFO admitting a bundle read in a run of L with probability 1/L */
+    RIPPLE_CACHE_PINNED  = 3, /* the most frequently needed bundles, kept once read, never evicted */
 };
 enum ripple_cache_queue { RIPPLE_CACHE_SMALL = 0, RIPPLE_CACHE_MAIN = 1 }; /* LRU uses MAIN only */
 
@@ -90,6 +92,7 @@ typedef struct ripple_cache {
     int64_t   ghost_seq;  /* ghost insertions so far; a stamp within ghost_cap of it is a ghost */
     int64_t   ghost_cap;  /* ghost entries remembered = main queue size */
     uint64_t  rng;        /* xorshift64 state of the linking admission, fixed seed */
+    uint8_t ** pin;       /* pinned: [layer][position] -> 1 for the bundles the cache keeps */
     int       n_layers;
 } ripple_cache;
 

@@ -126,6 +126,7 @@ static void model_free(ripple_model * m) {
         ripple_predictor_free(m->layers[l].pred);
         free(m->layers[l].down_tab);
         free(m->layers[l].bundle_crc);
+        free(m->layers[l].freq);
         free(m->layers[l].tensor_crc[0]); /* one allocation for the three */
         if (m->layers[l].down_map) {
             munmap(m->layers[l].down_map, m->layers[l].down_map_len);
@@ -248,6 +249,16 @@ static ripple_model * model_create(const char * path, uint64_t file_size, int32_
         L->d.down_table = NULL;
         L->d.bundle_crc = NULL;
         L->d.tensor_crc = NULL;
+        L->d.frequency = NULL;
+        if (d->frequency) {
+            L->freq = malloc((size_t) d->n_ff);
+            if (!L->freq) {
+                set_err(err, err_len, "out of memory");
+                model_free(m);
+                return NULL;
+            }
+            memcpy(L->freq, d->frequency, (size_t) d->n_ff);
+        }
         if (d->crc_block != m->crc_block) {
             set_err(err, err_len, "%s: layer %d: checksum block size differs from the other layers'", path, d->block);
             model_free(m);
@@ -623,7 +634,7 @@ static void remake_caches(void) {
 }
 
 int ripple_set_cache(int64_t cache_bytes, int policy) {
-    if (policy < RIPPLE_CACHE_LRU || policy > RIPPLE_CACHE_LINKING) {
+    if (policy < RIPPLE_CACHE_LRU || policy > RIPPLE_CACHE_PINNED) {
         return -1;
     }
     pthread_mutex_lock(&g_mu);
@@ -636,7 +647,7 @@ int ripple_set_cache(int64_t cache_bytes, int policy) {
 }
 
 int ripple_set_cache_fraction(double fraction, int policy) {
-    if (!(fraction > 0.0 && fraction <= 1.0) || policy < RIPPLE_CACHE_LRU || policy > RIPPLE_CACHE_LINKING) {
+    if (!(fraction > 0.0 && fraction <= 1.0) || policy < RIPPLE_CACHE_LRU || policy > RIPPLE_CACHE_PINNED) {
         return -1;
     }
     pthread_mutex_lock(&g_mu);

@@ -87,6 +87,10 @@ class Keys:
         ORDER = "ripple.placement.order"
 
         QUALITY = "ripple.placement.quality"  # JSON: run lengths and reads on held-out text
+        # u8, flat like ORDER, position order: how often each bundle is needed on held-out text
+        # (selected by its layer's predictor, or truly active without predictors), 255 = every token;
+        # the runtime's pinned cache keeps the most frequent
+        FREQUENCY = "ripple.placement.frequency"
 
     class Sparsity:
         RULE = "ripple.sparsity.rule"  # SPARSITY_RULES

@@ -318,6 +318,7 @@ class RippleLayer:
     predictor_size: int = 0
     down_layout: int = C.DOWN_COLUMN
     down_table_offset: int = 0  # absolute offset of the split layout's scale table, 0 = none
+    frequency: Optional[np.ndarray] = None  # uint8[n_ff], position order: how often needed (255 = always)
 
     @property
     def split(self) -> bool:
@@ -434,6 +435,8 @@ class OfflineData:
     seed: int
     default_mode: str = "sparse"  # C.DEFAULT_MODES; written with the predictors
     default_mode_reason: str = ""  # why "exact" (the converter's self-check)
+    # per layer, neuron order: how often each neuron is needed, 0..255 (255 = every token); or empty
+    frequency: Sequence[np.ndarray] = ()
 
 
 @dataclass
@@ -543,6 +546,10 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
             pack_kv(Keys.Calibration.TOKENS, V.UINT32, int(offline.calib_tokens)),
             pack_kv(Keys.Calibration.SEED, V.UINT32, int(offline.seed)),
         ]
+        if len(offline.frequency):
+            kv.append(arr(Keys.Placement.FREQUENCY, V.UINT8,
+                          np.concatenate([np.asarray(f, dtype=np.uint8)[l.order]
+                                          for f, l in zip(offline.frequency, layers)])))
         if blobs:
             kv += [
                 pack_kv(Keys.Predictor.RANK, V.UINT32, int(offline.predictor_rank)),
@@ -705,6 +712,7 @@ _KEY_TYPES = {
     Keys.Sparsity.RULE: _STR, Keys.Sparsity.ACTIVE_FRACTION: _F32, Keys.Sparsity.THRESHOLD: (V.ARRAY, V.FLOAT32),
     Keys.Calibration.TEXT: _STR, Keys.Calibration.TOKENS: _U32, Keys.Calibration.SEED: _U32,
     Keys.Predictor.RANK: _U32, Keys.Predictor.RECALL_TARGET: _F32, Keys.Predictor.METRICS: _STR,
+    Keys.Placement.FREQUENCY: (V.ARRAY, V.UINT8),
 }
 # Written together or not at all: by a conversion with profiling, and with predictors.
 _PROFILE_KEYS = (Keys.Placement.QUALITY, Keys.Sparsity.RULE, Keys.Sparsity.ACTIVE_FRACTION, Keys.Sparsity.THRESHOLD,
@@ -851,6 +859,9 @@ class RippleFile:
         n_ffs = arrays[Keys.Layout.N_FF]
         if order.size != sum(n_ffs):
             raise RippleFormatError(p, f"{Keys.Placement.ORDER} has {order.size} entries, expected {sum(n_ffs)}")
+        freq = np.asarray(md[Keys.Placement.FREQUENCY], dtype=np.uint8) if Keys.Placement.FREQUENCY in md else None
+        if freq is not None and freq.size != sum(n_ffs):
+            raise RippleFormatError(p, f"{Keys.Placement.FREQUENCY} has {freq.size} entries, expected {sum(n_ffs)}")
         region_offset, region_size = int(need(Keys.Region.OFFSET)), int(need(Keys.Region.SIZE))
         if region_offset < hdr.data_end or region_offset % C.ALIGNMENT:
             raise RippleFormatError(p, f"region offset {region_offset} overlaps the tensor data or is unaligned")
@@ -877,7 +888,8 @@ class RippleFile:
                 bundles_offset=region_offset + g(Keys.Layout.OFFSET),
                 gate_offset=hdr.data_offset + tensors["gate"].offset if tensors["gate"] else 0,
                 up_offset=hdr.data_offset + tensors["up"].offset,
-                down_offset=hdr.data_offset + tensors["down"].offset)
+                down_offset=hdr.data_offset + tensors["down"].offset,
+                frequency=freq[start - n_ff:start] if freq is not None else None)
             layout = g(Keys.Layout.DOWN_LAYOUT)
             if layout not in range(len(C.DOWN_LAYOUTS)):
                 raise RippleFormatError(p, f"layer {blk}: unknown down layout {layout}")

@@ -302,12 +302,17 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
         }
     eval_tokens = int(eval_m[blocks[0]].shape[0])
     needed = "predicted" if blobs else "active"
+    # how often each bundle is needed on held-out text, for the runtime's pinned cache (ceil: a
+    # bundle needed at all is never 0)
+    frequency = [np.ceil(np.asarray(read_eval[b], dtype=np.float64).mean(axis=0) * 255).astype(np.uint8)
+                 for b in blocks]
     placement_quality = _placement_quality(quality, cfg.placement, eval_tokens, needed)
 
     data = OfflineData(
         rule=rule, active_fraction=cfg.active_fraction, thresholds=[thresholds[b] for b in blocks],
         predictors=blobs, predictor_rank=cfg.predictor_rank, recall_target=cfg.predictor_recall,
         placement_quality=placement_quality, predictor_metrics=predictor_metrics,
-        calib_text=", ".join(n for n, _ in texts), calib_tokens=len(calib) * cfg.chunk_tokens, seed=cfg.seed)
+        calib_text=", ".join(n for n, _ in texts), calib_tokens=len(calib) * cfg.chunk_tokens, seed=cfg.seed,
+        frequency=frequency)
     by_method = {m: {b: orders_all[b][m] for b in blocks} for m in methods}
     return OfflineResult(by_method[cfg.placement], data, times, by_method, quality, eval_tokens, needed)

@@ -146,6 +146,10 @@ def descriptors(rf: RippleFile):
             keep.append(table)
             d.down_table = table
             d.down_table_size = layer.down_table_size
+        if layer.frequency is not None:
+            freq = ffi.from_buffer("uint8_t[]", np.ascontiguousarray(layer.frequency, dtype=np.uint8))
+            keep.append(freq)
+            d.frequency = freq
         if layer.predictor_size:
             blob = ffi.from_buffer("uint8_t[]", rf.read_predictor_blob(layer))
             keep.append(blob)
@@ -169,7 +173,7 @@ def _begin_load(rf: RippleFile) -> int:
 
 EXACT_DOWN = {"tensor": 0, "bundles": 1}
 MODES = {"exact": 0, "sparse": 1, "auto": 2}
-CACHE_POLICIES = {"lru": 0, "s3fifo": 1, "linking": 2}
+CACHE_POLICIES = {"lru": 0, "s3fifo": 1, "linking": 2, "pinned": 3}
 IO_ENGINES = {"threads": 0, "uring": 1, "auto": 2}
 _RULES = {"nonzero": 0, "magnitude": 1}
 DEFAULT_IO_THREADS = 8
@@ -329,8 +333,10 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     cache_mb: byte budget of the DRAM neuron cache of each loaded ripple model, in MiB (0: no
     cache). cache_fraction: the budget as a fraction of each model's FFN bytes instead (0 < f <= 1).
     Environment: ``RIPPLE_CACHE_MB`` (default 64) or ``RIPPLE_CACHE_FRACTION``.
-    cache_policy: ``"lru"`` (default), ``"s3fifo"`` or ``"linking"`` (S3-FIFO with Ripple's
-    linking-aware admission). Environment: ``RIPPLE_CACHE_POLICY``.
+    cache_policy: ``"lru"`` (default), ``"s3fifo"``, ``"linking"`` (S3-FIFO with Ripple's
+    linking-aware admission) or ``"pinned"`` (a static set: the bundles the converter measured as
+    most often needed, as many as the budget holds, kept once read and never evicted; the others
+    are not cached). Environment: ``RIPPLE_CACHE_POLICY``.
     collapse: ``True`` (default) merges reads whose gap is cheaper to read than a separate request,
     the threshold taken from the storage cost model of the disk holding the model (``ripple-gguf
     probe-storage``; a documented default without a profile), ``False`` never merges, an ``int``

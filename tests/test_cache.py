@@ -318,3 +318,44 @@ def test_bytes_survive_heavy_churn(policy):
             pos = min(int(rnd.paretovariate(1.2)) - 1, n_ff[layer] - 1)  # Zipf-like
             hits += c.access(pos, rnd.randint(1, 10), layer)  # asserts the bytes on every hit
     assert hits > 1000
+
+
+PINNED = 3
+
+
+def _pinned(n_ff, slots, freq=None):
+    ff = _native.ffi.new("int32_t[]", list(n_ff))
+    fq = _native.ffi.new("uint8_t[]", list(freq)) if freq is not None else _native.ffi.NULL
+    c = Cache.__new__(Cache)
+    c.n_ff = list(n_ff)
+    c.h = _native.lib.ripple_cache_test_new_freq(len(n_ff), ff, fq, BS, slots * BS, PINNED)
+    assert c.h != _native.ffi.NULL
+    return c
+
+
+def test_pinned_keeps_the_most_frequent_and_never_evicts():
+    # two layers of 8; frequencies flat over the layers in position order
+    freq = [0, 200, 5, 255, 7, 7, 7, 1,
+            90, 0, 7, 0, 0, 300 % 256, 0, 0]
+    c = _pinned([8, 8], 5, freq)
+    # the 5 most frequent: 255 (0,3), 200 (0,1), 90 (1,0), 44 (1,5), then one of the three 7s of
+    # layer 0... ties at the cut go by (layer, position): (0,4)
+    keep = {(0, 3), (0, 1), (1, 0), (1, 5), (0, 4)}
+    for _ in range(3):  # a cyclic scan: every bundle of every layer, three times
+        for layer in (0, 1):
+            for pos in range(8):
+                if not c.get(pos, layer):
+                    c.put(pos, layer=layer)
+    held = {(l, p) for l in (0, 1) for p in range(8) if c.where(p, l) != ABSENT}
+    assert held == keep
+    assert all(c.get(p, l) for l, p in keep)  # bytes intact, still there
+    assert _native.lib.ripple_cache_test_used_bytes(c.h) == 5 * BS
+
+
+def test_pinned_without_frequencies_keeps_the_first_bundles():
+    c = _pinned([4, 4], 6)
+    for pos in reversed(range(4)):  # the order of reads does not matter, only membership
+        for layer in (1, 0):
+            c.put(pos, layer=layer)
+    held = {(l, p) for l in (0, 1) for p in range(4) if c.where(p, l) != ABSENT}
+    assert held == {(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)}

@@ -224,3 +224,20 @@ def test_overlapped_reads_do_not_change_logits(packed, settings, mode, cache_fra
             assert s["io_exposed_seconds"] == pytest.approx(s["io_seconds"])
     for a, b in zip(out[False], out[True]):
         assert np.array_equal(a, b)
+
+
+def test_pinned_cache_keeps_its_share_under_cyclic_reads(packed, settings):
+    """Exact mode reads every bundle of every layer per token: LRU evicts each before its next use,
+    the pinned set (the converter's most frequently needed bundles) serves its share of them."""
+    assert all(l.frequency is not None and l.frequency.shape == (l.n_ff,) for l in packed.layers)
+    rates = {}
+    for policy in ("lru", "pinned"):
+        settings.configure(mode="exact", cache_fraction=0.4, cache_policy=policy)
+        llm = llama_cpp.Llama(model_path=str(packed.path), n_ctx=64, n_batch=1, n_threads=2, verbose=False)
+        llm.eval(TOKENS[:2])
+        settings.reset_stats()
+        llm.eval(TOKENS[2:10])
+        rates[policy] = settings.stats()["cache_hit_rate"]
+        llm.close()
+    assert rates["lru"] == 0.0
+    assert 0.35 <= rates["pinned"] <= 0.41, rates

@@ -42,6 +42,8 @@ def reusable(packed: Path, source_sha256: str) -> bool:
         return False
     if rf.source.sha256 != source_sha256 or not any(l.predictor_size for l in rf.layers):
         return False
+    if any(l.frequency is None for l in rf.layers):  # packed before bundle frequencies were recorded
+        return False
     # packed with today's default offline settings (older defaults: convert again)
     from ripple_gguf.offline import OfflineConfig
 

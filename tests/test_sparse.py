@@ -120,7 +120,7 @@ def test_collapse_merges_reads(packed, settings):
     assert ops[True][2] == ops[False][2]  # the same bundles were needed
 
 
-@pytest.mark.parametrize("policy", ["lru", "s3fifo", "linking"])
+@pytest.mark.parametrize("policy", ["lru", "s3fifo", "linking", "pinned"])
 def test_cache_policies_serve_hits(packed, settings, policy):
     settings.configure(mode="sparse", cache_mb=1, cache_policy=policy)
     settings.reset_stats()

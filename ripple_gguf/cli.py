@@ -185,7 +185,8 @@ def _cmd_membench(args: argparse.Namespace) -> int:
     if any(not 0.0 < x <= 4.0 for x in fractions):
         raise ValueError(f"--memory-fraction must be in (0, 4], got {fractions}")
     result = membench.run(args.src, fractions=fractions, tokens=args.tokens, threads=args.threads,
-                          work_dir=args.work_dir, timeout=args.timeout)
+                          work_dir=args.work_dir, timeout=args.timeout,
+                          cache_policies=list(dict.fromkeys(args.cache_policy or [membench.DEFAULT_POLICY])))
     print(membench.report(result))
     _write_json(args.json, result)
     if args.plot:
@@ -286,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory limit as a fraction of stock's unconfined peak; repeat (default 0.6, 0.75, 0.9)")
     mb.add_argument("--tokens", type=int, default=64, help="held-out tokens decoded one at a time (default 64)")
     mb.add_argument("--threads", type=int, default=2, help="llama.cpp threads of every system (default 2)")
+    mb.add_argument("--cache-policy", action="append", choices=["lru", "s3fifo", "linking", "pinned"],
+                    help="neuron cache policy of the ripple runs; repeat to compare (default pinned)")
     mb.add_argument("--timeout", type=float, default=300,
                     help="seconds a confined run may take before it is reported as thrashing (default 300)")
     mb.add_argument("--work-dir", help="where the packed file is cached (default ~/.cache/ripple-gguf/bench)")

@@ -29,6 +29,8 @@ PROMPT_TOKENS = 128
 # with the cache off, at the end of the same run), minus the non-FFN tensors' bytes (their pages
 # are read every token), minus this margin for what the estimate misses (transient peaks).
 CACHE_MARGIN_MB = 16
+# the neuron cache's policy in the confined runs (chosen by measurement: docs/BENCHMARKS.md)
+DEFAULT_POLICY = "pinned"
 
 
 class CgroupError(RuntimeError):
@@ -129,7 +131,7 @@ def _child(spec: dict) -> dict:
         import ripple_gguf
 
         ripple_gguf.configure(mode=spec["system"].split("-", 1)[1], direct_io=True, cache_mb=spec["cache_mb"],
-                              cache_policy=spec.get("cache_policy", "s3fifo"))
+                              cache_policy=spec.get("cache_policy") or DEFAULT_POLICY)
     import numpy as np
     import llama_cpp
 
@@ -206,9 +208,9 @@ def run_confined(spec: dict, limit_bytes: Optional[int], *, timeout: float = 300
 
 def run(src: os.PathLike, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, tokens: int = 64, threads: int = 2,
         work_dir: Optional[os.PathLike] = None, offline=None, timeout: float = 300,
-        quiet: bool = False) -> Dict[str, object]:
+        cache_policies: Sequence[str] = (DEFAULT_POLICY,), quiet: bool = False) -> Dict[str, object]:
     """The measurements (``offline``: the OfflineConfig the ripple file is packed with, default
-    settings when None)."""
+    settings when None); ripple runs once per cache policy."""
     from . import bench, quality
 
     src = Path(src)
@@ -235,13 +237,14 @@ def run(src: os.PathLike, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, tok
     for x in fractions:
         limit_mb = x * P
         cache_mb = max(0.0, limit_mb - own["anon_mb"] - non_ffn_mb - CACHE_MARGIN_MB)
-        for system in SYSTEMS:
+        for system, policy in [(s, p) for s in SYSTEMS for p in ((None,) if s == "llama.cpp" else cache_policies)]:
             ripple = system != "llama.cpp"
-            say(f"X={x:.2f} ({limit_mb:.0f} MiB): {system}" + (f", cache {cache_mb:.0f} MiB" if ripple else ""))
-            spec = dict(base, system=system, path=os.fspath(packed if ripple else src), cache_mb=cache_mb)
+            say(f"X={x:.2f} ({limit_mb:.0f} MiB): {system}" + (f", cache {cache_mb:.0f} MiB {policy}" if ripple else ""))
+            spec = dict(base, system=system, path=os.fspath(packed if ripple else src), cache_mb=cache_mb,
+                        cache_policy=policy)
             r = run_confined(spec, int(limit_mb * 2**20), timeout=timeout)
             row = {"system": system, "memory_fraction": x, "memory_limit_mb": limit_mb,
-                   "cache_mb": cache_mb if ripple else None}
+                   "cache_mb": cache_mb if ripple else None, "cache_policy": policy}
             for k in ("decode_tok_s", "prompt_tok_s", "read_mb_per_token", "peak_mb", "ppl"):
                 row[k] = r.get(k)
             if "error" in r:
@@ -261,7 +264,7 @@ def report(result: Mapping[str, object]) -> str:
              f"cache off: peak {m['ripple_own_peak_mb']:.1f} MiB, anonymous {m['ripple_own_anon_mb']:.1f} MiB; "
              f"non-FFN tensors {m['non_ffn_mb']:.1f} MiB; {m['decode_tokens']} tokens decoded after a "
              f"{m['prompt_tokens']}-token prompt, {m['threads']} threads",
-             f"{'X':>5} {'limit MiB':>9} {'system':<14} {'cache MiB':>9} {'decode tok/s':>12} {'vs stock':>8} "
+             f"{'X':>5} {'limit MiB':>9} {'system':<14} {'cache MiB':>9} {'policy':<8} {'decode tok/s':>12} {'vs stock':>8} "
              f"{'prompt tok/s':>12} {'MB read/tok':>11} {'peak MiB':>8} {'ppl':>8}"]
     stock = {r["memory_fraction"]: r for r in result["results"] if r["system"] == "llama.cpp"}
     fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
@@ -270,6 +273,7 @@ def report(result: Mapping[str, object]) -> str:
         ratio = r["decode_tok_s"] / s["decode_tok_s"] if r.get("decode_tok_s") and s.get("decode_tok_s") else None
         x = "none" if r["memory_fraction"] is None else f"{r['memory_fraction']:.2f}"
         lines.append(f"{x:>5} {fmt(r['memory_limit_mb'], '9.0f'):>9} {r['system']:<14} {fmt(r['cache_mb'], '9.0f'):>9} "
+                     f"{r.get('cache_policy') or '-':<8} "
                      f"{fmt(r['decode_tok_s'], '12.1f'):>12} {fmt(ratio, '8.2f'):>8} {fmt(r['prompt_tok_s'], '12.1f'):>12} "
                      f"{fmt(r['read_mb_per_token'], '11.2f'):>11} {fmt(r['peak_mb'], '8.1f'):>8} {fmt(r['ppl'], '8.3f'):>8}"
                      + (f"  ({r['error']})" if r.get("error") else ""))
@@ -284,10 +288,12 @@ def plot(result: Mapping[str, object], out: os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for system in SYSTEMS:
-        rows = [r for r in result["results"] if r["system"] == system and r["memory_fraction"] is not None
-                and r.get("decode_tok_s")]
-        ax.plot([r["memory_fraction"] for r in rows], [r["decode_tok_s"] for r in rows], marker="o", label=system)
+    runs = dict.fromkeys((r["system"], r.get("cache_policy")) for r in result["results"])
+    for system, policy in runs:
+        rows = [r for r in result["results"] if r["system"] == system and r.get("cache_policy") == policy
+                and r["memory_fraction"] is not None and r.get("decode_tok_s")]
+        label = system if policy is None or len({p for s, p in runs if s == system}) == 1 else f"{system} ({policy})"
+        ax.plot([r["memory_fraction"] for r in rows], [r["decode_tok_s"] for r in rows], marker="o", label=label)
     ax.set_xlabel("memory limit / stock's unconfined peak")
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")

@@ -1,6 +1,8 @@
 """Build: CMake compiles csrc/ into the shared library ripple_gguf/_libripple*.so (a ggml backend
-plus the control API, bound from Python through cffi in ABI mode) and copies the public header
-next to it for the binding."""
+plus the control API, bound from Python through cffi in ABI mode), copies the public header next to
+it and writes the binding's pre-compiled type table (ripple_gguf/_ripple_cffi.py, cffi's out-of-line
+ABI mode: loading the package then parses no C)."""
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -28,6 +30,13 @@ class CMakeBuild(build_ext):
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(build_dir / "libripple.so", out)
         shutil.copy2(ROOT / "csrc" / "ripple.h", out.parent / "_ripple.h")
+        spec = importlib.util.spec_from_file_location("_ripple_cdef", ROOT / "ripple_gguf" / "_cdef.py")
+        cdef = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cdef)
+        # also into the source tree, which is the package for in-place and editable builds
+        # (setuptools copies only the library there itself)
+        for d in {out.parent, ROOT / "ripple_gguf"}:
+            cdef.emit_module(ROOT / "csrc" / "ripple.h", d / "_ripple_cffi.py")
 
 
 setup(

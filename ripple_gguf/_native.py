@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +35,24 @@ def _find_library() -> Path:
     return Path(found[0])
 
 
-def _cdef_text() -> str:
+def _make_ffi():
+    """The binding's types: the module the build pre-compiled (no C parsing at import), else the
+    header parsed now (a source tree whose build predates it)."""
+    try:
+        from ._ripple_cffi import ffi
+
+        return ffi
+    except ImportError:
+        pass
+    import cffi
+
+    from ._cdef import cdef_text
+
     for header in (_HERE / "_ripple.h", _HERE.parent / "csrc" / "ripple.h"):
         if header.exists():
-            text = header.read_text()
-            body = text.split("/* RIPPLE_CDEF_BEGIN */", 1)[1].split("/* RIPPLE_CDEF_END */", 1)[0]
-            return re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+            ffi = cffi.FFI()
+            ffi.cdef(cdef_text(header))
+            return ffi
     raise NativeLibraryError(f"ripple.h is missing next to {_HERE}")
 
 
@@ -70,11 +81,8 @@ def _load_ggml_global():
 
 
 def _open():
-    import cffi
-
     lib_dir, ggml_version, ggml_commit = _load_ggml_global()
-    ffi = cffi.FFI()
-    ffi.cdef(_cdef_text())
+    ffi = _make_ffi()
     path = _find_library()
     try:
         lib = ffi.dlopen(str(path), ffi.RTLD_NOW | ffi.RTLD_LOCAL)

@@ -114,6 +114,33 @@ def prepare_variants(src: os.PathLike, work_dir: os.PathLike, cfg=None, *, place
     return paths
 
 
+def prepare_unprofiled(src: os.PathLike, work_dir: os.PathLike, *, quiet: bool = False) -> Path:
+    """``src`` packed without the offline stage (original order, no predictors: exact mode only),
+    the cheapest valid ripple file, cached in ``work_dir`` like the variants."""
+    from .convert import convert, sha256_file
+    from .format import RippleFile, RippleFormatError
+
+    src = Path(src)
+    sha = sha256_file(os.fspath(src))
+    key = hashlib.sha256(json.dumps([sha, C.TOOL_VERSION, "unprofiled"]).encode()).hexdigest()[:12]
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    stem = src.name[:-len(".gguf")] if src.name.endswith(".gguf") else src.name
+    path = work / f"{stem}.{key}.original.ripple.gguf"
+    try:
+        rf = RippleFile.open(path)
+        rf.check_quick()
+        if rf.source.sha256 == sha:
+            return path
+    except (RippleFormatError, OSError):
+        pass
+    _progress(f"packing {src.name} without the offline stage (original order, no predictors)", quiet)
+    t0 = time.perf_counter()
+    convert(src, path, quiet=True)
+    _progress(f"{path.name} written in {time.perf_counter() - t0:.0f} s", quiet)
+    return path
+
+
 # ---- the decode trace ----
 
 def text_tokens(model: os.PathLike, text: str, n: int) -> List[int]:

@@ -184,8 +184,10 @@ def _cmd_membench(args: argparse.Namespace) -> int:
     fractions = sorted(set(args.memory_fraction or membench.DEFAULT_FRACTIONS))
     if any(not 0.0 < x <= 4.0 for x in fractions):
         raise ValueError(f"--memory-fraction must be in (0, 4], got {fractions}")
-    result = membench.run(args.src, fractions=fractions, tokens=args.tokens, threads=args.threads,
-                          work_dir=args.work_dir, timeout=args.timeout,
+    if (args.src is None) == (args.synthetic is None):
+        raise ValueError("membench takes a source model SRC.gguf or --synthetic NAME (one of the two)")
+    result = membench.run(args.src, synthetic=args.synthetic, fractions=fractions, tokens=args.tokens,
+                          threads=args.threads, work_dir=args.work_dir, timeout=args.timeout,
                           cache_policies=list(dict.fromkeys(args.cache_policy or [membench.DEFAULT_POLICY])))
     print(membench.report(result))
     _write_json(args.json, result)
@@ -281,8 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="OUT.png", help="write the figures (needs matplotlib: the bench extra)")
     b.set_defaults(func=_cmd_bench)
 
+    from ripple_gguf.synthetic import SHAPES
+
     mb = sub.add_parser("membench", help="stock llama.cpp and ripple under kernel memory limits (cgroups)")
-    mb.add_argument("src", metavar="SRC.gguf", help="source GGUF model (its ripple file is packed and cached)")
+    mb.add_argument("src", metavar="SRC.gguf", nargs="?",
+                    help="source GGUF model (its ripple file is packed and cached); or --synthetic")
+    mb.add_argument("--synthetic", choices=sorted(SHAPES),
+                    help="instead of SRC.gguf: a random-weight Q4_0 llama of this size (1b: TinyLlama-1.1B's "
+                         "shape, FFN about two thirds of the weights), built once in the work dir and packed "
+                         "without predictors (exact mode only; ripple-sparse is reported as not applicable)")
     mb.add_argument("--memory-fraction", type=float, action="append", metavar="X",
                     help="memory limit as a fraction of stock's unconfined peak; repeat (default 0.6, 0.75, 0.9)")
     mb.add_argument("--tokens", type=int, default=64, help="held-out tokens decoded one at a time (default 64)")
@@ -291,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="neuron cache policy of the ripple runs; repeat to compare (default pinned)")
     mb.add_argument("--timeout", type=float, default=300,
                     help="seconds a confined run may take before it is reported as thrashing (default 300)")
-    mb.add_argument("--work-dir", help="where the packed file is cached (default ~/.cache/ripple-gguf/bench)")
+    mb.add_argument("--work-dir", help="where the packed file and a synthetic model are cached (default "
+                         "~/.cache/ripple-gguf/bench)")
     mb.add_argument("--json", metavar="OUT.json", help="write every figure as JSON")
     mb.add_argument("--plot", metavar="OUT.png", help="decode tokens/s against the limit (needs matplotlib)")
     mb.set_defaults(func=_cmd_membench)

@@ -9,9 +9,16 @@ the limit leaves) run under a limit of X x P. Each evaluates a 128-token prompt,
 held-out tokens one at a time (the text's own tokens, so perplexity is measured on them).
 Reported: decode and prompt tokens/s, MB read from the disk per decoded token (/proc/PID/io),
 peak memory of the cgroup, perplexity.
+
+Besides a real model, a random-weight Q4_0 llama with the proportions of a 1B model
+(:mod:`ripple_gguf.synthetic`, ``--synthetic 1b``): its FFN is about two thirds of the weights,
+where SmolLM2's is under half of its file, so it measures exact mode at a realistic scale. It is
+packed without the offline stage (random weights have no co-activation structure to profile), so
+it has no predictors: ripple runs exact and ripple-sparse is reported as not applicable.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,11 +30,14 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 SYSTEMS = ("llama.cpp", "ripple-sparse", "ripple-exact")
+FIGURES = ("decode_tok_s", "prompt_tok_s", "read_mb_per_token", "peak_mb", "ppl")
+NOT_APPLICABLE = "not applicable: the file has no predictors (sparse mode would run exact)"
 DEFAULT_FRACTIONS = (0.6, 0.75, 0.9)
 PROMPT_TOKENS = 128
-# The neuron cache gets what the limit leaves: minus ripple's anonymous memory (measured unconfined
-# with the cache off, at the end of the same run), minus the non-FFN tensors' bytes (their pages
-# are read every token), minus this margin for what the estimate misses (transient peaks).
+# The neuron cache gets what the limit leaves: minus ripple's anonymous memory and minus the pages of
+# its file that decoding reads in place through llama.cpp's mapping (the non-FFN tensors, except
+# those llama.cpp copied into anonymous memory at load), both measured unconfined with the cache
+# off in the same run, minus this margin for what the estimate misses (code pages, transient peaks).
 CACHE_MARGIN_MB = 16
 # the neuron cache's policy in the confined runs (chosen by measurement: docs/BENCHMARKS.md)
 DEFAULT_POLICY = "pinned"
@@ -158,6 +168,12 @@ def _child(spec: dict) -> dict:
     llm.eval(toks[:n_prompt])
     t1 = time.perf_counter()
     score(toks[n_prompt])
+    file_pages = bool(spec.get("file_pages"))
+    if file_pages:
+        try:
+            Path("/proc/self/clear_refs").write_text("1")  # from here "Referenced" counts decode's accesses
+        except OSError:
+            file_pages = False
     r0 = read_bytes()
     t_dec = 0.0
     for k in range(n_prompt, len(toks)):
@@ -170,8 +186,28 @@ def _child(spec: dict) -> dict:
     n_dec = len(toks) - n_prompt
     status = Path("/proc/self/status").read_text()
     anon_kb = int(status.split("RssAnon:")[1].split()[0]) if "RssAnon:" in status else 0
-    return {"prompt_tok_s": n_prompt / (t1 - t0), "decode_tok_s": n_dec / t_dec, "anon_mb": anon_kb / 1024,
-            "read_mb_per_token": (r1 - r0) / n_dec / 1e6, "ppl": float(math.exp(sum(nll) / len(nll)))}
+    out = {"prompt_tok_s": n_prompt / (t1 - t0), "decode_tok_s": n_dec / t_dec, "anon_mb": anon_kb / 1024,
+           "read_mb_per_token": (r1 - r0) / n_dec / 1e6, "ppl": float(math.exp(sum(nll) / len(nll)))}
+    if file_pages:
+        out["file_mb"] = _referenced_kb(spec["path"]) / 1024
+    return out
+
+
+def _referenced_kb(path: str) -> int:
+    """KiB of this process's mappings of ``path`` accessed since the last clear_refs: the model
+    file's pages decoding reads in place (mmap). Tensors llama.cpp copied into anonymous memory at
+    load (the CPU backend repacks e.g. Q4_0 matrices into its interleaved layout) are not among
+    them, nor what ripple reads with O_DIRECT."""
+    real, total, current = os.path.realpath(path), 0, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0]
+            if not first.endswith(":"):  # a mapping's header: "start-end perms offset dev inode [path]"
+                parts = line.split(None, 5)
+                current = parts[5].strip() if len(parts) > 5 else None
+            elif first == "Referenced:" and current == real:
+                total += int(line.split()[1])
+    return total
 
 
 def run_confined(spec: dict, limit_bytes: Optional[int], *, timeout: float = 300) -> dict:
@@ -206,53 +242,84 @@ def run_confined(spec: dict, limit_bytes: Optional[int], *, timeout: float = 300
 
 # ---- the benchmark ----
 
-def run(src: os.PathLike, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, tokens: int = 64, threads: int = 2,
-        work_dir: Optional[os.PathLike] = None, offline=None, timeout: float = 300,
-        cache_policies: Sequence[str] = (DEFAULT_POLICY,), quiet: bool = False) -> Dict[str, object]:
-    """The measurements (``offline``: the OfflineConfig the ripple file is packed with, default
-    settings when None); ripple runs once per cache policy."""
+def run(src: Optional[os.PathLike] = None, *, synthetic=None, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+        tokens: int = 64, threads: int = 2, work_dir: Optional[os.PathLike] = None, offline=None,
+        timeout: float = 300, cache_policies: Sequence[str] = (DEFAULT_POLICY,),
+        quiet: bool = False) -> Dict[str, object]:
+    """The measurements on ``src`` (a GGUF model), packed with the offline stage (``offline``: its
+    OfflineConfig, default settings when None); or, with ``synthetic`` (a name in
+    :data:`ripple_gguf.synthetic.SHAPES` such as "1b", or a Shape), on a random-weight model of
+    that shape built in the work directory and packed without the offline stage: no predictors,
+    so ripple-sparse is reported as not applicable and ripple runs exact. Ripple runs once per
+    cache policy."""
     from . import bench, quality
 
-    src = Path(src)
+    if (src is None) == (synthetic is None):
+        raise ValueError("give either a source model or synthetic=, not both")
+    if synthetic is not None and offline is not None:
+        raise ValueError("a synthetic model is packed without the offline stage: offline= does not apply")
     say = (lambda msg: None) if quiet else (lambda msg: print(f"membench: {msg}", file=sys.stderr, flush=True))
     MemoryCgroup(None).close()  # fails early, with the reason, where no memory cgroup can be made
-    packed = bench.prepare_variants(src, work_dir or bench.default_work_dir(), offline, placements=("ripple",),
-                                    quiet=quiet)["ripple"]
+    work = work_dir or bench.default_work_dir()
+    if synthetic is not None:
+        from . import synthetic as synth
+
+        src = synth.ensure(synthetic, work, quiet=quiet)
+        packed = bench.prepare_unprofiled(src, work, quiet=quiet)
+    else:
+        packed = bench.prepare_variants(src, work, offline, placements=("ripple",), quiet=quiet)["ripple"]
+    src = Path(src)
+    from .format import RippleFile, is_ffn_tensor, read_gguf_header
+
+    # sparse mode needs predictors (without them it runs exact: the same figures under another name)
+    layers = RippleFile.open(packed).layers
+    has_predictors = any(l.predictor_size for l in layers)
+    bundles_mb = sum(l.block_bytes for l in layers) / 2**20  # a larger cache would stay unused
+    ripple_systems = [s for s in SYSTEMS[1:] if has_predictors or s != "ripple-sparse"]
     toks = quality.tokenize(src, quality.heldout_text(), PROMPT_TOKENS + tokens)
     base = {"tokens": toks, "prompt": PROMPT_TOKENS, "threads": threads}
     say(f"stock llama.cpp unconfined on {src.name}")
-    ref = run_confined(dict(base, system="llama.cpp", path=os.fspath(src)), None)
+    ref = run_confined(dict(base, system="llama.cpp", path=os.fspath(src), file_pages=True), None, timeout=timeout)
     if "error" in ref:
         raise RuntimeError(f"stock llama.cpp failed unconfined: {ref['error']}")
     P = ref["peak_mb"]
-    from .format import is_ffn_tensor, read_gguf_header
-
     non_ffn_mb = sum(t.nbytes for t in read_gguf_header(packed).tensors if not is_ffn_tensor(t.name)) / 2**20
     say(f"stock peak {P:.1f} MiB; ripple's own footprint with the cache off")
-    own = run_confined(dict(base, system="ripple-sparse", path=os.fspath(packed), cache_mb=0), None)
+    own = run_confined(dict(base, system=ripple_systems[0], path=os.fspath(packed), cache_mb=0, file_pages=True),
+                       None, timeout=timeout)
     if "error" in own:
         raise RuntimeError(f"ripple failed unconfined: {own['error']}")
+    own_file_mb = own.get("file_mb", non_ffn_mb)  # without clear_refs: every non-FFN tensor, read in place
     results: List[dict] = [dict(system="llama.cpp", memory_fraction=None, memory_limit_mb=None, cache_mb=None,
-                                **{k: ref[k] for k in ("decode_tok_s", "prompt_tok_s", "read_mb_per_token", "peak_mb", "ppl")})]
+                                **{k: ref[k] for k in FIGURES})]
     for x in fractions:
         limit_mb = x * P
-        cache_mb = max(0.0, limit_mb - own["anon_mb"] - non_ffn_mb - CACHE_MARGIN_MB)
+        cache_mb = min(bundles_mb, max(0.0, limit_mb - own["anon_mb"] - own_file_mb - CACHE_MARGIN_MB))
         for system, policy in [(s, p) for s in SYSTEMS for p in ((None,) if s == "llama.cpp" else cache_policies)]:
             ripple = system != "llama.cpp"
+            if ripple and system not in ripple_systems:
+                results.append(dict(system=system, memory_fraction=x, memory_limit_mb=limit_mb, cache_mb=None,
+                                    cache_policy=policy, **{k: None for k in FIGURES}, skipped=NOT_APPLICABLE))
+                continue
             say(f"X={x:.2f} ({limit_mb:.0f} MiB): {system}" + (f", cache {cache_mb:.0f} MiB {policy}" if ripple else ""))
             spec = dict(base, system=system, path=os.fspath(packed if ripple else src), cache_mb=cache_mb,
                         cache_policy=policy)
             r = run_confined(spec, int(limit_mb * 2**20), timeout=timeout)
             row = {"system": system, "memory_fraction": x, "memory_limit_mb": limit_mb,
                    "cache_mb": cache_mb if ripple else None, "cache_policy": policy}
-            for k in ("decode_tok_s", "prompt_tok_s", "read_mb_per_token", "peak_mb", "ppl"):
+            for k in FIGURES:
                 row[k] = r.get(k)
             if "error" in r:
                 row["error"] = r["error"]
             results.append(row)
     return {"machine": bench.machine(), "model": {"source": os.fspath(src), "packed": os.fspath(packed),
+                                                  "synthetic": synthetic if synthetic is None or isinstance(synthetic, str)
+                                                  else dataclasses.asdict(synthetic),
+                                                  "predictors": has_predictors,
                                                   "stock_peak_mb": P, "ripple_own_peak_mb": own["peak_mb"],
-                                                  "ripple_own_anon_mb": own["anon_mb"], "non_ffn_mb": non_ffn_mb,
+                                                  "ripple_own_anon_mb": own["anon_mb"], "ripple_own_file_mb": own_file_mb,
+                                                  "stock_anon_mb": ref["anon_mb"], "stock_file_mb": ref.get("file_mb"),
+                                                  "non_ffn_mb": non_ffn_mb,
                                                   "prompt_tokens": PROMPT_TOKENS,
                                                   "decode_tokens": tokens, "threads": threads},
             "results": results}
@@ -260,8 +327,11 @@ def run(src: os.PathLike, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, tok
 
 def report(result: Mapping[str, object]) -> str:
     m = result["model"]
-    lines = [f"{Path(m['source']).name}: stock peak {m['stock_peak_mb']:.1f} MiB unconfined (P); ripple with the "
-             f"cache off: peak {m['ripple_own_peak_mb']:.1f} MiB, anonymous {m['ripple_own_anon_mb']:.1f} MiB; "
+    what = Path(m["source"]).name + (" (random weights)" if m.get("synthetic") else "")
+    lines = [f"{what}: stock peak {m['stock_peak_mb']:.1f} MiB unconfined (P); ripple with the "
+             f"cache off: peak {m['ripple_own_peak_mb']:.1f} MiB, anonymous {m['ripple_own_anon_mb']:.1f} MiB, "
+             f"file pages decoding reads in place {m.get('ripple_own_file_mb', 0):.1f} MiB (stock: anonymous "
+             f"{m.get('stock_anon_mb', 0):.1f} MiB, in place {m.get('stock_file_mb') or 0:.1f} MiB); "
              f"non-FFN tensors {m['non_ffn_mb']:.1f} MiB; {m['decode_tokens']} tokens decoded after a "
              f"{m['prompt_tokens']}-token prompt, {m['threads']} threads",
              f"{'X':>5} {'limit MiB':>9} {'system':<14} {'cache MiB':>9} {'policy':<8} {'decode tok/s':>12} {'vs stock':>8} "
@@ -276,7 +346,7 @@ def report(result: Mapping[str, object]) -> str:
                      f"{r.get('cache_policy') or '-':<8} "
                      f"{fmt(r['decode_tok_s'], '12.1f'):>12} {fmt(ratio, '8.2f'):>8} {fmt(r['prompt_tok_s'], '12.1f'):>12} "
                      f"{fmt(r['read_mb_per_token'], '11.2f'):>11} {fmt(r['peak_mb'], '8.1f'):>8} {fmt(r['ppl'], '8.3f'):>8}"
-                     + (f"  ({r['error']})" if r.get("error") else ""))
+                     + (f"  ({r['error']})" if r.get("error") else "") + (f"  ({r['skipped']})" if r.get("skipped") else ""))
     return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@
 SmolLM2-135M's FFN is under half of its file and a process's own overheads are as large as its
 weights; a 1B llama's FFN is about two thirds of its weights. :data:`SHAPES` ``["1b"]`` is
 TinyLlama-1.1B's shape (n_embd 2048, n_ff 5632, 22 layers, 32 heads, 4 KV heads, 32,000 tokens).
-Every matrix is Q4_0 (ggml's own quantizer) of normal values with std 0.02, the norms are ones, so
+Every matrix is Q4_1 (ggml's own quantizer; not Q4_0, which llama.cpp's CPU backend repacks into
+anonymous memory at load on AVX2/AVX-512 machines, so stock would not page its weights through the
+file mapping at all) of normal values with std 0.02, the norms are ones, so
 activations stay finite; the weights carry no structure, so the model says nothing about
 co-activation or predictors (its perplexity is that of noise), only about the bytes and the
 compute a model of this size costs.
@@ -53,7 +55,7 @@ class Shape:
         if self.n_embd % self.n_head or self.n_head % self.n_head_kv:
             raise ValueError(f"{self}: n_embd must be a multiple of n_head, and n_head of n_head_kv")
         if self.n_embd % 32 or self.n_ff % 32:
-            raise ValueError(f"{self}: Q4_0 rows (of n_embd or n_ff values) are whole blocks of 32 values")
+            raise ValueError(f"{self}: Q4_1 rows (of n_embd or n_ff values) are whole blocks of 32 values")
         if self.n_vocab < 259:
             raise ValueError(f"{self}: the vocabulary holds at least <unk>, <s>, </s> and 256 byte tokens")
 
@@ -128,7 +130,7 @@ def write_model(path: os.PathLike, shape: Shape, *, seed: int = 0,
     from ._native import quantize, row_size
     from .atomic import atomic_output
 
-    q4_0 = int(gguf.GGMLQuantizationType.Q4_0)
+    q4_1 = int(gguf.GGMLQuantizationType.Q4_1)
     rng = np.random.default_rng(seed)
     tokens, scores, types = vocabulary(shape.n_vocab)
     specs = list(_tensors(shape))
@@ -143,7 +145,7 @@ def write_model(path: os.PathLike, shape: Shape, *, seed: int = 0,
         wr.add_head_count_kv(shape.n_head_kv)
         wr.add_layer_norm_rms_eps(1e-5)
         wr.add_rope_dimension_count(shape.n_embd // shape.n_head)
-        wr.add_file_type(2)  # LLAMA_FTYPE_MOSTLY_Q4_0
+        wr.add_file_type(3)  # LLAMA_FTYPE_MOSTLY_Q4_1
         wr.add_tokenizer_model("llama")
         wr.add_token_list(tokens)
         wr.add_token_scores(scores)
@@ -153,8 +155,8 @@ def write_model(path: os.PathLike, shape: Shape, *, seed: int = 0,
         wr.add_unk_token_id(0)
         for name, dims, quantized in specs:
             if quantized:
-                wr.add_tensor_info(name, dims, np.dtype(np.float32), dims[0] * row_size(q4_0, dims[1]),
-                                   raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+                wr.add_tensor_info(name, dims, np.dtype(np.float32), dims[0] * row_size(q4_1, dims[1]),
+                                   raw_dtype=gguf.GGMLQuantizationType.Q4_1)
             else:
                 wr.add_tensor_info(name, dims, np.dtype(np.float32), 4 * dims[0])
         wr.write_header_to_file()
@@ -166,12 +168,12 @@ def write_model(path: os.PathLike, shape: Shape, *, seed: int = 0,
                 wr.write_tensor_data(np.ones(dims, dtype=np.float32))
                 continue
             rows, cols = dims
-            out = np.empty((rows, row_size(q4_0, cols)), dtype=np.uint8)
+            out = np.empty((rows, row_size(q4_1, cols)), dtype=np.uint8)
             step = max(1, (1 << 22) // cols)  # 16 MiB of float32 at a time
             for r in range(0, rows, step):
                 x = rng.standard_normal((min(step, rows - r), cols), dtype=np.float32)
                 x *= WEIGHT_STD
-                out[r:r + len(x)] = quantize(q4_0, x)
+                out[r:r + len(x)] = quantize(q4_1, x)
             wr.write_tensor_data(out)
             if progress is not None and name.endswith(".ffn_down.weight"):
                 layer = int(name.split(".")[1])
@@ -183,7 +185,7 @@ def write_model(path: os.PathLike, shape: Shape, *, seed: int = 0,
 def model_key(shape: Shape, seed: int = 0) -> str:
     """12 hex digits of a hash of everything that decides the model's bytes."""
     vocab = hashlib.sha256("\0".join(vocabulary(shape.n_vocab)[0]).encode()).hexdigest()
-    blob = json.dumps([BUILDER_VERSION, dataclasses.asdict(shape), seed, "Q4_0", WEIGHT_STD, vocab], sort_keys=True)
+    blob = json.dumps([BUILDER_VERSION, dataclasses.asdict(shape), seed, "Q4_1", WEIGHT_STD, vocab], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -202,7 +204,7 @@ def ensure(shape: Union[str, Shape], work_dir: os.PathLike, *, seed: int = 0, qu
         return path
     say = (lambda msg: None) if quiet else \
         (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] synthetic {name}: {msg}", file=sys.stderr, flush=True))
-    say(f"writing {path.name}: {shape.n_params / 1e6:,.0f} M random Q4_0 weights "
+    say(f"writing {path.name}: {shape.n_params / 1e6:,.0f} M random Q4_1 weights "
         f"(FFN {shape.ffn_params / shape.n_params:.0%}), {shape.n_layers} layers")
     write_model(path, shape, seed=seed, progress=say)
     say(f"{path.stat().st_size / 2**20:.0f} MiB written")

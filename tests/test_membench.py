@@ -72,7 +72,7 @@ def test_synthetic_model_loads_in_llama_cpp_and_converts(tmp_path):
     src = synthetic.ensure(TINY, tmp_path, quiet=True)
     mtime = src.stat().st_mtime_ns
     assert synthetic.ensure(TINY, tmp_path, quiet=True) == src and src.stat().st_mtime_ns == mtime  # cached
-    assert {t.type for t in read_gguf_header(src).tensors if t.name.endswith(".ffn_up.weight")} == {int(T.Q4_0)}
+    assert {t.type for t in read_gguf_header(src).tensors if t.name.endswith(".ffn_up.weight")} == {int(T.Q4_1)}
     text = quality.heldout_text(4000)
     toks = quality.tokenize(src, text)
     # a usable vocabulary: whole pieces, not byte by byte, and ids across all of it

@@ -182,8 +182,8 @@ typedef struct {
     int            ws_valid;
     uint8_t *      ws;
     size_t         ws_cap;
-    uint8_t *      dbuf; /* exact mode: the standard down tensor of the current layer */
-    size_t         dbuf_cap;
+    uint8_t *      tbuf[3]; /* exact mode with direct_io: a layer's standard tensors read for one use */
+    size_t         tbuf_cap[3];
     /* sparse mode: selected positions and neurons of the layer in ws (need: n_ff flags, then
      * n_ff int32 positions, then n_ff int32 neurons) */
     uint8_t *      need;
@@ -208,7 +208,9 @@ static void ggml_backend_ripple_free(ggml_backend_t backend) {
     ripple_fetch_free(&ctx->fetch);
     ripple_pool_free(ctx->pool);
     free(ctx->ws);
-    free(ctx->dbuf);
+    for (int k = 0; k < 3; k++) {
+        free(ctx->tbuf[k]);
+    }
     free(ctx->need);
     free(ctx->tokmask);
     free(ctx);
@@ -301,103 +303,205 @@ static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, cons
     return 0;
 }
 
-/* The layer's ffn_down rows mapped read-only from the file, mapped on first use (NULL: the mapping
- * failed, and the rows are read instead). */
-static const uint8_t * down_mapping(ripple_model * m, int layer) {
+/* ---- exact mode: the standard tensors ----
+ * With exact_down "tensor" (the default) exact mode computes gate, up and down with stock's own dot
+ * products on the standard ffn_gate/up/down tensors of the file: stock's bytes and stock's
+ * arithmetic. They are
+ *   - without direct_io: mapped read-only (page cache, as stock maps its weights), checked against
+ *     their checksums when first used and again whenever the file's size or times change;
+ *   - with direct_io: kept whole in the cache's arena for as many layers as its budget holds (read
+ *     once, in the order the layers are first used: the access is cyclic, so a fixed set of layers
+ *     is what any cache keeps at best), the other layers read with O_DIRECT at every use and checked. */
+
+/* byte offset of tensor `kind` inside a resident layer (gate | up | down) */
+static size_t std_offset(const ripple_layer * L, int kind) {
+    return kind == RIPPLE_GATE ? 0 : kind == RIPPLE_UP ? (size_t) L->tensor_bytes[RIPPLE_GATE]
+                                                       : (size_t) (L->tensor_bytes[RIPPLE_GATE] + L->tensor_bytes[RIPPLE_UP]);
+}
+
+static uint64_t std_file_offset(const ripple_layer * L, int kind) {
+    return kind == RIPPLE_GATE ? L->d.gate_offset : kind == RIPPLE_UP ? L->d.up_offset : L->d.down_offset;
+}
+
+/* tensor `kind` of the layer mapped read-only (NULL: the mapping failed) */
+static const uint8_t * std_mapping(ripple_model * m, int layer, int kind) {
     ripple_layer * L = &m->layers[layer];
     pthread_mutex_lock(&m->mu);
-    if (!L->down_map) {
+    if (!L->std_map[kind]) {
         const size_t page = (size_t) sysconf(_SC_PAGESIZE);
-        const uint64_t start = L->d.down_offset / page * page;
-        const size_t len = (size_t) (L->d.down_offset - start) + L->tensor_bytes[RIPPLE_DOWN];
+        const uint64_t off = std_file_offset(L, kind), start = off / page * page;
+        const size_t len = (size_t) (off - start) + L->tensor_bytes[kind];
         void * p = mmap(NULL, len, PROT_READ, MAP_SHARED, m->fd, (off_t) start);
         if (p != MAP_FAILED) {
-            L->down_map = p;
-            L->down_map_len = len;
-            L->down_map_skip = (size_t) (L->d.down_offset - start);
+            L->std_map[kind] = p;
+            L->std_map_len[kind] = len;
+            L->std_map_skip[kind] = (size_t) (off - start);
         }
     }
-    const uint8_t * at = L->down_map ? (const uint8_t *) L->down_map + L->down_map_skip : NULL;
+    const uint8_t * at = L->std_map[kind] ? (const uint8_t *) L->std_map[kind] + L->std_map_skip[kind] : NULL;
     pthread_mutex_unlock(&m->mu);
     return at;
 }
 
-/* Exact mode reads the standard down tensor of the layer and runs stock's own dot products on its
- * rows (down columns re-quantized along the other axis cannot reproduce stock's rounding). */
-static int down_from_tensor(ripple_backend_ctx * ctx, const ripple_binding * b, const struct ggml_tensor * src1,
-                            struct ggml_tensor * node) {
-    ripple_model * m = b->model;
-    const ripple_layer * L = &m->layers[b->layer];
-    const enum ggml_type t = (enum ggml_type) L->d.down_src_type;
-    const size_t row = ggml_row_size(t, L->d.n_ff);
-    const size_t need = row * (size_t) L->d.n_embd;
-    /* The rows are checked against their checksums when first read, and again whenever the file
-     * changed since (its size, mtime or ctime: a write or an overwrite in place): re-checking 16 MB
-     * of unchanged page-cache bytes per token cost exact mode 14% of its decode speed on SmolLM2.
-     * The stamp is taken before the read, so a change during it is seen at the next read. */
-    ripple_layer * Lw = &m->layers[b->layer];
-    struct stat st;
-    int64_t stamp[5] = { -1, -1, -1, -1, -1 };
-    if (fstat(m->fd, &st) == 0) {
-        const int64_t now[5] = { (int64_t) st.st_size, (int64_t) st.st_mtim.tv_sec, (int64_t) st.st_mtim.tv_nsec,
-                                 (int64_t) st.st_ctim.tv_sec, (int64_t) st.st_ctim.tv_nsec };
-        memcpy(stamp, now, sizeof(stamp));
+/* check `len` bytes of tensor `kind` at `buf` against the checksums, a few blocks at a time (each
+ * checked while in the CPU cache; a multiple of 3 blocks: the CRC runs three side by side) */
+static int std_verify(ripple_model * m, int layer, int kind, const uint8_t * buf, uint64_t len) {
+    const size_t piece = (size_t) m->crc_block * 6;
+    for (uint64_t off = 0; off < len; off += piece) {
+        if (ripple_verify_tensor(m, layer, kind, buf + off, off, len - off < piece ? len - off : piece) != 0) {
+            return -1;
+        }
     }
-    /* With direct_io the rows come from the device itself (O_DIRECT, as the bundles do: under a memory
-     * limit they would otherwise push the non-FFN pages out of the page cache), so they are checked
-     * at every read. */
+    return 0;
+}
+
+/* read tensors `kinds` (a bit per enum ripple_kind) of the layer with O_DIRECT into dst[kind], and
+ * check them */
+static int std_read(ripple_model * m, int layer, int fd, int kinds, uint8_t * const dst[3]) {
+    const ripple_layer * L = &m->layers[layer];
+    ripple_io_req reqs[3];
+    int n = 0;
+    for (int k = 0; k < 3; k++) {
+        if ((kinds >> k & 1) && L->tensor_bytes[k]) {
+            reqs[n++] = (ripple_io_req){ fd, 1, std_file_offset(L, k), (size_t) L->tensor_bytes[k], dst[k] };
+        }
+    }
+    uint64_t bytes = 0, t0 = ripple_now_ns();
+    int rc = ripple_io_run(reqs, n, m->path, &bytes);
+    const uint64_t io = ripple_now_ns() - t0;
+    RIPPLE_COUNT(io_ns, io);
+    RIPPLE_COUNT(io_exposed_ns, io);
+    RIPPLE_COUNT(read_ops, n);
+    RIPPLE_COUNT(bytes_read, bytes);
+    for (int k = 0; k < 3 && rc == 0; k++) {
+        if ((kinds >> k & 1) && L->tensor_bytes[k]) {
+            rc = std_verify(m, layer, k, dst[k], L->tensor_bytes[k]);
+        }
+    }
+    return rc;
+}
+
+/* at[kind] = where tensor `kind` of the layer is, for the kinds in `kinds` (first: the call of the
+ * layer's first matmul of the batch, which counts its lookups) */
+static int std_tensors(ripple_backend_ctx * ctx, const ripple_binding * b, int kinds, int first, const uint8_t * at[3]) {
+    ripple_model * m = b->model;
+    ripple_layer * L = &m->layers[b->layer];
     int direct = 0;
     const int fd = ripple_read_fd(m, &direct);
-    const int check = direct || !Lw->down_checked || stamp[0] < 0 || memcmp(stamp, Lw->down_stamp, sizeof(stamp)) != 0;
-    /* Without direct_io the rows are computed on where they lie: a read-only mapping of the file
-     * (page cache, as stock llama.cpp maps its weights), checked as the reads are. Copying them
-     * every token cost exact mode 1.5 ms of its 7 ms per token on SmolLM2 with everything cached. */
-    const uint8_t * rows_at = direct || stamp[0] < 0 ? NULL : down_mapping(m, b->layer);
-    if (rows_at && (uint64_t) stamp[0] < L->d.down_offset + need) {
-        /* touching a mapped page past the end of the file would raise SIGBUS */
-        ripple_set_error("%s: the file was truncated to %lld bytes while loaded (ffn_down of layer %d ends at %llu)",
-                         m->path, (long long) stamp[0], b->layer, (unsigned long long) (L->d.down_offset + need));
-        Lw->down_checked = 0;
+    if (!direct) {
+        struct stat st;
+        int64_t stamp[5] = { -1, -1, -1, -1, -1 };
+        if (fstat(m->fd, &st) == 0) {
+            const int64_t now[5] = { (int64_t) st.st_size, (int64_t) st.st_mtim.tv_sec, (int64_t) st.st_mtim.tv_nsec,
+                                     (int64_t) st.st_ctim.tv_sec, (int64_t) st.st_ctim.tv_nsec };
+            memcpy(stamp, now, sizeof(stamp));
+        }
+        const int check = !L->std_checked || stamp[0] < 0 || memcmp(stamp, L->std_stamp, sizeof(stamp)) != 0 ||
+                          !ripple_get_verify_reads();
+        for (int k = 0; k < 3; k++) {
+            at[k] = NULL;
+            if (!L->tensor_bytes[k] || (!(kinds >> k & 1) && !check)) {
+                continue;
+            }
+            if (stamp[0] < 0 || (uint64_t) stamp[0] < std_file_offset(L, k) + L->tensor_bytes[k]) {
+                /* touching a mapped page past the end of the file would raise SIGBUS */
+                L->std_checked = 0;
+                static const char * const names[3] = { "ffn_gate", "ffn_up", "ffn_down" };
+                ripple_set_error("%s: the file %s while loaded (blk.%d.%s.weight ends at %llu)", m->path,
+                                 stamp[0] < 0 ? "cannot be examined" : "was truncated", L->d.block, names[k],
+                                 (unsigned long long) (std_file_offset(L, k) + L->tensor_bytes[k]));
+                return -1;
+            }
+            at[k] = std_mapping(m, b->layer, k);
+            if (!at[k]) {
+                ripple_set_error("%s: cannot map blk.%d's FFN tensors", m->path, L->d.block);
+                return -1;
+            }
+            /* the stamp is taken before the check, so a change during it is seen next time */
+            if (check && std_verify(m, b->layer, k, at[k], L->tensor_bytes[k]) != 0) {
+                L->std_checked = 0;
+                return -1;
+            }
+        }
+        if (check && ripple_get_verify_reads() && stamp[0] >= 0) {
+            memcpy(L->std_stamp, stamp, sizeof(stamp));
+            L->std_checked = 1;
+        }
+        return 0;
+    }
+    pthread_mutex_lock(&m->mu);
+    uint8_t * res = ripple_cache_resident(&m->cache, b->layer);
+    int fill = 0;
+    if (!res && first) {
+        res = ripple_cache_make_resident(&m->cache, b->layer, (size_t) L->dense_bytes);
+        fill = res != NULL;
+    }
+    pthread_mutex_unlock(&m->mu);
+    if (first) {
+        RIPPLE_COUNT(cache_hits, res && !fill ? (uint64_t) L->d.n_ff : 0);
+        RIPPLE_COUNT(cache_misses, res && !fill ? 0 : (uint64_t) L->d.n_ff);
+    }
+    if (res) {
+        uint8_t * dst[3];
+        for (int k = 0; k < 3; k++) {
+            dst[k] = res + std_offset(L, k);
+            at[k] = dst[k];
+        }
+        if (fill && std_read(m, b->layer, fd, 7, dst) != 0) {
+            pthread_mutex_lock(&m->mu);
+            ripple_cache_unresident(&m->cache, b->layer);
+            pthread_mutex_unlock(&m->mu);
+            return -1;
+        }
+        return 0;
+    }
+    uint8_t * dst[3] = { NULL, NULL, NULL };
+    for (int k = 0; k < 3; k++) {
+        at[k] = NULL;
+        if ((kinds >> k & 1) && L->tensor_bytes[k]) {
+            if (reserve(&ctx->tbuf[k], &ctx->tbuf_cap[k], L->tensor_bytes[k], "FFN tensor") != 0) {
+                return -1;
+            }
+            dst[k] = ctx->tbuf[k];
+            at[k] = dst[k];
+        }
+    }
+    return std_read(m, b->layer, fd, kinds, dst);
+}
+
+/* Exact mode from the standard tensors: gate and up (up non-NULL: both, in one pass) or down. */
+static int exact_from_tensors(ripple_backend_ctx * ctx, const ripple_binding * b, const struct ggml_tensor * src1,
+                              struct ggml_tensor * node, struct ggml_tensor * up) {
+    ripple_model * m = b->model;
+    const ripple_layer * L = &m->layers[b->layer];
+    const int first = b->kind != RIPPLE_DOWN;
+    if (first && b->layer == 0) {
+        RIPPLE_COUNT(tokens, (uint64_t) src1->ne[1]);
+    }
+    if (first) {
+        RIPPLE_COUNT(needed_bytes, L->dense_bytes);
+        RIPPLE_COUNT(dense_bytes, L->dense_bytes);
+    }
+    struct ggml_tensor * dsts[2] = { node, up };
+    const int n_mats = up ? 2 : 1;
+    int kinds = 0;
+    for (int k = 0; k < n_mats; k++) {
+        kinds |= 1 << binding_of(dsts[k]->src[0])->kind;
+    }
+    const uint8_t * at[3];
+    if (std_tensors(ctx, b, kinds, first, at) != 0) {
         return -1;
     }
-    if (!rows_at && reserve(&ctx->dbuf, &ctx->dbuf_cap, need, "down projection") != 0) {
-        return -1;
+    ripple_rows rows[2];
+    for (int k = 0; k < n_mats; k++) {
+        const int kind = binding_of(dsts[k]->src[0])->kind;
+        const enum ggml_type t = (enum ggml_type) (kind == RIPPLE_GATE ? L->d.gate_type : kind == RIPPLE_UP ? L->d.up_type
+                                                                                                       : L->d.down_src_type);
+        const int64_t row_len = kind == RIPPLE_DOWN ? L->d.n_ff : L->d.n_embd;
+        const int64_t n_rows = kind == RIPPLE_DOWN ? L->d.n_embd : L->d.n_ff;
+        rows[k] = (ripple_rows){ t, row_len, n_rows, at[kind], ggml_row_size(t, row_len), NULL, NULL, 0, NULL, 0, 0 };
     }
-    /* read (or check) in pieces of a few checksum blocks, each checked while it is still in the CPU
-     * cache (a multiple of 3 blocks: the CRC runs three blocks side by side) */
-    const size_t piece = (size_t) m->crc_block * 6;
-    int rc = 0;
-    for (size_t off = 0; off < need && rc == 0 && (!rows_at || check); off += piece) {
-        const size_t len = need - off < piece ? need - off : piece;
-        if (rows_at) {
-            rc = ripple_verify_tensor(m, b->layer, RIPPLE_DOWN, rows_at + off, off, len);
-            continue;
-        }
-        uint64_t t0 = ripple_now_ns(), dev = len;
-        if (direct) {
-            const ripple_io_req req = { fd, 1, L->d.down_offset + off, len, ctx->dbuf + off };
-            rc = ripple_io_run(&req, 1, m->path, &dev);
-        } else {
-            rc = ripple_pread_full(fd, ctx->dbuf + off, len, L->d.down_offset + off, m->path);
-        }
-        RIPPLE_COUNT(io_ns, ripple_now_ns() - t0);
-        RIPPLE_COUNT(io_exposed_ns, ripple_now_ns() - t0);
-        RIPPLE_COUNT(read_ops, 1);
-        RIPPLE_COUNT(bytes_read, rc == 0 ? dev : 0);
-        if (rc == 0 && check) {
-            rc = ripple_verify_tensor(m, b->layer, RIPPLE_DOWN, ctx->dbuf + off, off, len);
-        }
-    }
-    if (rc != 0) {
-        Lw->down_checked = 0;
-        return -1;
-    }
-    if (check && !direct && ripple_get_verify_reads() && stamp[0] >= 0) {
-        memcpy(Lw->down_stamp, stamp, sizeof(stamp));
-        Lw->down_checked = 1;
-    }
-    ripple_rows rows = { t, L->d.n_ff, L->d.n_embd, rows_at ? rows_at : ctx->dbuf, row, NULL, NULL, 0, NULL, 0, 0 };
-    return ripple_kernel_rows(ctx->pool, ctx->n_threads, &rows, 1, src1, &node);
+    return ripple_kernel_rows(ctx->pool, ctx->n_threads, rows, n_mats, src1, dsts);
 }
 
 /* The FFN matmuls of one layer for a token batch: gate and up (computed together when the graph has
@@ -412,10 +516,9 @@ static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node, s
      * split columns multiplied in stock's integer form differ from stock only in the order of the
      * float additions, yet on SmolLM2 Q4_1 that last-bit noise, re-rounded to 8 bits at every
      * following matmul, moves the logits by 1.5% of their range (top-1 0.95). */
-    const int down_tensor = b->kind == RIPPLE_DOWN && !sparse_layer &&
-                            ripple_get_exact_down() == RIPPLE_EXACT_DOWN_TENSOR;
-    if (down_tensor) {
-        ctx->ws_valid = 0; /* the layer's bundles are done with */
+    const int from_tensors = !sparse_layer && ripple_get_exact_down() == RIPPLE_EXACT_DOWN_TENSOR;
+    if (from_tensors) {
+        ctx->ws_valid = 0; /* no bundles in use */
         ripple_fetch_admit(&ctx->fetch);
     } else if (ensure_layer(ctx, b, src1, b->kind == RIPPLE_DOWN, ripple_get_overlap()) != 0 ||
                (b->kind == RIPPLE_DOWN && ripple_fetch_finish(&ctx->fetch) != 0)) {
@@ -423,12 +526,13 @@ static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node, s
     }
     const int32_t * positions = ctx->sparse ? (const int32_t *) (ctx->need + L->d.n_ff) : NULL;
     const int32_t * neurons = ctx->sparse ? positions + L->d.n_ff : NULL;
-    const int64_t n_sel = down_tensor ? L->d.n_ff : ctx->n_sel;
+    const int64_t n_sel = from_tensors ? L->d.n_ff : ctx->n_sel;
     uint64_t t0 = ripple_now_ns();
     const uint64_t exposed0 = __atomic_load_n(&g_ripple_counters.io_exposed_ns, __ATOMIC_RELAXED);
     int rc, n_mats = 1;
-    if (down_tensor) {
-        rc = down_from_tensor(ctx, b, src1, node);
+    if (from_tensors) {
+        rc = exact_from_tensors(ctx, b, src1, node, up);
+        n_mats = up ? 2 : 1;
     } else if (b->kind == RIPPLE_DOWN) {
         rc = ripple_kernel_down(ctx->pool, ctx->n_threads, L, ctx->fetch.ptr, positions, n_sel, ctx->sparse,
                                 ctx->sparse ? ctx->tokmask : NULL, src1, node);
@@ -487,7 +591,7 @@ static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node, s
     /* the time spent waiting for reads in flight is I/O, not compute */
     RIPPLE_COUNT(compute_ns, ripple_now_ns() - t0 - (__atomic_load_n(&g_ripple_counters.io_exposed_ns, __ATOMIC_RELAXED) - exposed0));
     RIPPLE_COUNT(ffn_matmuls, n_mats);
-    RIPPLE_COUNT(neurons_computed, n_mats * (ctx->sparse && !down_tensor ? (uint64_t) ctx->n_selected
+    RIPPLE_COUNT(neurons_computed, n_mats * (ctx->sparse && !from_tensors ? (uint64_t) ctx->n_selected
                                                                          : (uint64_t) n_sel * (uint64_t) src1->ne[1]));
     RIPPLE_COUNT(neurons_total, n_mats * (uint64_t) L->d.n_ff * (uint64_t) src1->ne[1]);
     return rc;

@@ -46,6 +46,7 @@ void ripple_cache_free(ripple_cache * c) {
         if (c->pin) free(c->pin[l]);
     }
     free(c->pin);
+    free(c->resident);
     free(c->slot_layer);
     free(c->slot_pos);
     free(c->prev);
@@ -99,8 +100,9 @@ void ripple_cache_init(ripple_cache * c, int n_layers, const ripple_layer * laye
     c->slot_of = calloc((size_t) n_layers, sizeof(int32_t *));
     c->ghost_at = s3 ? calloc((size_t) n_layers, sizeof(int64_t *)) : NULL;
     c->pin = pinned ? calloc((size_t) n_layers, sizeof(uint8_t *)) : NULL;
+    c->resident = calloc((size_t) n_layers, sizeof(uint8_t *));
     bool ok = c->slot_layer && c->slot_pos && c->prev && c->next && c->queue && c->freq && c->slot_of && (!s3 || c->ghost_at) &&
-              (!pinned || c->pin);
+              (!pinned || c->pin) && c->resident;
     for (int l = 0; ok && l < n_layers; l++) {
         c->slot_of[l] = malloc(sizeof(int32_t) * (size_t) layers[l].d.n_ff);
         ok = c->slot_of[l] != NULL;
@@ -229,8 +231,33 @@ int ripple_cache_where(const ripple_cache * c, int layer, int64_t pos) {
     return c->ghost_at && ghost_contains(c, layer, pos) ? 2 : -1;
 }
 
+uint8_t * ripple_cache_resident(const ripple_cache * c, int layer) {
+    return c->resident && layer >= 0 && layer < c->n_layers ? c->resident[layer] : NULL;
+}
+
+uint8_t * ripple_cache_make_resident(ripple_cache * c, int layer, size_t bytes) {
+    if (!c->resident || layer < 0 || layer >= c->n_layers || c->n_used > 0) {
+        return NULL;
+    }
+    if (!c->resident[layer]) {
+        bytes = (bytes + 63) & ~(size_t) 63;
+        if (c->resident_used + bytes > c->arena_size) {
+            return NULL;
+        }
+        c->resident[layer] = c->arena + c->resident_used;
+        c->resident_used += bytes;
+    }
+    return c->resident[layer];
+}
+
+void ripple_cache_unresident(ripple_cache * c, int layer) {
+    if (c->resident && layer >= 0 && layer < c->n_layers) {
+        c->resident[layer] = NULL; /* its bytes stay given until the cache is made again */
+    }
+}
+
 uint8_t * ripple_cache_get(ripple_cache * c, int layer, int64_t pos) {
-    if (!c->n_slots) {
+    if (!c->n_slots || c->resident_used) {
         return NULL;
     }
     const int32_t s = c->slot_of[layer][pos];
@@ -249,7 +276,7 @@ uint8_t * ripple_cache_get(ripple_cache * c, int layer, int64_t pos) {
 }
 
 void ripple_cache_put(ripple_cache * c, int layer, int64_t pos, const uint8_t * data, size_t size, int32_t run_length) {
-    if (!c->n_slots || size > c->slot_size || c->slot_of[layer][pos] >= 0) {
+    if (!c->n_slots || c->resident_used || size > c->slot_size || c->slot_of[layer][pos] >= 0) {
         return;
     }
     int q = RIPPLE_CACHE_MAIN;

@@ -48,15 +48,14 @@ typedef struct ripple_layer {
     int       down_bits; /* split: bits per stored value (4, 5 or 8) */
     int       down_qoff; /* split: offset subtracted from the stored integer */
     uint64_t  dense_bytes; /* the layer's standard ffn_gate/up/down tensors: what a dense FFN reads */
-    /* exact mode: the file's (size, mtime, ctime) when this layer's ffn_down rows last passed their
-     * checksums; while the file keeps them, re-reads of the rows are not checked again */
-    int       down_checked;
-    int64_t   down_stamp[5];
-    /* exact mode without direct_io: the file's ffn_down rows mapped read-only (page cache, as stock
-     * llama.cpp maps its weights), computed on in place instead of copied every token */
-    void *    down_map;
-    size_t    down_map_len;
-    size_t    down_map_skip; /* bytes from the mapping's start to the rows (page alignment) */
+    /* exact mode without direct_io: the standard ffn_gate/up/down tensors mapped read-only (page
+     * cache, as stock llama.cpp maps its weights), and the file's (size, mtime, ctime) when they last
+     * passed their checksums: while the file keeps them they are not checked again */
+    void *    std_map[3];
+    size_t    std_map_len[3];
+    size_t    std_map_skip[3]; /* bytes from a mapping's start to the tensor (page alignment) */
+    int       std_checked;
+    int64_t   std_stamp[5];
     uint8_t * freq;            /* n_ff, position order: how often needed (255 = every token); NULL = unknown */
     uint32_t * bundle_crc;     /* n_ff, position order */
     uint32_t * tensor_crc[3];  /* per enum ripple_kind: one per crc_block bytes of the standard tensor */
@@ -93,12 +92,23 @@ typedef struct ripple_cache {
     int64_t   ghost_cap;  /* ghost entries remembered = main queue size */
     uint64_t  rng;        /* xorshift64 state of the linking admission, fixed seed */
     uint8_t ** pin;       /* pinned: [layer][position] -> 1 for the bundles the cache keeps */
+    /* exact mode keeps whole layers' standard tensors in the same arena instead of bundles (never
+     * both: once a layer is resident no bundle is admitted, and a cache holding bundles takes no
+     * resident layer) */
+    uint8_t ** resident;  /* [layer] -> its standard ffn_gate | ffn_up | ffn_down bytes, or NULL */
+    size_t    resident_used;
     int       n_layers;
 } ripple_cache;
 
 /* budget_bytes = 0 (or an unknown policy) leaves the cache empty: every get misses, put is a no-op. */
 void      ripple_cache_init(ripple_cache * c, int n_layers, const ripple_layer * layers, size_t budget_bytes, int policy);
 void      ripple_cache_free(ripple_cache * c);
+/* exact mode: the arena bytes holding layer's standard tensors (NULL: not resident) */
+uint8_t * ripple_cache_resident(const ripple_cache * c, int layer);
+/* give `bytes` of the arena to layer (NULL when no bundle was ever cached and they do not fit);
+ * the caller fills them, and ripple_cache_unresident(c, layer) takes them back when it cannot */
+uint8_t * ripple_cache_make_resident(ripple_cache * c, int layer, size_t bytes);
+void      ripple_cache_unresident(ripple_cache * c, int layer);
 /* Pointer to the cached bundle, NULL on a miss. A hit updates the policy's recency/frequency. */
 uint8_t * ripple_cache_get(ripple_cache * c, int layer, int64_t pos);
 /* Offer a bundle read as part of a contiguous read of run_length bundles (lru and s3fifo ignore

@@ -128,8 +128,10 @@ static void model_free(ripple_model * m) {
         free(m->layers[l].bundle_crc);
         free(m->layers[l].freq);
         free(m->layers[l].tensor_crc[0]); /* one allocation for the three */
-        if (m->layers[l].down_map) {
-            munmap(m->layers[l].down_map, m->layers[l].down_map_len);
+        for (int k = 0; k < 3; k++) {
+            if (m->layers[l].std_map[k]) {
+                munmap(m->layers[l].std_map[k], m->layers[l].std_map_len[k]);
+            }
         }
     }
     free(m->layers);
@@ -790,7 +792,7 @@ void ripple_get_stats(ripple_stats * out) {
     pthread_mutex_lock(&g_mu);
     for (ripple_model * m = g_models; m; m = m->next) {
         pthread_mutex_lock(&m->mu);
-        out->cache_bytes += (uint64_t) m->cache.n_used * m->cache.slot_size;
+        out->cache_bytes += (uint64_t) m->cache.n_used * m->cache.slot_size + m->cache.resident_used;
         out->cache_capacity += (uint64_t) m->cache.n_slots * m->cache.slot_size;
         pthread_mutex_unlock(&m->mu);
     }

@@ -46,8 +46,7 @@ def down_from_bundles():
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
 @pytest.mark.parametrize("type_name", FLOATS + LEGACY + KQUANTS)
 def test_exact_mode_matches_stock(tmp_path, type_name, gated):
-    """Gate/up rows from the bundles and the down projection from the standard tensor, both with
-    ggml's own dot products: stock's logits."""
+    """Gate, up and down on the standard tensors with ggml's own dot products: stock's logits."""
     src = make_model(tmp_path / "src.gguf", ffn_type=type_name, gated=gated, **_dims(type_name))
     dst = tmp_path / "m.ripple.gguf"
     convert(src, dst, quiet=True)
@@ -118,12 +117,11 @@ def test_counters_and_cache(tmp_path):
     rf = convert(src, dst, quiet=True)
     ffn_bytes = sum(l.n_ff * l.bundle_size for l in rf.layers)
     try:
-        ripple_gguf.configure(cache_mb=0)
+        # exact mode from the bundles, no cache: every bundle once per token batch
+        ripple_gguf.configure(cache_mb=0, exact_down="bundles")
         ripple_gguf.reset_stats()
         plugin_logits(dst, TOKENS[:4])
         s = ripple_gguf.stats()
-        # exact mode, no cache: every bundle once per token batch; the standard down tensor is
-        # computed on through a mapping of the file (read with direct_io only)
         assert s["bytes_read"] == ffn_bytes
         assert s["read_ops"] == len(rf.layers)  # original order: one read of bundles per layer
         assert s["cache_hits"] == 0 and s["cache_misses"] == sum(l.n_ff for l in rf.layers)
@@ -142,7 +140,43 @@ def test_counters_and_cache(tmp_path):
         assert second["cache_hits"] - first["cache_hits"] == sum(l.n_ff for l in rf.layers)
         assert 0 < second["cache_bytes"] <= second["cache_capacity"] <= 1024 * 1024
     finally:
-        ripple_gguf.configure(cache_mb=ripple_gguf.runtime.DEFAULT_CACHE_MB)
+        ripple_gguf.runtime.reset_settings()
+
+
+def test_exact_mode_reads_the_standard_tensors(tmp_path):
+    """Exact mode computes on the standard tensors: mapped (nothing read explicitly), or with
+    direct_io read with O_DIRECT, the first layers kept whole in the cache's budget."""
+    src = make_model(tmp_path / "src.gguf", ffn_type="Q8_0", n_embd=64, n_ff=128, n_layers=3)
+    dst = tmp_path / "m.ripple.gguf"
+    rf = convert(src, dst, quiet=True)
+    dense = [l.n_embd * l.n_ff * 34 // 32 * 3 for l in rf.layers]  # Q8_0: 34 bytes per 32 values
+    (ref,) = stock_logits([src], TOKENS[:6])
+
+    def one_by_one():
+        llm = llama_cpp.Llama(model_path=os.fspath(dst), n_ctx=64, n_batch=1, n_threads=2, logits_all=True,
+                              verbose=False)
+        ripple_gguf.reset_stats()
+        llm.eval(TOKENS[:6])
+        out = np.array(llm.scores[:6])
+        llm.close()
+        return out, ripple_gguf.stats()
+
+    try:
+        ripple_gguf.configure(mode="exact", cache_mb=0)
+        mapped, s = one_by_one()
+        assert s["bytes_read"] == 0 and s["neurons_computed"] == s["neurons_total"] > 0  # on a mapping of the file
+        assert rel_err(mapped, ref) < 2e-3 and (mapped.argmax(-1) == ref.argmax(-1)).all()
+        # a budget for one layer and a half: layer 0 resident, the others read at every use
+        ripple_gguf.configure(direct_io=True, cache_mb=1.5 * dense[0] / 2**20)
+        direct, s = one_by_one()
+        assert np.array_equal(direct, mapped)
+        # (O_DIRECT reads whole aligned 4 KiB blocks: at most two more per request)
+        assert s["read_ops"] == 3 + 6 * 2 * 3
+        assert 0 <= s["bytes_read"] - (dense[0] + 6 * (dense[1] + dense[2])) <= s["read_ops"] * 8192
+        assert s["cache_hits"] == 5 * rf.layers[0].n_ff and s["cache_misses"] == rf.layers[0].n_ff + 6 * 2 * 128
+        assert s["io_exposed_seconds"] > 0
+    finally:
+        ripple_gguf.runtime.reset_settings()
 
 
 def test_other_gguf_files_are_left_to_llama_cpp(tmp_path):
@@ -154,24 +188,27 @@ def test_other_gguf_files_are_left_to_llama_cpp(tmp_path):
     assert np.array_equal(got, stock)
 
 
-def test_io_error_fails_the_request(tmp_path):
+@pytest.mark.parametrize("source", ["bundles", "tensors"])
+def test_io_error_fails_the_request(tmp_path, source):
     src = make_model(tmp_path / "src.gguf", ffn_type="Q8_0")
     dst = tmp_path / "m.ripple.gguf"
     rf = convert(src, dst, quiet=True)
     try:
-        ripple_gguf.configure(cache_mb=0)
+        # exact mode reading the bundles, or the standard tensors with O_DIRECT
+        ripple_gguf.configure(cache_mb=0, exact_down="bundles" if source == "bundles" else "tensor",
+                              direct_io=source == "tensors")
         llm = llama_cpp.Llama(model_path=os.fspath(dst), n_ctx=64, n_threads=1, verbose=False)
         llm.eval(TOKENS[:2])
         ripple_gguf.last_error()
-        # the bundle region disappears under the running model (a failing or replaced disk file)
-        os.truncate(dst, rf.layers[0].bundles_offset + 16)
+        # the file is cut short under the running model (a failing or replaced disk file)
+        os.truncate(dst, (rf.layers[0].bundles_offset if source == "bundles" else rf.layers[0].down_offset) + 16)
         with pytest.raises(RuntimeError, match="llama_decode returned"):
             llm.eval(TOKENS[2:4])
         msg = ripple_gguf.last_error()
         assert str(dst) in msg and "end of the file" in msg
         llm.close()
     finally:
-        ripple_gguf.configure(cache_mb=ripple_gguf.runtime.DEFAULT_CACHE_MB)
+        ripple_gguf.runtime.reset_settings()
 
 
 def test_modified_file_is_refused_at_load(tmp_path):

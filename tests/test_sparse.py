@@ -211,7 +211,8 @@ def test_overlapped_reads_do_not_change_logits(packed, settings, mode, cache_fra
     cache = {"cache_mb": 0} if cache_fraction is None else {"cache_fraction": cache_fraction, "cache_policy": "s3fifo"}
     out = {}
     for overlap in (False, True):
-        settings.configure(mode=mode, collapse=False, overlap=overlap, **cache)
+        # (exact mode from the bundles: its default computes on the standard tensors, mapped)
+        settings.configure(mode=mode, exact_down="bundles", collapse=False, overlap=overlap, **cache)
         settings.reset_stats()
         out[overlap] = [_eval_logits(packed.path, TOKENS, n_batch, 2) for n_batch in (64, 1)]
         s = settings.stats()
@@ -227,12 +228,12 @@ def test_overlapped_reads_do_not_change_logits(packed, settings, mode, cache_fra
 
 
 def test_pinned_cache_keeps_its_share_under_cyclic_reads(packed, settings):
-    """Exact mode reads every bundle of every layer per token: LRU evicts each before its next use,
+    """Exact mode from the bundles reads every bundle of every layer per token: LRU evicts each before its next use,
     the pinned set (the converter's most frequently needed bundles) serves its share of them."""
     assert all(l.frequency is not None and l.frequency.shape == (l.n_ff,) for l in packed.layers)
     rates = {}
     for policy in ("lru", "pinned"):
-        settings.configure(mode="exact", cache_fraction=0.4, cache_policy=policy)
+        settings.configure(mode="exact", exact_down="bundles", cache_fraction=0.4, cache_policy=policy)
         llm = llama_cpp.Llama(model_path=str(packed.path), n_ctx=64, n_batch=1, n_threads=2, verbose=False)
         llm.eval(TOKENS[:2])
         settings.reset_stats()

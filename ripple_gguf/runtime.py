@@ -355,10 +355,12 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     overlap: issue a layer's reads in pieces and compute the gate/up rows of the bundles already in
     memory, then of each piece as it lands, while the rest are read (``stats()["io_exposed_seconds"]``
     is the read time left uncovered). Environment: ``RIPPLE_OVERLAP`` (a boolean, default 1).
-    exact_down: where exact mode takes the down projection from: ``"tensor"`` (default) runs stock
-    llama.cpp's own dot products on the rows of the standard ffn_down tensor, read from the file,
-    so results equal stock's; ``"bundles"`` computes it from the bundles (the sparse path: split
-    columns in stock's integer form, equal to stock up to the order of the float additions).
+    exact_down: where exact mode computes from: ``"tensor"`` (default) the standard
+    ffn_gate/up/down tensors with stock llama.cpp's own dot products (stock's bytes and arithmetic):
+    on a read-only mapping of the file, or with ``direct_io`` whole layers kept in the cache's
+    budget and the others read with O_DIRECT; ``"bundles"`` from the bundles (the sparse path with
+    every neuron: split down columns in stock's integer form, equal to stock up to the order of the
+    float additions).
     Environment: ``RIPPLE_EXACT_DOWN``.
     """
     args = dict(cache_mb=cache_mb, cache_fraction=cache_fraction, exact_down=exact_down, mode=mode,

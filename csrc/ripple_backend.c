@@ -171,6 +171,89 @@ static struct ggml_backend_buffer_type g_buft = {
     /* .context = */ NULL,
 };
 
+/* ---- exact mode's read-ahead: while a layer computes, the next layer's standard tensors are read
+ * into a second set of buffers by a thread of its own ---- */
+
+typedef struct {
+    pthread_t       tid;
+    pthread_mutex_t mu;
+    pthread_cond_t  cv;
+    int             started, quit, queued, busy;
+    ripple_model *  m;      /* target of the batch in flight or landed */
+    int             layer;  /* -1: none */
+    int             rc;
+    uint64_t        bytes, ns;
+    int             n_req;
+    ripple_io_req   reqs[3];
+    uint8_t *       buf[3];
+    size_t          cap[3];
+} ripple_ahead;
+
+static void * ahead_main(void * arg) {
+    ripple_ahead * a = arg;
+    pthread_mutex_lock(&a->mu);
+    for (;;) {
+        while (!a->quit && !a->queued) {
+            pthread_cond_wait(&a->cv, &a->mu);
+        }
+        if (a->quit) {
+            break;
+        }
+        a->queued = 0;
+        const char * path = a->m->path;
+        pthread_mutex_unlock(&a->mu);
+        uint64_t bytes = 0, t0 = ripple_now_ns();
+        const int rc = ripple_io_run(a->reqs, a->n_req, path, &bytes);
+        const uint64_t ns = ripple_now_ns() - t0;
+        RIPPLE_COUNT(io_ns, ns); /* counted when read: a read-ahead nobody uses (the last layer's, for
+                                    a next token that never comes) was still read */
+        RIPPLE_COUNT(read_ops, a->n_req);
+        RIPPLE_COUNT(bytes_read, bytes);
+        pthread_mutex_lock(&a->mu);
+        a->rc = rc;
+        a->bytes = bytes;
+        a->ns = ns;
+        a->busy = 0;
+        pthread_cond_broadcast(&a->cv);
+    }
+    pthread_mutex_unlock(&a->mu);
+    return NULL;
+}
+
+/* wait for the batch in flight (if any); the exposed wait is counted as such */
+static void ahead_wait(ripple_ahead * a) {
+    if (!a->started) {
+        return;
+    }
+    const uint64_t t0 = ripple_now_ns();
+    pthread_mutex_lock(&a->mu);
+    const int waited = a->busy;
+    while (a->busy) {
+        pthread_cond_wait(&a->cv, &a->mu);
+    }
+    pthread_mutex_unlock(&a->mu);
+    if (waited) {
+        RIPPLE_COUNT(io_exposed_ns, ripple_now_ns() - t0);
+    }
+}
+
+static void ahead_free(ripple_ahead * a) {
+    if (a->started) {
+        ahead_wait(a);
+        pthread_mutex_lock(&a->mu);
+        a->quit = 1;
+        pthread_cond_broadcast(&a->cv);
+        pthread_mutex_unlock(&a->mu);
+        pthread_join(a->tid, NULL);
+        pthread_mutex_destroy(&a->mu);
+        pthread_cond_destroy(&a->cv);
+    }
+    for (int k = 0; k < 3; k++) {
+        free(a->buf[k]);
+    }
+    memset(a, 0, sizeof(*a));
+}
+
 /* ---- backend interface ---- */
 
 typedef struct {
@@ -184,6 +267,9 @@ typedef struct {
     size_t         ws_cap;
     uint8_t *      tbuf[3]; /* exact mode with direct_io: a layer's standard tensors read for one use */
     size_t         tbuf_cap[3];
+    ripple_model * tbuf_model; /* whose layer tbuf holds (all three tensors, checked) */
+    int            tbuf_layer;
+    ripple_ahead   ahead;      /* exact mode with direct_io: the next layer's tensors read meanwhile */
     /* sparse mode: selected positions and neurons of the layer in ws (need: n_ff flags, then
      * n_ff int32 positions, then n_ff int32 neurons) */
     uint8_t *      need;
@@ -208,6 +294,7 @@ static void ggml_backend_ripple_free(ggml_backend_t backend) {
     ripple_fetch_free(&ctx->fetch);
     ripple_pool_free(ctx->pool);
     free(ctx->ws);
+    ahead_free(&ctx->ahead);
     for (int k = 0; k < 3; k++) {
         free(ctx->tbuf[k]);
     }
@@ -381,6 +468,66 @@ static int std_read(ripple_model * m, int layer, int fd, int kinds, uint8_t * co
     return rc;
 }
 
+/* Start reading the tensors of the first layer after `cur` (cyclically: the next token's) that
+ * exact mode reads from the file at its use: not resident, and not about to become resident (that
+ * read fills the arena at the use). Nothing when that is `cur` itself or a sparse layer. */
+static void ahead_start(ripple_backend_ctx * ctx, ripple_model * m, int cur, int fd) {
+    ripple_ahead * a = &ctx->ahead;
+    int target = -1;
+    for (int d = 1; d < m->n_layers && target < 0; d++) {
+        const int l = (cur + d) % m->n_layers;
+        const ripple_layer * L = &m->layers[l];
+        pthread_mutex_lock(&m->mu);
+        const ripple_cache * c = &m->cache;
+        const int resident = ripple_cache_resident(c, l) != NULL;
+        const int will = !resident && c->resident && c->n_used == 0 &&
+                         c->resident_used + ((L->dense_bytes + 63) & ~(uint64_t) 63) <= c->arena_size;
+        pthread_mutex_unlock(&m->mu);
+        if (will || (ripple_mode_of(m) == RIPPLE_MODE_SPARSE && L->pred)) {
+            return;
+        }
+        if (!resident) {
+            target = l;
+        }
+    }
+    if (target < 0) {
+        return;
+    }
+    const ripple_layer * L = &m->layers[target];
+    a->n_req = 0;
+    for (int k = 0; k < 3; k++) {
+        if (!L->tensor_bytes[k]) {
+            continue;
+        }
+        if (a->cap[k] < L->tensor_bytes[k]) {
+            free(a->buf[k]);
+            a->buf[k] = malloc((size_t) L->tensor_bytes[k]);
+            a->cap[k] = a->buf[k] ? (size_t) L->tensor_bytes[k] : 0;
+            if (!a->buf[k]) {
+                return; /* no read-ahead: the layer is read at its use */
+            }
+        }
+        a->reqs[a->n_req++] = (ripple_io_req){ fd, 1, std_file_offset(L, k), (size_t) L->tensor_bytes[k], a->buf[k] };
+    }
+    if (!a->started) {
+        pthread_mutex_init(&a->mu, NULL);
+        pthread_cond_init(&a->cv, NULL);
+        if (pthread_create(&a->tid, NULL, ahead_main, a) != 0) {
+            pthread_mutex_destroy(&a->mu);
+            pthread_cond_destroy(&a->cv);
+            return;
+        }
+        a->started = 1;
+    }
+    pthread_mutex_lock(&a->mu);
+    a->m = m;
+    a->layer = target;
+    a->busy = 1;
+    a->queued = 1;
+    pthread_cond_broadcast(&a->cv);
+    pthread_mutex_unlock(&a->mu);
+}
+
 /* at[kind] = where tensor `kind` of the layer is, for the kinds in `kinds` (first: the call of the
  * layer's first matmul of the batch, which counts its lookups) */
 static int std_tensors(ripple_backend_ctx * ctx, const ripple_binding * b, int kinds, int first, const uint8_t * at[3]) {
@@ -455,18 +602,53 @@ static int std_tensors(ripple_backend_ctx * ctx, const ripple_binding * b, int k
         }
         return 0;
     }
-    uint8_t * dst[3] = { NULL, NULL, NULL };
-    for (int k = 0; k < 3; k++) {
-        at[k] = NULL;
-        if ((kinds >> k & 1) && L->tensor_bytes[k]) {
-            if (reserve(&ctx->tbuf[k], &ctx->tbuf_cap[k], L->tensor_bytes[k], "FFN tensor") != 0) {
+    /* not resident: the layer's three tensors, read ahead while the previous layer computed, or now */
+    (void) kinds;
+    if (first || ctx->tbuf_model != m || ctx->tbuf_layer != b->layer) {
+        ripple_ahead * a = &ctx->ahead;
+        ahead_wait(a);
+        int have = 0;
+        ctx->tbuf_model = NULL;
+        if (a->started && a->m == m && a->layer == b->layer) {
+            a->layer = -1;
+            if (a->rc == 0) {
+                for (int k = 0; k < 3; k++) {
+                    uint8_t * t = a->buf[k];
+                    const size_t c = a->cap[k];
+                    a->buf[k] = ctx->tbuf[k];
+                    a->cap[k] = ctx->tbuf_cap[k];
+                    ctx->tbuf[k] = t;
+                    ctx->tbuf_cap[k] = c;
+                }
+                for (int k = 0; k < 3; k++) {
+                    if (L->tensor_bytes[k] && std_verify(m, b->layer, k, ctx->tbuf[k], L->tensor_bytes[k]) != 0) {
+                        return -1;
+                    }
+                }
+                have = 1;
+            } /* else read now: a failure is reported by that read */
+        }
+        if (!have) {
+            for (int k = 0; k < 3; k++) {
+                if (L->tensor_bytes[k] &&
+                    reserve(&ctx->tbuf[k], &ctx->tbuf_cap[k], L->tensor_bytes[k], "FFN tensor") != 0) {
+                    return -1;
+                }
+            }
+            if (std_read(m, b->layer, fd, 7, ctx->tbuf) != 0) {
                 return -1;
             }
-            dst[k] = ctx->tbuf[k];
-            at[k] = dst[k];
+        }
+        ctx->tbuf_model = m;
+        ctx->tbuf_layer = b->layer;
+        if (first) {
+            ahead_start(ctx, m, b->layer, fd);
         }
     }
-    return std_read(m, b->layer, fd, kinds, dst);
+    for (int k = 0; k < 3; k++) {
+        at[k] = L->tensor_bytes[k] ? ctx->tbuf[k] : NULL;
+    }
+    return 0;
 }
 
 /* Exact mode from the standard tensors: gate and up (up non-NULL: both, in one pass) or down. */

@@ -170,9 +170,10 @@ def test_exact_mode_reads_the_standard_tensors(tmp_path):
         ripple_gguf.configure(direct_io=True, cache_mb=1.5 * dense[0] / 2**20)
         direct, s = one_by_one()
         assert np.array_equal(direct, mapped)
+        # the last layer's read-ahead fetched layer 1 again for a next token that did not come
         # (O_DIRECT reads whole aligned 4 KiB blocks: at most two more per request)
-        assert s["read_ops"] == 3 + 6 * 2 * 3
-        assert 0 <= s["bytes_read"] - (dense[0] + 6 * (dense[1] + dense[2])) <= s["read_ops"] * 8192
+        assert s["read_ops"] == 3 + 6 * 2 * 3 + 3
+        assert 0 <= s["bytes_read"] - (dense[0] + 6 * (dense[1] + dense[2]) + dense[1]) <= s["read_ops"] * 8192
         assert s["cache_hits"] == 5 * rf.layers[0].n_ff and s["cache_misses"] == rf.layers[0].n_ff + 6 * 2 * 128
         assert s["io_exposed_seconds"] > 0
     finally:

@@ -410,6 +410,34 @@ static uint64_t std_file_offset(const ripple_layer * L, int kind) {
     return kind == RIPPLE_GATE ? L->d.gate_offset : kind == RIPPLE_UP ? L->d.up_offset : L->d.down_offset;
 }
 
+/* A 4 KiB-aligned buffer for tensor `kind` of L read straight from the device (O_DIRECT into it):
+ * the aligned span from the tensor's offset rounded down, rounded up. */
+static size_t std_skip(const ripple_layer * L, int kind) {
+    return (size_t) (std_file_offset(L, kind) & 4095u);
+}
+
+static int std_buffer(uint8_t ** buf, size_t * cap, const ripple_layer * L, int kind) {
+    const size_t need = (std_skip(L, kind) + (size_t) L->tensor_bytes[kind] + 4095u) & ~(size_t) 4095u;
+    if (need <= *cap) {
+        return 0;
+    }
+    free(*buf);
+    *buf = NULL;
+    *cap = 0;
+    if (posix_memalign((void **) buf, 4096, need) != 0) {
+        *buf = NULL;
+        return -1;
+    }
+    *cap = need;
+    return 0;
+}
+
+/* the request reading tensor `kind` of L into such a buffer */
+static ripple_io_req std_request(const ripple_layer * L, int kind, int fd, uint8_t * buf) {
+    return (ripple_io_req){ fd, 2, std_file_offset(L, kind) - std_skip(L, kind),
+                            std_skip(L, kind) + (size_t) L->tensor_bytes[kind], buf };
+}
+
 /* tensor `kind` of the layer mapped read-only (NULL: the mapping failed) */
 static const uint8_t * std_mapping(ripple_model * m, int layer, int kind) {
     ripple_layer * L = &m->layers[layer];
@@ -444,13 +472,15 @@ static int std_verify(ripple_model * m, int layer, int kind, const uint8_t * buf
 
 /* read tensors `kinds` (a bit per enum ripple_kind) of the layer with O_DIRECT into dst[kind], and
  * check them */
-static int std_read(ripple_model * m, int layer, int fd, int kinds, uint8_t * const dst[3]) {
+static int std_read(ripple_model * m, int layer, int fd, int kinds, uint8_t * const dst[3], int in_place) {
     const ripple_layer * L = &m->layers[layer];
     ripple_io_req reqs[3];
     int n = 0;
     for (int k = 0; k < 3; k++) {
         if ((kinds >> k & 1) && L->tensor_bytes[k]) {
-            reqs[n++] = (ripple_io_req){ fd, 1, std_file_offset(L, k), (size_t) L->tensor_bytes[k], dst[k] };
+            /* in place: dst[k] is a std_buffer, the tensor at dst[k] + std_skip */
+            reqs[n++] = in_place ? std_request(L, k, fd, dst[k])
+                                 : (ripple_io_req){ fd, 1, std_file_offset(L, k), (size_t) L->tensor_bytes[k], dst[k] };
         }
     }
     uint64_t bytes = 0, t0 = ripple_now_ns();
@@ -462,7 +492,7 @@ static int std_read(ripple_model * m, int layer, int fd, int kinds, uint8_t * co
     RIPPLE_COUNT(bytes_read, bytes);
     for (int k = 0; k < 3 && rc == 0; k++) {
         if ((kinds >> k & 1) && L->tensor_bytes[k]) {
-            rc = std_verify(m, layer, k, dst[k], L->tensor_bytes[k]);
+            rc = std_verify(m, layer, k, dst[k] + (in_place ? std_skip(L, k) : 0), L->tensor_bytes[k]);
         }
     }
     return rc;
@@ -499,15 +529,10 @@ static void ahead_start(ripple_backend_ctx * ctx, ripple_model * m, int cur, int
         if (!L->tensor_bytes[k]) {
             continue;
         }
-        if (a->cap[k] < L->tensor_bytes[k]) {
-            free(a->buf[k]);
-            a->buf[k] = malloc((size_t) L->tensor_bytes[k]);
-            a->cap[k] = a->buf[k] ? (size_t) L->tensor_bytes[k] : 0;
-            if (!a->buf[k]) {
-                return; /* no read-ahead: the layer is read at its use */
-            }
+        if (std_buffer(&a->buf[k], &a->cap[k], L, k) != 0) {
+            return; /* no read-ahead: the layer is read at its use */
         }
-        a->reqs[a->n_req++] = (ripple_io_req){ fd, 1, std_file_offset(L, k), (size_t) L->tensor_bytes[k], a->buf[k] };
+        a->reqs[a->n_req++] = std_request(L, k, fd, a->buf[k]);
     }
     if (!a->started) {
         pthread_mutex_init(&a->mu, NULL);
@@ -594,7 +619,7 @@ static int std_tensors(ripple_backend_ctx * ctx, const ripple_binding * b, int k
             dst[k] = res + std_offset(L, k);
             at[k] = dst[k];
         }
-        if (fill && std_read(m, b->layer, fd, 7, dst) != 0) {
+        if (fill && std_read(m, b->layer, fd, 7, dst, 0) != 0) {
             pthread_mutex_lock(&m->mu);
             ripple_cache_unresident(&m->cache, b->layer);
             pthread_mutex_unlock(&m->mu);
@@ -621,7 +646,8 @@ static int std_tensors(ripple_backend_ctx * ctx, const ripple_binding * b, int k
                     ctx->tbuf_cap[k] = c;
                 }
                 for (int k = 0; k < 3; k++) {
-                    if (L->tensor_bytes[k] && std_verify(m, b->layer, k, ctx->tbuf[k], L->tensor_bytes[k]) != 0) {
+                    if (L->tensor_bytes[k] &&
+                        std_verify(m, b->layer, k, ctx->tbuf[k] + std_skip(L, k), L->tensor_bytes[k]) != 0) {
                         return -1;
                     }
                 }
@@ -630,12 +656,12 @@ static int std_tensors(ripple_backend_ctx * ctx, const ripple_binding * b, int k
         }
         if (!have) {
             for (int k = 0; k < 3; k++) {
-                if (L->tensor_bytes[k] &&
-                    reserve(&ctx->tbuf[k], &ctx->tbuf_cap[k], L->tensor_bytes[k], "FFN tensor") != 0) {
+                if (L->tensor_bytes[k] && std_buffer(&ctx->tbuf[k], &ctx->tbuf_cap[k], L, k) != 0) {
+                    ripple_set_error("out of memory for blk.%d's FFN tensors", L->d.block);
                     return -1;
                 }
             }
-            if (std_read(m, b->layer, fd, 7, ctx->tbuf) != 0) {
+            if (std_read(m, b->layer, fd, 7, ctx->tbuf, 1) != 0) {
                 return -1;
             }
         }
@@ -646,7 +672,7 @@ static int std_tensors(ripple_backend_ctx * ctx, const ripple_binding * b, int k
         }
     }
     for (int k = 0; k < 3; k++) {
-        at[k] = L->tensor_bytes[k] ? ctx->tbuf[k] : NULL;
+        at[k] = L->tensor_bytes[k] ? ctx->tbuf[k] + std_skip(L, k) : NULL;
     }
     return 0;
 }

@@ -173,7 +173,9 @@ int ripple_verify_tensor(const ripple_model * m, int layer, int kind, const uint
 /* ---- I/O engine (ripple_io.c) ---- */
 typedef struct ripple_io_req {
     int       fd;
-    int       direct; /* fd was opened with O_DIRECT: aligned transfers through a bounce buffer */
+    int       direct; /* fd was opened with O_DIRECT: 1 aligned transfers through a bounce buffer;
+                         2 offset and dst 4 KiB-aligned, read straight into dst, which has room for
+                         len rounded up to 4 KiB (the end of the file may come after len) */
     uint64_t  offset;
     size_t    len;
     uint8_t * dst;

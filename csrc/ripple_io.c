@@ -37,7 +37,37 @@ static __thread uint8_t * t_bounce; /* per-thread aligned buffer of RIPPLE_IO_BO
 
 /* Read len bytes at off through O_DIRECT: aligned ranges into the bounce buffer, copied out.
  * Adds the bytes the device transferred to *dev_bytes. */
-static int read_direct(int fd, uint8_t * dst, size_t len, uint64_t off, const char * path, uint64_t * dev_bytes) {
+static int read_direct(int fd, uint8_t * dst, size_t len, uint64_t off, const char * path, uint64_t * dev_bytes,
+                       int in_place) {
+    if (in_place) { /* aligned offset and destination: no bounce, no copy */
+        const size_t alen = (len + RIPPLE_IO_ALIGN - 1) & ~(size_t) (RIPPLE_IO_ALIGN - 1);
+        size_t got = 0;
+        while (got < len) {
+            ssize_t r = pread(fd, dst + got, alen - got, (off_t) (off + got));
+            if (r < 0) {
+                if (errno == EINTR) {
+                    continue;
+                }
+                ripple_set_error("%s: direct read of %zu bytes at offset %llu failed: %s", path, alen - got,
+                                 (unsigned long long) (off + got), strerror(errno));
+                return -1;
+            }
+            if (r == 0) {
+                break;
+            }
+            got += (size_t) r;
+            if (got % RIPPLE_IO_ALIGN) {
+                break; /* short read: end of file */
+            }
+        }
+        *dev_bytes += got;
+        if (got < len) {
+            ripple_set_error("%s: read of %zu bytes at offset %llu hit the end of the file "
+                             "(file truncated or modified after loading?)", path, len, (unsigned long long) off);
+            return -1;
+        }
+        return 0;
+    }
     if (!t_bounce && posix_memalign((void **) &t_bounce, RIPPLE_IO_ALIGN, RIPPLE_IO_BOUNCE) != 0) {
         t_bounce = NULL;
         ripple_set_error("out of memory for an O_DIRECT buffer");
@@ -83,7 +113,7 @@ static int read_direct(int fd, uint8_t * dst, size_t len, uint64_t off, const ch
 
 static int run_one(const ripple_io_req * r, const char * path, uint64_t * dev_bytes) {
     if (r->direct) {
-        return read_direct(r->fd, r->dst, r->len, r->offset, path, dev_bytes);
+        return read_direct(r->fd, r->dst, r->len, r->offset, path, dev_bytes, r->direct == 2);
     }
     *dev_bytes += r->len;
     return ripple_pread_full(r->fd, r->dst, r->len, r->offset, path);
@@ -421,10 +451,12 @@ int ripple_io_run(const ripple_io_req * reqs, int n, const char * path, uint64_t
 #ifdef RIPPLE_HAVE_URING
     const int engine = __atomic_load_n(&g_engine, __ATOMIC_RELAXED);
     uint64_t total = 0;
-    for (int i = 0; engine == 2 && i < n; i++) {
+    int in_place = 0; /* requests read straight into their destination go to the threads */
+    for (int i = 0; i < n; i++) {
         total += reqs[i].len;
+        in_place |= reqs[i].direct == 2;
     }
-    if (n > 1 && (engine == 1 || (engine == 2 && total / (uint64_t) n < RIPPLE_URING_AUTO_MAX_MEAN))) {
+    if (n > 1 && !in_place && (engine == 1 || (engine == 2 && total / (uint64_t) n < RIPPLE_URING_AUTO_MAX_MEAN))) {
         pthread_mutex_lock(&g_batch_mu);
         ripple_uring * r = uring_get();
         int rc = 0;

@@ -45,6 +45,12 @@ typedef struct ripple_layer_desc {
     uint64_t crc_block;          /* bytes per tensor checksum block (the last block of a tensor may be shorter) */
     const uint8_t * frequency;   /* n_ff, position order: how often each bundle is needed (255 = every
                                     token), measured by the converter; NULL = unknown; copied */
+    uint64_t predictor_file_offset; /* absolute offset of the predictor blob: the blob is checked at load
+                                       and read again from here at its first use (sparse mode) */
+    uint32_t predictor_crc;      /* CRC32C of the blob */
+    uint64_t down_table_file_offset; /* absolute offset of the split down scale table: checked at load,
+                                        read again from here at its first use */
+    uint32_t down_table_crc;     /* CRC32C of the table */
 } ripple_layer_desc;
 
 typedef struct ripple_stats {

@@ -344,12 +344,18 @@ static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, cons
     int32_t * neurons = positions + n;
     ctx->n_sel = n;
     ctx->sparse = 0;
-    if (ripple_mode_of(m) == RIPPLE_MODE_SPARSE && L->pred && !for_down) {
+    const ripple_predictor * pred = NULL;
+    if (ripple_mode_of(m) == RIPPLE_MODE_SPARSE && L->has_pred && !for_down) {
+        if (!(pred = ripple_layer_predictor(m, b->layer))) {
+            return -1;
+        }
+    }
+    if (pred) {
         uint64_t t0 = ripple_now_ns();
         if (reserve(&ctx->tokmask, &ctx->tokmask_cap, (size_t) (n * src1->ne[1]), "token masks") != 0) {
             return -1;
         }
-        ctx->n_selected = ripple_predict(ctx->pool, ctx->n_threads, L->pred, L, src1, need_neuron, ctx->tokmask);
+        ctx->n_selected = ripple_predict(ctx->pool, ctx->n_threads, pred, L, src1, need_neuron, ctx->tokmask);
         RIPPLE_COUNT(predictor_ns, ripple_now_ns() - t0);
         /* positions flagged in place of neurons: the store works on positions */
         uint8_t * need_pos = (uint8_t *) neurons; /* scratch, rewritten below */
@@ -513,7 +519,7 @@ static void ahead_start(ripple_backend_ctx * ctx, ripple_model * m, int cur, int
         const int will = !resident && c->resident && c->n_used == 0 &&
                          c->resident_used + ((L->dense_bytes + 63) & ~(uint64_t) 63) <= c->arena_size;
         pthread_mutex_unlock(&m->mu);
-        if (will || (ripple_mode_of(m) == RIPPLE_MODE_SPARSE && L->pred)) {
+        if (will || (ripple_mode_of(m) == RIPPLE_MODE_SPARSE && L->has_pred)) {
             return;
         }
         if (!resident) {
@@ -719,7 +725,7 @@ static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node, s
     const struct ggml_tensor * src1 = node->src[1];
     const ripple_binding * b = binding_of(src0);
     const ripple_layer * L = &b->model->layers[b->layer];
-    const int sparse_layer = ripple_mode_of(b->model) == RIPPLE_MODE_SPARSE && L->pred;
+    const int sparse_layer = ripple_mode_of(b->model) == RIPPLE_MODE_SPARSE && L->has_pred;
     /* exact mode: stock's own dot products on the standard ffn_down rows by default. The bundles'
      * split columns multiplied in stock's integer form differ from stock only in the order of the
      * float additions, yet on SmolLM2 Q4_1 that last-bit noise, re-rounded to 8 bits at every
@@ -741,6 +747,8 @@ static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node, s
     if (from_tensors) {
         rc = exact_from_tensors(ctx, b, src1, node, up);
         n_mats = up ? 2 : 1;
+    } else if (b->kind == RIPPLE_DOWN && L->down_bits && !ripple_layer_down_table(b->model, b->layer)) {
+        rc = -1;
     } else if (b->kind == RIPPLE_DOWN) {
         rc = ripple_kernel_down(ctx->pool, ctx->n_threads, L, ctx->fetch.ptr, positions, n_sel, ctx->sparse,
                                 ctx->sparse ? ctx->tokmask : NULL, src1, node);

@@ -40,11 +40,13 @@ typedef struct ripple_layer {
     ripple_layer_desc d;
     int32_t * order;    /* position -> neuron */
     int32_t * pos_of;   /* neuron -> position */
-    ripple_predictor * pred; /* NULL = none */
+    ripple_predictor * pred; /* loaded at its first use (ripple_layer_predictor); NULL = not yet, or none */
+    int       has_pred;          /* the file has a predictor for this layer */
     size_t    gate_row; /* bytes of each part of a bundle */
     size_t    up_row;
     size_t    down_row;
-    ggml_fp16_t * down_tab; /* split down columns: per source block n_embd scales d, then n_embd minimums m; NULL for column layouts */
+    ggml_fp16_t * down_tab; /* split down columns: per source block n_embd scales d, then n_embd minimums m;
+                               loaded at first use (ripple_layer_down_table); NULL for column layouts */
     int       down_bits; /* split: bits per stored value (4, 5 or 8) */
     int       down_qoff; /* split: offset subtracted from the stored integer */
     uint64_t  dense_bytes; /* the layer's standard ffn_gate/up/down tensors: what a dense FFN reads */
@@ -194,6 +196,11 @@ ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int 
 void ripple_predictor_free(ripple_predictor * p);
 /* tok[t * n_ff + neuron] = 1 for the neurons the predictor selects for token t of src1, need[neuron]
  * the union over tokens; returns the (token, neuron) pairs selected */
+/* the layer's predictor, read from the file and checked at its first use (memory only where sparse
+ * mode runs); NULL with the error set when it cannot be, NULL without error when there is none */
+const ripple_predictor * ripple_layer_predictor(struct ripple_model * m, int layer);
+/* the same for the split down columns' scale table (L->down_tab); NULL for other layouts */
+const ggml_fp16_t * ripple_layer_down_table(struct ripple_model * m, int layer);
 int64_t ripple_predict(struct ripple_pool * pool, int n_threads, const ripple_predictor * p, const ripple_layer * L,
                        const struct ggml_tensor * src1, uint8_t * need, uint8_t * tok);
 /* Next-layer prefetch: while layer l computes (and the attention of l+1 after it), a thread reads

@@ -721,8 +721,9 @@ void ripple_prefetch_start(ripple_prefetch * pf, ripple_model * m, int layer, co
         return;
     }
     const ripple_layer * L = &m->layers[layer];
-    if (!L->pred || L->d.n_embd != src1->ne[0]) {
-        return;
+    const ripple_predictor * pred = L->d.n_embd == src1->ne[0] ? ripple_layer_predictor(m, layer) : NULL;
+    if (!pred) {
+        return; /* (a predictor that cannot be loaded fails that layer's own fetch) */
     }
     prefetch_wait(pf);
     pf->valid = 0;
@@ -757,7 +758,7 @@ void ripple_prefetch_start(ripple_prefetch * pf, ripple_model * m, int layer, co
     }
     uint64_t t0 = ripple_now_ns();
     uint8_t * need = pf->scratch, * tok = pf->scratch + n;
-    ripple_predict(NULL, 1, L->pred, L, src1, need, tok);
+    ripple_predict(NULL, 1, pred, L, src1, need, tok);
     RIPPLE_COUNT(predictor_ns, ripple_now_ns() - t0);
     pthread_mutex_lock(&m->mu);
     for (int64_t p = 0; p < n; p++) {

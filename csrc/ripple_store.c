@@ -77,6 +77,34 @@ static void set_err(char * err, size_t err_len, const char * fmt, ...) {
 
 /* Split down columns (docs/FORMAT.md section 3): bits and integer offset per source type, the
  * column size, and a copy of the scale table. */
+/* The split layout's f32 (d, m) table as L->down_tab: f16 (the source's own block scales are f16,
+ * so nothing is lost: checked), planar: per source block the n_embd scales d, then the n_embd
+ * minimums m. */
+static int split_table(ripple_layer * L, const void * table) {
+    const ripple_layer_desc * d = &L->d;
+    const int64_t nb = d->n_ff / 32;
+    L->down_tab = malloc((size_t) nb * (size_t) d->n_embd * 2 * sizeof(ggml_fp16_t));
+    if (!L->down_tab) {
+        return -1;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t r = 0; r < d->n_embd; r++) {
+            for (int k = 0; k < 2; k++) {
+                float v;
+                memcpy(&v, (const char *) table + ((b * d->n_embd + r) * 2 + k) * sizeof(float), sizeof(v));
+                const ggml_fp16_t h = ggml_fp32_to_fp16(v);
+                if (ggml_fp16_to_fp32(h) != v && !(v != v)) {
+                    free(L->down_tab);
+                    L->down_tab = NULL;
+                    return -1;
+                }
+                L->down_tab[(b * 2 + k) * d->n_embd + r] = h;
+            }
+        }
+    }
+    return 0;
+}
+
 static int split_layout(ripple_layer * L, const ripple_layer_desc * d) {
     switch (d->down_type) {
         case GGML_TYPE_Q4_0: L->down_bits = 4; L->down_qoff = 8;  break;
@@ -93,28 +121,12 @@ static int split_layout(ripple_layer * L, const ripple_layer_desc * d) {
     }
     L->down_row = L->down_bits == 4 ? (size_t) d->n_embd / 2 :
                   L->down_bits == 5 ? (size_t) d->n_embd / 2 + (size_t) d->n_embd / 8 : (size_t) d->n_embd;
-    /* kept in f16 (the source's own block scales are f16, so nothing is lost: checked), planar:
-     * per source block the n_embd scales d, then the n_embd minimums m */
-    L->down_tab = malloc(tab / 2);
-    if (!L->down_tab) {
+    /* checked now (a bad table refuses the load), kept only from its first use */
+    if (split_table(L, d->down_table) != 0) {
         return -1;
     }
-    const int64_t nb = d->n_ff / 32;
-    for (int64_t b = 0; b < nb; b++) {
-        for (int64_t r = 0; r < d->n_embd; r++) {
-            for (int k = 0; k < 2; k++) {
-                float v;
-                memcpy(&v, (const char *) d->down_table + ((b * d->n_embd + r) * 2 + k) * sizeof(float), sizeof(v));
-                const ggml_fp16_t h = ggml_fp32_to_fp16(v);
-                if (ggml_fp16_to_fp32(h) != v && !(v != v)) {
-                    free(L->down_tab);
-                    L->down_tab = NULL;
-                    return -1;
-                }
-                L->down_tab[(b * 2 + k) * d->n_embd + r] = h;
-            }
-        }
-    }
+    free(L->down_tab);
+    L->down_tab = NULL;
     return 0;
 }
 
@@ -268,12 +280,15 @@ static ripple_model * model_create(const char * path, uint64_t file_size, int32_
         }
         if (d->predictor) {
             char perr[256];
-            L->pred = ripple_predictor_load(d->predictor, d->predictor_size, d->n_embd, d->n_ff, perr, sizeof(perr));
-            if (!L->pred) {
+            /* checked now (a bad blob refuses the load), kept only from its first use in sparse mode */
+            ripple_predictor * p = ripple_predictor_load(d->predictor, d->predictor_size, d->n_embd, d->n_ff, perr, sizeof(perr));
+            if (!p) {
                 set_err(err, err_len, "%s: layer %d: %s", path, d->block, perr);
                 model_free(m);
                 return NULL;
             }
+            ripple_predictor_free(p);
+            L->has_pred = 1;
         }
         if (d->n_ff <= 0 || d->n_embd <= 0 || d->up_type < 0 || d->up_type >= GGML_TYPE_COUNT ||
             d->down_type < 0 || d->down_type >= GGML_TYPE_COUNT || d->gate_type >= GGML_TYPE_COUNT ||
@@ -983,4 +998,59 @@ int64_t ripple_iolog_read(int64_t * out, int64_t cap) {
     }
     pthread_mutex_unlock(&g_trace_mu);
     return n;
+}
+
+const ripple_predictor * ripple_layer_predictor(ripple_model * m, int layer) {
+    ripple_layer * L = &m->layers[layer];
+    if (!L->has_pred) {
+        return NULL;
+    }
+    pthread_mutex_lock(&m->mu);
+    if (!L->pred) {
+        const size_t size = (size_t) L->d.predictor_size;
+        uint8_t * blob = malloc(size ? size : 1);
+        char perr[256];
+        if (!blob) {
+            ripple_set_error("%s: layer %d: out of memory for the predictor", m->path, L->d.block);
+        } else if (ripple_pread_full(m->fd, blob, size, L->d.predictor_file_offset, m->path) == 0) {
+            if (ripple_crc32c(blob, size) != L->d.predictor_crc) {
+                ripple_set_error("%s: layer %d: predictor blob does not match its checksum (file offset %llu): "
+                                 "file modified after loading?", m->path, L->d.block,
+                                 (unsigned long long) L->d.predictor_file_offset);
+            } else if (!(L->pred = ripple_predictor_load(blob, size, L->d.n_embd, L->d.n_ff, perr, sizeof(perr)))) {
+                ripple_set_error("%s: layer %d: %s", m->path, L->d.block, perr);
+            }
+        }
+        free(blob);
+    }
+    const ripple_predictor * p = L->pred;
+    pthread_mutex_unlock(&m->mu);
+    return p;
+}
+
+const ggml_fp16_t * ripple_layer_down_table(ripple_model * m, int layer) {
+    ripple_layer * L = &m->layers[layer];
+    if (!L->down_bits) {
+        return NULL;
+    }
+    pthread_mutex_lock(&m->mu);
+    if (!L->down_tab) {
+        const size_t size = (size_t) L->d.down_table_size;
+        uint8_t * table = malloc(size ? size : 1);
+        if (!table) {
+            ripple_set_error("%s: layer %d: out of memory for the down scale table", m->path, L->d.block);
+        } else if (ripple_pread_full(m->fd, table, size, L->d.down_table_file_offset, m->path) == 0) {
+            if (ripple_crc32c(table, size) != L->d.down_table_crc) {
+                ripple_set_error("%s: layer %d: down scale table does not match its checksum (file offset %llu): "
+                                 "file modified after loading?", m->path, L->d.block,
+                                 (unsigned long long) L->d.down_table_file_offset);
+            } else if (split_table(L, table) != 0) {
+                ripple_set_error("%s: layer %d: bad down scale table", m->path, L->d.block);
+            }
+        }
+        free(table);
+    }
+    const ggml_fp16_t * t = L->down_tab;
+    pthread_mutex_unlock(&m->mu);
+    return t;
 }

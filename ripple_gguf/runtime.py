@@ -144,8 +144,10 @@ def descriptors(rf: RippleFile):
         if layer.down_table_size:
             table = ffi.from_buffer("uint8_t[]", rf.read_down_table(layer))
             keep.append(table)
-            d.down_table = table
+            d.down_table = table  # checked by the library at load, read again at its first use
             d.down_table_size = layer.down_table_size
+            d.down_table_file_offset = layer.down_table_offset
+            d.down_table_crc = int(ck.down_table)
         if layer.frequency is not None:
             freq = ffi.from_buffer("uint8_t[]", np.ascontiguousarray(layer.frequency, dtype=np.uint8))
             keep.append(freq)
@@ -153,8 +155,10 @@ def descriptors(rf: RippleFile):
         if layer.predictor_size:
             blob = ffi.from_buffer("uint8_t[]", rf.read_predictor_blob(layer))
             keep.append(blob)
-            d.predictor = blob
+            d.predictor = blob  # checked by the library at load, read again at its first use
             d.predictor_size = layer.predictor_size
+            d.predictor_file_offset = layer.predictor_offset
+            d.predictor_crc = int(ck.predictor)
     return descs, keep
 
 

@@ -457,3 +457,36 @@ def test_file_truncated_while_loaded_fails_the_decode(profiled, tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
     _child(sys.argv[2], int(sys.argv[3]))
+
+
+def test_predictors_and_tables_damaged_after_loading_fail_their_first_use(profiled, tmp_path):
+    """Predictors and down scale tables are checked at load and kept in memory only from their
+    first use (sparse mode), read again then: bytes changed in between fail that decode, naming
+    the file and the part."""
+    import llama_cpp
+    import ripple_gguf
+    from ripple_gguf.format import RippleFile
+
+    rf = RippleFile.open(profiled)
+    for part in ("predictor blob", "down scale table"):
+        p = tmp_path / f"late-{part.split()[0]}.gguf"
+        shutil.copyfile(profiled, p)
+        l = rf.layers[1]
+        offset = l.predictor_offset + 8 if part == "predictor blob" else l.down_table_offset + 8
+        assert offset > 8
+        try:
+            ripple_gguf.configure(mode="exact", cache_mb=0)
+            llm = llama_cpp.Llama(model_path=os.fspath(p), n_ctx=64, n_threads=2, verbose=False)
+            llm.eval(PROMPT[:4])  # exact mode: neither is needed
+            with open(p, "r+b") as f:
+                f.seek(offset)
+                f.write(b"\x55\xaa\x55\xaa")
+            ripple_gguf.configure(mode="sparse")
+            llm.reset()
+            with pytest.raises(RuntimeError, match="llama_decode returned"):
+                llm.eval(PROMPT[:4])
+            msg = ripple_gguf.last_error()
+            assert str(p) in msg and f"layer {l.block}: {part} does not match its checksum" in msg, msg
+            llm.close()
+        finally:
+            ripple_gguf.runtime.reset_settings()

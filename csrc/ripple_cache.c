@@ -75,8 +75,9 @@ void ripple_cache_init(ripple_cache * c, int n_layers, const ripple_layer * laye
         total += layers[l].d.n_ff;
     }
     int64_t n = (int64_t) (budget_bytes / c->slot_size);
-    if (n > total) {
+    if (n >= total) {
         n = total;
+        c->all_fit = 1;
     }
     if (n == 0) {
         return;
@@ -264,11 +265,11 @@ uint8_t * ripple_cache_get(ripple_cache * c, int layer, int64_t pos) {
     if (s < 0) {
         return NULL;
     }
-    if (c->policy == RIPPLE_CACHE_LRU) {
+    if (c->all_fit || c->policy == RIPPLE_CACHE_PINNED) {
+        /* nothing to keep track of: no eviction will ever look at it */
+    } else if (c->policy == RIPPLE_CACHE_LRU) {
         queue_unlink(c, s);
         queue_push(c, RIPPLE_CACHE_MAIN, s);
-    } else if (c->policy == RIPPLE_CACHE_PINNED) {
-        /* nothing to keep track of */
     } else if (c->freq[s] < S3FIFO_FREQ_MAX) {
         c->freq[s]++;
     }

@@ -99,6 +99,7 @@ typedef struct ripple_cache {
      * resident layer) */
     uint8_t ** resident;  /* [layer] -> its standard ffn_gate | ffn_up | ffn_down bytes, or NULL */
     size_t    resident_used;
+    int       all_fit;    /* the slots hold every bundle of the model: nothing is ever evicted */
     int       n_layers;
 } ripple_cache;
 

@@ -27,7 +27,7 @@ static int64_t         g_collapse_bytes = 0;
 static int             g_cache_policy = RIPPLE_CACHE_LRU;
 static double          g_cache_fraction = 0.0; /* > 0: budget = fraction of each model's FFN bytes */
 static int             g_direct_io = 0;
-static int             g_prefetch = 0;
+static int             g_prefetch = 1;
 static int             g_overlap = 1;
 /* storage cost model (ripple_set_cost_model); the default matches ripple_gguf.storage.DEFAULT */
 static double          g_cost_latency = 51.5e-6, g_cost_bandwidth = 3.5e9, g_cost_parallelism = 104.0;

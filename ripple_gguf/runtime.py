@@ -217,7 +217,7 @@ ENV_VARS = {"mode": "RIPPLE_MODE", "cache_mb": "RIPPLE_CACHE_MB", "cache_fractio
             "io_threads": "RIPPLE_IO_THREADS", "io_engine": "RIPPLE_IO_ENGINE", "prefetch": "RIPPLE_PREFETCH",
             "overlap": "RIPPLE_OVERLAP", "exact_down": "RIPPLE_EXACT_DOWN"}
 _DEFAULTS = {"mode": "auto", "cache_policy": "lru", "collapse": True,
-             "direct_io": False, "io_threads": DEFAULT_IO_THREADS, "io_engine": "auto", "prefetch": False,
+             "direct_io": False, "io_threads": DEFAULT_IO_THREADS, "io_engine": "auto", "prefetch": True,
              "overlap": True, "exact_down": "tensor"}
 
 
@@ -354,8 +354,8 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     refuses io_uring the threads are used and ``settings()["io_engine_note"]`` says why.
     Environment: ``RIPPLE_IO_ENGINE``.
     prefetch: in sparse mode, while a layer computes, read the bundles the next layer's predictor
-    selects from this layer's FFN input (one-token batches). Environment: ``RIPPLE_PREFETCH``
-    (a boolean, default 0).
+    selects from this layer's FFN input (one-token batches; not when the cache holds every bundle).
+    Environment: ``RIPPLE_PREFETCH`` (a boolean, default 1).
     overlap: issue a layer's reads in pieces and compute the gate/up rows of the bundles already in
     memory, then of each piece as it lands, while the rest are read (``stats()["io_exposed_seconds"]``
     is the read time left uncovered). Environment: ``RIPPLE_OVERLAP`` (a boolean, default 1).

@@ -212,7 +212,7 @@ def test_overlapped_reads_do_not_change_logits(packed, settings, mode, cache_fra
     out = {}
     for overlap in (False, True):
         # (exact mode from the bundles: its default computes on the standard tensors, mapped)
-        settings.configure(mode=mode, exact_down="bundles", collapse=False, overlap=overlap, **cache)
+        settings.configure(mode=mode, exact_down="bundles", collapse=False, overlap=overlap, prefetch=False, **cache)
         settings.reset_stats()
         out[overlap] = [_eval_logits(packed.path, TOKENS, n_batch, 2) for n_batch in (64, 1)]
         s = settings.stats()

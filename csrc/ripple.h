@@ -159,6 +159,11 @@ int ripple_get_prefetch(void);
  * bundles already in memory, then of each piece as it lands, are computed while the rest are read. */
 void ripple_set_overlap(int on);
 int ripple_get_overlap(void);
+/* Sparse mode's down projection: 1 (auto, default) on the standard ffn_down rows when the file is
+ * read through the page cache (no direct_io), with the activations not selected set to 0 (stock's
+ * dot products); 0 always from the bundles' down columns (what direct_io always does). */
+void ripple_set_sparse_down_rows(int on);
+int ripple_get_sparse_down_rows(void);
 
 /* Activity trace: while on, every layer fetch appends one record of int32s
  * [model handle, layer index, tokens in the batch, n, n neuron ids needed]. ripple_trace_read copies

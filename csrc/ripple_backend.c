@@ -270,6 +270,8 @@ typedef struct {
     ripple_model * tbuf_model; /* whose layer tbuf holds (all three tensors, checked) */
     int            tbuf_layer;
     ripple_ahead   ahead;      /* exact mode with direct_io: the next layer's tensors read meanwhile */
+    float *        hbuf;       /* sparse mode's masked activations (n_tokens x n_ff) */
+    size_t         hbuf_cap;
     /* sparse mode: selected positions and neurons of the layer in ws (need: n_ff flags, then
      * n_ff int32 positions, then n_ff int32 neurons) */
     uint8_t *      need;
@@ -295,6 +297,7 @@ static void ggml_backend_ripple_free(ggml_backend_t backend) {
     ripple_pool_free(ctx->pool);
     free(ctx->ws);
     ahead_free(&ctx->ahead);
+    free(ctx->hbuf);
     for (int k = 0; k < 3; k++) {
         free(ctx->tbuf[k]);
     }
@@ -719,6 +722,33 @@ static int exact_from_tensors(ripple_backend_ctx * ctx, const ripple_binding * b
     return ripple_kernel_rows(ctx->pool, ctx->n_threads, rows, n_mats, src1, dsts);
 }
 
+/* Sparse mode's down projection on the standard ffn_down rows of a mapped file (no direct_io: they
+ * are in the page cache, where stock reads them too): stock's dot products on the activations with
+ * those not selected for their token (and below the activity threshold) set to 0, converted as
+ * stock converts them. Per token and row one dot product: the result does not depend on the batch. */
+static int down_masked_rows(ripple_backend_ctx * ctx, const ripple_binding * b, const struct ggml_tensor * src1,
+                            struct ggml_tensor * node) {
+    const ripple_layer * L = &b->model->layers[b->layer];
+    const int64_t n_ff = L->d.n_ff, T = src1->ne[1];
+    const uint8_t * at[3];
+    if (std_tensors(ctx, b, 1 << RIPPLE_DOWN, 0, at) != 0 ||
+        reserve((uint8_t **) &ctx->hbuf, &ctx->hbuf_cap, sizeof(float) * (size_t) (n_ff * T), "activations") != 0) {
+        return -1;
+    }
+    const int rule = L->d.act_rule == 1;
+    for (int64_t t = 0; t < T; t++) {
+        ripple_mask_activations(L, (const float *) ((const char *) src1->data + t * src1->nb[1]), ctx->tokmask + t * n_ff,
+                                rule, ctx->hbuf + t * n_ff);
+    }
+    struct ggml_tensor h = *src1;
+    h.data = ctx->hbuf;
+    h.nb[1] = sizeof(float) * (size_t) n_ff;
+    h.nb[2] = h.nb[3] = h.nb[1] * (size_t) T;
+    const enum ggml_type t = (enum ggml_type) L->d.down_src_type;
+    ripple_rows rows = { t, n_ff, L->d.n_embd, at[RIPPLE_DOWN], ggml_row_size(t, n_ff), NULL, NULL, 0, NULL, 0, 0 };
+    return ripple_kernel_rows(ctx->pool, ctx->n_threads, &rows, 1, &h, &node);
+}
+
 /* The FFN matmuls of one layer for a token batch: gate and up (computed together when the graph has
  * both next to each other: `up` non-NULL) or down. */
 static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node, struct ggml_tensor * up) {
@@ -748,6 +778,9 @@ static int ripple_mul_mat(ripple_backend_ctx * ctx, struct ggml_tensor * node, s
     if (from_tensors) {
         rc = exact_from_tensors(ctx, b, src1, node, up);
         n_mats = up ? 2 : 1;
+    } else if (b->kind == RIPPLE_DOWN && ctx->sparse && !ripple_get_direct_io() && ripple_get_sparse_down_rows()) {
+        rc = down_masked_rows(ctx, b, src1, node);
+        ripple_fetch_admit(&ctx->fetch);
     } else if (b->kind == RIPPLE_DOWN && L->down_bits && !ripple_layer_down_table(b->model, b->layer)) {
         rc = -1;
     } else if (b->kind == RIPPLE_DOWN) {

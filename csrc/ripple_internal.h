@@ -327,6 +327,9 @@ int ripple_kernel_rows(ripple_pool * pool, int n_threads, const ripple_rows * ro
  * integer form; others summed in f32 over `positions`, NULL = all). h values not selected for their
  * token (token_mask, n_tokens x n_ff, neuron order) and, with apply_rule and the magnitude rule,
  * those with |h| <= threshold are dropped before the conversion. */
+/* one token's FFN activations x (n_ff) with those not selected for it (token_mask, may be NULL) and,
+ * with rule, those with |h| <= the layer's threshold set to 0 */
+void ripple_mask_activations(const ripple_layer * L, const float * x, const uint8_t * token_mask, int rule, float * out);
 int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L, const uint8_t * const * ptrs,
                        const int32_t * positions, int64_t n_positions, int apply_rule,
                        const uint8_t * token_mask, const struct ggml_tensor * src1, struct ggml_tensor * dst);

@@ -574,6 +574,14 @@ static void down_float_task(void * v, int ith, int nth) {
     }
 }
 
+void ripple_mask_activations(const ripple_layer * L, const float * x, const uint8_t * token_mask, int rule, float * out) {
+    const float thr = L->d.act_threshold;
+    for (int64_t i = 0; i < L->d.n_ff; i++) {
+        const float v = x[i];
+        out[i] = (token_mask && !token_mask[i]) || (rule && fabsf(v) <= thr) ? 0.0f : v;
+    }
+}
+
 /* Stock's vec_dot types that carry the block layout the integer path reads */
 static int q8_block_of(enum ggml_type vt, size_t * block, int * has_s) {
     if (vt == GGML_TYPE_Q8_0) {
@@ -637,15 +645,10 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
         return -1;
     }
     const int rule = apply_rule && L->d.act_rule == 1; /* magnitude: |h| <= threshold is not active */
-    const float thr = L->d.act_threshold;
     const ggml_from_float_t from_float = vt == GGML_TYPE_F32 ? NULL : ggml_get_type_traits_cpu(vt)->from_float;
     for (int64_t t = 0; t < n_tokens; t++) {
-        const float * x = (const float *) ((const char *) src1->data + t * src1->nb[1]);
-        const uint8_t * tm = token_mask ? token_mask + t * n_ff : NULL;
-        for (int64_t i = 0; i < n_ff; i++) {
-            const float v = x[i];
-            hm[i] = (tm && !tm[i]) || (rule && fabsf(v) <= thr) ? 0.0f : v;
-        }
+        ripple_mask_activations(L, (const float *) ((const char *) src1->data + t * src1->nb[1]),
+                                token_mask ? token_mask + t * n_ff : NULL, rule, hm);
         if (integer) {
             from_float(hm, xq + (size_t) t * vt_row, n_ff);
         } else if (from_float == NULL || n_ff % ggml_blck_size(vt) != 0) {

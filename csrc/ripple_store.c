@@ -29,6 +29,7 @@ static double          g_cache_fraction = 0.0; /* > 0: budget = fraction of each
 static int             g_direct_io = 0;
 static int             g_prefetch = 1;
 static int             g_overlap = 1;
+static int             g_sparse_down_rows = 1;
 /* storage cost model (ripple_set_cost_model); the default matches ripple_gguf.storage.DEFAULT */
 static double          g_cost_latency = 51.5e-6, g_cost_bandwidth = 3.5e9, g_cost_parallelism = 104.0;
 static char            g_error[1024];
@@ -701,6 +702,14 @@ void ripple_set_overlap(int on) {
 
 int ripple_get_overlap(void) {
     return __atomic_load_n(&g_overlap, __ATOMIC_RELAXED);
+}
+
+void ripple_set_sparse_down_rows(int on) {
+    __atomic_store_n(&g_sparse_down_rows, on ? 1 : 0, __ATOMIC_RELAXED);
+}
+
+int ripple_get_sparse_down_rows(void) {
+    return __atomic_load_n(&g_sparse_down_rows, __ATOMIC_RELAXED);
 }
 
 int ripple_get_direct_io(void) {

@@ -176,6 +176,7 @@ def _begin_load(rf: RippleFile) -> int:
 
 
 EXACT_DOWN = {"tensor": 0, "bundles": 1}
+SPARSE_DOWN = {"bundles": 0, "auto": 1}
 MODES = {"exact": 0, "sparse": 1, "auto": 2}
 CACHE_POLICIES = {"lru": 0, "s3fifo": 1, "linking": 2, "pinned": 3}
 IO_ENGINES = {"threads": 0, "uring": 1, "auto": 2}
@@ -215,10 +216,10 @@ _BOOL_RULE = 'True/False, 0/1 or one of "1", "0", "true", "false", "yes", "no", 
 ENV_VARS = {"mode": "RIPPLE_MODE", "cache_mb": "RIPPLE_CACHE_MB", "cache_fraction": "RIPPLE_CACHE_FRACTION",
             "cache_policy": "RIPPLE_CACHE_POLICY", "collapse": "RIPPLE_COLLAPSE", "direct_io": "RIPPLE_DIRECT_IO",
             "io_threads": "RIPPLE_IO_THREADS", "io_engine": "RIPPLE_IO_ENGINE", "prefetch": "RIPPLE_PREFETCH",
-            "overlap": "RIPPLE_OVERLAP", "exact_down": "RIPPLE_EXACT_DOWN"}
+            "overlap": "RIPPLE_OVERLAP", "exact_down": "RIPPLE_EXACT_DOWN", "sparse_down": "RIPPLE_SPARSE_DOWN"}
 _DEFAULTS = {"mode": "auto", "cache_policy": "lru", "collapse": True,
              "direct_io": False, "io_threads": DEFAULT_IO_THREADS, "io_engine": "auto", "prefetch": True,
-             "overlap": True, "exact_down": "tensor"}
+             "overlap": True, "exact_down": "tensor", "sparse_down": "auto"}
 
 
 class _BadSetting(ValueError):
@@ -279,6 +280,7 @@ _CHECKS = {
     "prefetch": _bool,
     "overlap": _bool,
     "exact_down": _choice(EXACT_DOWN),
+    "sparse_down": _choice(SPARSE_DOWN),
 }
 
 
@@ -319,7 +321,7 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
               exact_down: Optional[str] = None, mode: Optional[str] = None, cache_policy: Optional[str] = None,
               collapse=None, direct_io: Optional[bool] = None, io_threads: Optional[int] = None,
               prefetch: Optional[bool] = None, io_engine: Optional[str] = None,
-              overlap: Optional[bool] = None) -> Dict[str, object]:
+              overlap: Optional[bool] = None, sparse_down: Optional[str] = None) -> Dict[str, object]:
     """Change runtime settings; returns the settings in force (:func:`settings`).
 
     Every argument is checked before any is applied: a call that raises ValueError (naming the
@@ -366,10 +368,15 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     every neuron: split down columns in stock's integer form, equal to stock up to the order of the
     float additions).
     Environment: ``RIPPLE_EXACT_DOWN``.
+    sparse_down: where sparse mode computes the down projection from: ``"auto"`` (default) the
+    standard ffn_down rows with stock's dot products, the activations not selected set to 0, when
+    the file is read through the page cache (no ``direct_io``: the rows are in memory where stock
+    keeps them), else the bundles' down columns; ``"bundles"`` always the bundles' down columns.
+    Environment: ``RIPPLE_SPARSE_DOWN``.
     """
     args = dict(cache_mb=cache_mb, cache_fraction=cache_fraction, exact_down=exact_down, mode=mode,
                 cache_policy=cache_policy, collapse=collapse, direct_io=direct_io, io_threads=io_threads,
-                prefetch=prefetch, io_engine=io_engine, overlap=overlap)
+                prefetch=prefetch, io_engine=io_engine, overlap=overlap, sparse_down=sparse_down)
     _apply(_validate(args, {k: k for k in args}))
     return settings()
 
@@ -400,6 +407,8 @@ def _apply(v: Dict[str, object]) -> None:
         lib.ripple_set_prefetch(1 if v["prefetch"] else 0)
     if "overlap" in v:
         lib.ripple_set_overlap(1 if v["overlap"] else 0)
+    if "sparse_down" in v:
+        lib.ripple_set_sparse_down_rows(SPARSE_DOWN[v["sparse_down"]])
     if "io_engine" in v and lib.ripple_set_io_engine(IO_ENGINES[v["io_engine"]]) != 0:
         warnings.warn("ripple-gguf: this build has no io_uring; reading with threads", RuntimeWarning, stacklevel=3)
     cache_mb, cache_fraction, cache_policy = v.get("cache_mb"), v.get("cache_fraction"), v.get("cache_policy")
@@ -445,6 +454,7 @@ def settings() -> Dict[str, object]:
         "io_threads": _native.lib.ripple_get_io_threads(),
         "prefetch": bool(_native.lib.ripple_get_prefetch()),
         "overlap": bool(_native.lib.ripple_get_overlap()),
+        "sparse_down": next(k for k, v in SPARSE_DOWN.items() if v == _native.lib.ripple_get_sparse_down_rows()),
         **_io_engine(),
         "cost_model": _cost["model"].to_dict() if _cost["model"] is not None else None,
         "exact_down": next(k for k, v in EXACT_DOWN.items() if v == down),

@@ -54,12 +54,16 @@ def select_everything(rf: RippleFile, dst) -> None:
     reseal(dst)
 
 
-def test_sparse_with_every_neuron_equals_dense_from_bundles(packed, tmp_path, settings):
+@pytest.mark.parametrize("down", ["bundles", "tensor"])
+def test_sparse_with_every_neuron_equals_dense(packed, tmp_path, settings, down):
+    """Every neuron selected: sparse mode's logits are exact mode's, its down projection from the
+    bundles' columns (sparse_down "bundles") or from the standard rows (the default on a mapped
+    file) against exact mode from the bundles or from the standard tensors."""
     full = tmp_path / "all.gguf"
     select_everything(packed, full)
-    settings.configure(exact_down="bundles", mode="exact")
+    settings.configure(exact_down=down, mode="exact")
     dense = logits(full)
-    settings.configure(mode="sparse")
+    settings.configure(mode="sparse", sparse_down="bundles" if down == "bundles" else "auto")
     settings.reset_stats()
     sparse = logits(full)
     s = settings.stats()

@@ -481,7 +481,7 @@ def test_predictors_and_tables_damaged_after_loading_fail_their_first_use(profil
             with open(p, "r+b") as f:
                 f.seek(offset)
                 f.write(b"\x55\xaa\x55\xaa")
-            ripple_gguf.configure(mode="sparse")
+            ripple_gguf.configure(mode="sparse", sparse_down="bundles")  # (the table serves the bundles' columns)
             llm.reset()
             with pytest.raises(RuntimeError, match="llama_decode returned"):
                 llm.eval(PROMPT[:4])

@@ -2,7 +2,7 @@
 """Next-layer prefetch on or off, side by side: sparse decoding token by token with O_DIRECT reads
 and a small neuron cache, rounds alternating the two settings on the same model instance.
 
-Per setting: exposed I/O ms per token (``io_seconds``: reads the compute waited for), end-to-end
+Per setting: exposed I/O ms per token (``io_exposed_seconds``: reads the compute waited for), end-to-end
 ms per token, bytes read per token, how much of the read-ahead the next layer used, and whether the
 logits equal those of the run without prefetch (they must: prefetch changes where bytes come from,
 not which).
@@ -54,7 +54,7 @@ def main() -> int:
             s = ripple_gguf.stats()
             logits.setdefault(pf, np.array(llm.scores[llm.n_tokens - 1] if llm.scores.shape[0] > 1 else llm.scores[0]))
             n = s["tokens"]
-            rows[pf].append({"e2e_ms": 1e3 * wall / n, "io_ms": 1e3 * s["io_seconds"] / n,
+            rows[pf].append({"e2e_ms": 1e3 * wall / n, "io_ms": 1e3 * s["io_exposed_seconds"] / n,
                              "read_kib": s["bytes_read"] / n / 1024, "ops": s["read_ops"] / n,
                              "prefetch_kib": s["prefetch_bytes"] / n / 1024,
                              "prefetch_used": s["prefetch_used_bytes"] / s["prefetch_bytes"] if s["prefetch_bytes"] else 0.0,
@@ -63,11 +63,11 @@ def main() -> int:
     same = bool(np.array_equal(logits[False], logits[True]))
     print(f"{path}: {len(tokens)} tokens one at a time, O_DIRECT, cache fraction {args.cache_fraction}, "
           f"{args.rounds} rounds (medians)")
-    print(f"{'prefetch':<9} {'e2e ms/tok':>10} {'I/O ms/tok':>10} {'read KiB/tok':>12} {'ops/tok':>8} "
+    print(f"{'prefetch':<9} {'e2e ms/tok':>10} {'exposed I/O':>11} {'read KiB/tok':>12} {'ops/tok':>8} "
           f"{'ahead KiB/tok':>13} {'ahead used':>10} {'ahead ms/tok':>12}")
     for pf in (False, True):
         m = med[pf]
-        print(f"{'on' if pf else 'off':<9} {m['e2e_ms']:>10.2f} {m['io_ms']:>10.2f} {m['read_kib']:>12.1f} "
+        print(f"{'on' if pf else 'off':<9} {m['e2e_ms']:>10.2f} {m['io_ms']:>11.2f} {m['read_kib']:>12.1f} "
               f"{m['ops']:>8.1f} {m['prefetch_kib']:>13.1f} {m['prefetch_used']:>10.1%} {m['prefetch_ms']:>12.2f}")
     print(f"exposed I/O off/on: {med[False]['io_ms'] / max(med[True]['io_ms'], 1e-9):.2f}x; "
           f"end-to-end off/on: {med[False]['e2e_ms'] / med[True]['e2e_ms']:.2f}x; logits identical: {same}")

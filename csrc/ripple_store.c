@@ -24,7 +24,7 @@ static int64_t         g_cache_bytes = 0;
 static int             g_exact_down = RIPPLE_EXACT_DOWN_TENSOR;
 static int             g_mode = RIPPLE_MODE_EXACT;
 static int64_t         g_collapse_bytes = 0;
-static int             g_cache_policy = RIPPLE_CACHE_LRU;
+static int             g_cache_policy = RIPPLE_CACHE_PINNED;
 static double          g_cache_fraction = 0.0; /* > 0: budget = fraction of each model's FFN bytes */
 static int             g_direct_io = 0;
 static int             g_prefetch = 1;

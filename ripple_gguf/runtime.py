@@ -217,7 +217,7 @@ ENV_VARS = {"mode": "RIPPLE_MODE", "cache_mb": "RIPPLE_CACHE_MB", "cache_fractio
             "cache_policy": "RIPPLE_CACHE_POLICY", "collapse": "RIPPLE_COLLAPSE", "direct_io": "RIPPLE_DIRECT_IO",
             "io_threads": "RIPPLE_IO_THREADS", "io_engine": "RIPPLE_IO_ENGINE", "prefetch": "RIPPLE_PREFETCH",
             "overlap": "RIPPLE_OVERLAP", "exact_down": "RIPPLE_EXACT_DOWN", "sparse_down": "RIPPLE_SPARSE_DOWN"}
-_DEFAULTS = {"mode": "auto", "cache_policy": "lru", "collapse": True,
+_DEFAULTS = {"mode": "auto", "cache_policy": "pinned", "collapse": True,
              "direct_io": False, "io_threads": DEFAULT_IO_THREADS, "io_engine": "auto", "prefetch": True,
              "overlap": True, "exact_down": "tensor", "sparse_down": "auto"}
 
@@ -339,7 +339,7 @@ def configure(*, cache_mb: Optional[float] = None, cache_fraction: Optional[floa
     cache_mb: byte budget of the DRAM neuron cache of each loaded ripple model, in MiB (0: no
     cache). cache_fraction: the budget as a fraction of each model's FFN bytes instead (0 < f <= 1).
     Environment: ``RIPPLE_CACHE_MB`` (default 64) or ``RIPPLE_CACHE_FRACTION``.
-    cache_policy: ``"lru"`` (default), ``"s3fifo"``, ``"linking"`` (S3-FIFO with Ripple's
+    cache_policy: ``"pinned"`` (default), ``"lru"``, ``"s3fifo"``, ``"linking"`` (S3-FIFO with Ripple's
     linking-aware admission) or ``"pinned"`` (a static set: the bundles the converter measured as
     most often needed, as many as the budget holds, kept once read and never evicted; the others
     are not cached). Environment: ``RIPPLE_CACHE_POLICY``.

@@ -191,6 +191,9 @@ int ripple_set_exact_down(int source);
 int ripple_get_exact_down(void);
 
 void ripple_get_stats(ripple_stats * out);
+/* stats() as a JSON object (the struct's fields with needed_runs/needed_bundles as mean_run_length,
+ * plus cache_hit_rate): what RIPPLE_STATS_FILE receives; returns the length it needs */
+int ripple_stats_json(char * buf, size_t len);
 void ripple_reset_stats(void);
 
 /* CRC32C (Castagnoli; the SSE4.2 / ARMv8 instruction when the CPU has it). ripple_crc32c_blocks

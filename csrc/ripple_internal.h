@@ -349,6 +349,12 @@ extern ripple_counters g_ripple_counters;
 #define RIPPLE_COUNT(field, v) __atomic_fetch_add(&g_ripple_counters.field, (uint64_t)(v), __ATOMIC_RELAXED)
 uint64_t ripple_now_ns(void);
 
+/* counters without Python: RIPPLE_STATS_FILE written every few seconds once a model is loaded
+ * (ripple_stats_start) and when a model is freed (ripple_stats_report, which also logs a summary
+ * line through ggml's logger) */
+void ripple_stats_start(void);
+void ripple_stats_report(const char * model_path);
+
 /* ---- load hook (ripple_loadhook.c) ---- */
 void ripple_loadhook_end_load(void);
 

@@ -3,6 +3,10 @@
 #define _GNU_SOURCE
 #include "ripple_internal.h"
 
+/* ggml's logger (exported by libggml-base; declared in ggml's internal ggml-impl.h, which the
+ * build does not fetch): llama.cpp's log callback receives what goes through it */
+void ggml_log_internal(enum ggml_log_level level, const char * format, ...);
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -163,9 +167,9 @@ static void model_free(ripple_model * m) {
 }
 
 /* unlink and free when nothing references it any more; g_mu held */
-static void model_maybe_release(ripple_model * m) {
+static int model_maybe_release(ripple_model * m) {
     if (m->loading || m->n_buffers > 0) {
-        return;
+        return 0;
     }
     for (ripple_model ** p = &g_models; *p; p = &(*p)->next) {
         if (*p == m) {
@@ -174,6 +178,7 @@ static void model_maybe_release(ripple_model * m) {
         }
     }
     model_free(m);
+    return 1;
 }
 
 /* cache budget of a model under the current settings; g_mu held */
@@ -387,6 +392,7 @@ int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_lay
     if (!m) {
         return -1;
     }
+    ripple_stats_start();
     pthread_mutex_lock(&g_mu);
     if (g_loading) {
         pthread_mutex_unlock(&g_mu);
@@ -466,10 +472,15 @@ void ripple_store_buffer_ref(ripple_model * m) {
 }
 
 void ripple_store_buffer_unref(ripple_model * m) {
+    char path[1024];
     pthread_mutex_lock(&g_mu);
     m->n_buffers--;
-    model_maybe_release(m);
+    snprintf(path, sizeof(path), "%s", m->path);
+    const int freed = !m->standalone && model_maybe_release(m);
     pthread_mutex_unlock(&g_mu);
+    if (freed) {
+        ripple_stats_report(path);
+    }
 }
 
 bool ripple_store_is_ripple_fd(int fd) {
@@ -1062,4 +1073,99 @@ const ggml_fp16_t * ripple_layer_down_table(ripple_model * m, int layer) {
     const ggml_fp16_t * t = L->down_tab;
     pthread_mutex_unlock(&m->mu);
     return t;
+}
+
+/* ---- counters without Python: RIPPLE_STATS_FILE, and a summary line through ggml's logger ---- */
+
+int ripple_stats_json(char * buf, size_t len) {
+    ripple_stats st;
+    ripple_get_stats(&st);
+    const uint64_t lookups = st.cache_hits + st.cache_misses;
+    const double hit_rate = lookups ? (double) st.cache_hits / (double) lookups : 0.0;
+    const double mean_run = st.needed_runs ? (double) st.needed_bundles / (double) st.needed_runs : 0.0;
+#define U(f) "\"" #f "\": %llu, "
+#define D(f) "\"" #f "\": %.9f, "
+    return snprintf(buf, len,
+                    "{" U(ffn_matmuls) U(neurons_computed) U(neurons_total) U(read_ops) U(bytes_read) U(cache_hits)
+                    U(cache_misses) U(fallback_reads) U(cache_bytes) U(cache_capacity) D(io_seconds) D(compute_seconds)
+                    U(tokens) U(needed_bytes) U(dense_bytes) U(collapse_extra_bytes) U(max_run_length)
+                    D(predictor_seconds) U(stream_reads) U(prefetch_bytes) U(prefetch_used_bytes) D(prefetch_seconds)
+                    D(io_exposed_seconds) D(cache_hit_rate) "\"mean_run_length\": %.9f}",
+                    (unsigned long long) st.ffn_matmuls, (unsigned long long) st.neurons_computed,
+                    (unsigned long long) st.neurons_total, (unsigned long long) st.read_ops,
+                    (unsigned long long) st.bytes_read, (unsigned long long) st.cache_hits,
+                    (unsigned long long) st.cache_misses, (unsigned long long) st.fallback_reads,
+                    (unsigned long long) st.cache_bytes, (unsigned long long) st.cache_capacity, st.io_seconds,
+                    st.compute_seconds, (unsigned long long) st.tokens, (unsigned long long) st.needed_bytes,
+                    (unsigned long long) st.dense_bytes, (unsigned long long) st.collapse_extra_bytes,
+                    (unsigned long long) st.max_run_length, st.predictor_seconds, (unsigned long long) st.stream_reads,
+                    (unsigned long long) st.prefetch_bytes, (unsigned long long) st.prefetch_used_bytes,
+                    st.prefetch_seconds, st.io_exposed_seconds, hit_rate, mean_run);
+#undef U
+#undef D
+}
+
+/* the JSON written whole to a temporary beside the file, then renamed over it */
+static void stats_file_write(void) {
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    static int warned = 0;
+    const char * path = getenv("RIPPLE_STATS_FILE");
+    if (!path || !*path) {
+        return;
+    }
+    char json[2048], tmp[4096];
+    ripple_stats_json(json, sizeof(json));
+    pthread_mutex_lock(&mu);
+    snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, (int) getpid());
+    FILE * f = fopen(tmp, "w");
+    int ok = f && fputs(json, f) >= 0 && fputc('\n', f) != EOF;
+    ok = f && fclose(f) == 0 && ok;
+    ok = ok && rename(tmp, path) == 0;
+    if (!ok) {
+        unlink(tmp);
+        if (!warned) {
+            warned = 1;
+            fprintf(stderr, "ripple: warning: cannot write RIPPLE_STATS_FILE %s: %s\n", path, strerror(errno));
+        }
+    }
+    pthread_mutex_unlock(&mu);
+}
+
+#define RIPPLE_STATS_PERIOD_S 5
+
+static void * stats_thread_main(void * arg) {
+    (void) arg;
+    for (;;) {
+        sleep(RIPPLE_STATS_PERIOD_S);
+        stats_file_write();
+    }
+    return NULL;
+}
+
+static void stats_thread_once(void) {
+    pthread_t tid;
+    if (pthread_create(&tid, NULL, stats_thread_main, NULL) == 0) {
+        pthread_detach(tid);
+    }
+}
+
+void ripple_stats_start(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    const char * path = getenv("RIPPLE_STATS_FILE");
+    if (path && *path) {
+        pthread_once(&once, stats_thread_once);
+    }
+}
+
+void ripple_stats_report(const char * model_path) {
+    ripple_stats st;
+    ripple_get_stats(&st);
+    const uint64_t lookups = st.cache_hits + st.cache_misses;
+    ggml_log_internal(GGML_LOG_LEVEL_INFO, "ripple: %s freed: %llu tokens, %.1f%% of FFN neurons computed, %.1f MiB read in %llu reads "
+                  "(I/O %.2f s, %.2f s of it waited for), cache hit rate %.1f%%\n", model_path,
+                  (unsigned long long) st.tokens,
+                  st.neurons_total ? 100.0 * (double) st.neurons_computed / (double) st.neurons_total : 0.0,
+                  (double) st.bytes_read / 1048576.0, (unsigned long long) st.read_ops, st.io_seconds,
+                  st.io_exposed_seconds, lookups ? 100.0 * (double) st.cache_hits / (double) lookups : 0.0);
+    stats_file_write();
 }

@@ -8,6 +8,7 @@ bundles lie) for exactly the duration of that load. Other GGUF files load untouc
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -476,14 +477,9 @@ def _mode_note(mode: str) -> str:
 
 def stats() -> Dict[str, float]:
     """Process-wide counters of the backend since start or the last :func:`reset_stats`."""
-    s = _native.ffi.new("ripple_stats *")
-    _native.lib.ripple_get_stats(s)
-    out = {name: getattr(s, name) for name, _ in _native.ffi.typeof("ripple_stats").fields}
-    lookups = out["cache_hits"] + out["cache_misses"]
-    out["cache_hit_rate"] = out["cache_hits"] / lookups if lookups else 0.0
-    runs = out.pop("needed_runs")
-    out["mean_run_length"] = out.pop("needed_bundles") / runs if runs else 0.0
-    return out
+    buf = _native.ffi.new("char[]", 4096)
+    _native.lib.ripple_stats_json(buf, 4096)  # the JSON RIPPLE_STATS_FILE receives: one definition
+    return json.loads(_native.ffi.string(buf).decode())
 
 
 def reset_stats() -> None:

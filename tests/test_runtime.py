@@ -285,3 +285,31 @@ def test_without_mmap_and_with_two_models_at_once(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_stats_reach_a_file_and_the_log_without_python_reading_them(tmp_path):
+    """RIPPLE_STATS_FILE gets stats() as JSON when a model is freed (and every few seconds while
+    one is loaded), and a summary line goes through ggml's logger: counters for host processes
+    that have no Python (llama-server)."""
+    import json
+    import subprocess
+    import sys
+
+    src = make_model(tmp_path / "src.gguf", ffn_type="Q8_0", n_embd=64, n_ff=128, n_layers=2)
+    dst = tmp_path / "m.ripple.gguf"
+    convert(src, dst, quiet=True)
+    out = tmp_path / "stats.json"
+    code = ("import ripple_gguf, llama_cpp\n"
+            f"llm = llama_cpp.Llama(model_path={str(dst)!r}, n_ctx=64, n_threads=1, verbose=True)\n"
+            f"llm.eval({TOKENS[:6]!r})\n"
+            "print('KEYS', sorted(ripple_gguf.stats()))\n"
+            "llm.close()\n")
+    env = dict(os.environ, RIPPLE_STATS_FILE=str(out))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    stats = json.loads(out.read_text())
+    assert stats["tokens"] == 6 and stats["ffn_matmuls"] == 2 * 3 and stats["neurons_computed"] > 0
+    keys = next(l for l in p.stdout.splitlines() if l.startswith("KEYS"))
+    assert keys == "KEYS " + str(sorted(stats))  # stats() is this JSON
+    assert f"ripple: {dst} freed: 6 tokens, 100.0% of FFN neurons computed" in p.stderr, p.stderr[-2000:]
+    assert not list(tmp_path.glob("stats.json.*.tmp"))

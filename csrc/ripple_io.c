@@ -14,7 +14,7 @@
 #include <unistd.h>
 
 #define RIPPLE_IO_ALIGN 4096u              /* O_DIRECT offset/length/buffer alignment (>= logical block) */
-#define RIPPLE_IO_BOUNCE (1u << 20)        /* largest O_DIRECT transfer per pread */
+#define RIPPLE_IO_BOUNCE (1u << 20)        /* largest O_DIRECT transfer per pread through a bounce buffer (each reader thread and io_uring slot has one; touched as used) */
 #define RIPPLE_IO_MAX_THREADS 64
 
 static pthread_mutex_t g_io_mu = PTHREAD_MUTEX_INITIALIZER;   /* pool state */

@@ -690,11 +690,16 @@ static void * prefetch_main(void * arg) {
 }
 
 static void prefetch_wait(ripple_prefetch * pf) {
+    const uint64_t t0 = ripple_now_ns();
     pthread_mutex_lock(&pf->mu);
+    const int was_busy = pf->busy;
     while (pf->busy) {
         pthread_cond_wait(&pf->cv, &pf->mu);
     }
     pthread_mutex_unlock(&pf->mu);
+    if (was_busy) { /* compute waiting for a read-ahead to finish */
+        RIPPLE_COUNT(io_exposed_ns, ripple_now_ns() - t0);
+    }
 }
 
 void ripple_prefetch_free(ripple_prefetch * pf) {
@@ -810,8 +815,10 @@ const ripple_prefetch * ripple_prefetch_take(ripple_prefetch * pf, ripple_model 
         pf->valid = 0;
     }
     pthread_mutex_unlock(&pf->mu);
-    if (was_busy) {
-        RIPPLE_COUNT(io_ns, ripple_now_ns() - t0); /* the wait is I/O the compute did not hide */
+    if (was_busy) { /* the wait is I/O the compute did not hide */
+        const uint64_t waited = ripple_now_ns() - t0;
+        RIPPLE_COUNT(io_ns, waited);
+        RIPPLE_COUNT(io_exposed_ns, waited);
     }
     if (had) {
         RIPPLE_COUNT(bytes_read, bytes);

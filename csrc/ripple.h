@@ -205,6 +205,11 @@ void ripple_crc32c_blocks(const void * data, uint64_t len, uint64_t block, uint3
  * what the checks cost; environment RIPPLE_VERIFY_READS=0). */
 void ripple_set_verify_reads(int on);
 int ripple_get_verify_reads(void);
+/* Gate and up of a layer computed in one pass when the graph has them next to each other: on (1,
+ * default) or off (0: each MUL_MAT alone, the path a graph the backend does not recognise takes;
+ * a diagnostic for tests). */
+void ripple_set_pair_matmuls(int on);
+int ripple_get_pair_matmuls(void);
 
 /* Message of the last failure inside graph compute or I/O ("" if none); cleared by reading. */
 int ripple_take_last_error(char * buf, size_t buf_len);

@@ -854,7 +854,20 @@ static bool op_is_empty(enum ggml_op op) {
 
 /* The up (gate) matmul of the same layer and input as the gate (up) matmul `gate`, when it is the
  * next node to compute: both are then computed in one pass over the layer's neurons. */
+static int g_pair = 1;
+
+void ripple_set_pair_matmuls(int on) {
+    __atomic_store_n(&g_pair, on ? 1 : 0, __ATOMIC_RELAXED);
+}
+
+int ripple_get_pair_matmuls(void) {
+    return __atomic_load_n(&g_pair, __ATOMIC_RELAXED);
+}
+
 static struct ggml_tensor * paired_up(struct ggml_cgraph * cgraph, int i, const struct ggml_tensor * gate, int * at) {
+    if (!ripple_get_pair_matmuls()) {
+        return NULL;
+    }
     const ripple_binding * bg = binding_of(gate->src[0]);
     const int want = bg->kind == RIPPLE_GATE ? RIPPLE_UP : RIPPLE_GATE;
     for (int k = i + 1; k < ggml_graph_n_nodes(cgraph); k++) {

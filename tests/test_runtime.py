@@ -313,3 +313,28 @@ def test_stats_reach_a_file_and_the_log_without_python_reading_them(tmp_path):
     assert keys == "KEYS " + str(sorted(stats))  # stats() is this JSON
     assert f"ripple: {dst} freed: 6 tokens, 100.0% of FFN neurons computed" in p.stderr, p.stderr[-2000:]
     assert not list(tmp_path.glob("stats.json.*.tmp"))
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("type_name", ["F16", "Q4_1", "Q5_0", "Q4_K"])
+def test_paired_gate_up_equals_each_matmul_alone(tmp_path, type_name, gated):
+    """Gate and up computed in one pass give the logits of each MUL_MAT computed alone (the path a
+    graph the backend does not recognise takes), from the standard tensors and from the bundles,
+    in a batch and token by token."""
+    from ripple_gguf import _native
+
+    src = make_model(tmp_path / "src.gguf", ffn_type=type_name, gated=gated, **_dims(type_name))
+    dst = tmp_path / "m.ripple.gguf"
+    convert(src, dst, quiet=True)
+    try:
+        for exact_down in ("tensor", "bundles"):
+            ripple_gguf.configure(exact_down=exact_down)
+            got = {}
+            for pair in (1, 0):
+                _native.lib.ripple_set_pair_matmuls(pair)
+                got[pair] = [plugin_logits(dst, n_batch=n) for n in (64, 1)]
+            for a, b in zip(got[1], got[0]):
+                assert np.array_equal(a, b), (type_name, gated, exact_down)
+    finally:
+        _native.lib.ripple_set_pair_matmuls(1)
+        ripple_gguf.runtime.reset_settings()

@@ -246,3 +246,18 @@ def test_pinned_cache_keeps_its_share_under_cyclic_reads(packed, settings):
         llm.close()
     assert rates["lru"] == 0.0
     assert 0.35 <= rates["pinned"] <= 0.41, rates
+
+
+def test_sparse_paired_gate_up_equals_each_matmul_alone(packed, settings):
+    from ripple_gguf import _native
+
+    settings.configure(mode="sparse")
+    try:
+        got = {}
+        for pair in (1, 0):
+            _native.lib.ripple_set_pair_matmuls(pair)
+            got[pair] = [_eval_logits(packed.path, TOKENS, n, 2) for n in (64, 1)]
+        for a, b in zip(got[1], got[0]):
+            assert np.array_equal(a, b)
+    finally:
+        _native.lib.ripple_set_pair_matmuls(1)

@@ -1120,7 +1120,10 @@ int ripple_register(char * err, size_t err_len) {
             return 0;
         }
     }
-    ggml_cpu_init();
+    if (ripple_cpu_init() != 0) {
+        snprintf(err, err_len, "ggml's CPU backend is not loaded in this process");
+        return -1;
+    }
     ggml_backend_register(ggml_backend_ripple_reg());
     registered = 1;
     return 0;

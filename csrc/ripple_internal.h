@@ -294,6 +294,11 @@ int ripple_mode_of(const ripple_model * m); /* the mode in force for m (RIPPLE_M
 int64_t ripple_get_collapse_bytes(void);
 
 /* ---- kernels (ripple_kernels.c) ---- */
+/* ggml's CPU backend, found at run time (linked, global, or a module loaded by ggml): its type
+ * traits (NULL when no CPU backend is loaded), and its initialisation (-1 when not found) */
+const struct ggml_type_traits_cpu * ripple_cpu_traits(enum ggml_type type);
+int ripple_cpu_init(void);
+
 typedef struct ripple_pool ripple_pool;
 ripple_pool * ripple_pool_new(void);
 void          ripple_pool_free(ripple_pool * p);

@@ -9,6 +9,9 @@
 
 #include "ggml-cpu.h"
 
+#include <dlfcn.h>
+#include <link.h>
+
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -16,6 +19,60 @@
 #ifdef RIPPLE_OPENMP
 #include <omp.h>
 #endif
+
+/* ---- ggml's CPU backend, found at run time ----
+ * Its type traits (vec_dot, from_float) are what the kernels compute with. In a process where
+ * ggml's libraries are linked or promoted to the global scope (llama-cpp-python, after
+ * ripple_gguf/_native.py) they are found by name; where ggml loads its CPU backend as a module
+ * (builds with GGML_BACKEND_DL, llama.cpp's releases and llama-server) that module is in a local
+ * scope, so it is looked up among the loaded libraries. Nothing links to ggml-cpu at build time. */
+
+static int find_cpu_module(struct dl_phdr_info * info, size_t size, void * data) {
+    (void) size;
+    const char * name = info->dlpi_name;
+    const char * base = name ? strrchr(name, '/') : NULL;
+    if (base && strncmp(base + 1, "libggml-cpu", 11) == 0) {
+        snprintf((char *) data, 4096, "%s", name);
+        return 1;
+    }
+    return 0;
+}
+
+static void * cpu_symbol(const char * sym) {
+    void * p = dlsym(RTLD_DEFAULT, sym);
+    if (p) {
+        return p;
+    }
+    char path[4096] = "";
+    dl_iterate_phdr(find_cpu_module, path);
+    void * h = path[0] ? dlopen(path, RTLD_NOW | RTLD_NOLOAD) : NULL;
+    if (h) {
+        p = dlsym(h, sym);
+        dlclose(h); /* NOLOAD took a reference; ggml keeps the module loaded */
+    }
+    return p;
+}
+
+typedef const struct ggml_type_traits_cpu * (*ripple_traits_fn)(enum ggml_type);
+static ripple_traits_fn g_cpu_traits;
+
+const struct ggml_type_traits_cpu * ripple_cpu_traits(enum ggml_type type) {
+    ripple_traits_fn f = __atomic_load_n(&g_cpu_traits, __ATOMIC_ACQUIRE);
+    if (!f) {
+        f = (ripple_traits_fn) cpu_symbol("ggml_get_type_traits_cpu");
+        __atomic_store_n(&g_cpu_traits, f, __ATOMIC_RELEASE);
+    }
+    return f ? f(type) : NULL;
+}
+
+int ripple_cpu_init(void) {
+    void (*init)(void) = (void (*)(void)) cpu_symbol("ggml_cpu_init");
+    if (!init) {
+        return -1;
+    }
+    init();
+    return ripple_cpu_traits(GGML_TYPE_F32) ? 0 : -1;
+}
 
 /* ---- thread pool: workers 1..n-1, the caller is thread 0 ---- */
 
@@ -208,13 +265,18 @@ int ripple_kernel_rows(ripple_pool * pool, int n_threads, const ripple_rows * ro
     j.n_tokens = n_tokens;
     uint8_t * owned[2] = { NULL, NULL };
     for (int m = 0; m < n_mats; m++) {
-        const struct ggml_type_traits_cpu * tc = ggml_get_type_traits_cpu(rows[m].type);
+        const struct ggml_type_traits_cpu * tc = ripple_cpu_traits(rows[m].type);
+        if (!tc) {
+            free(owned[0]);
+            ripple_set_error("ggml's CPU backend is not loaded in this process");
+            return -1;
+        }
         const enum ggml_type vt = tc->vec_dot_type;
         j.rows[m] = rows[m];
         j.dst[m] = dsts[m];
         j.vec_dot[m] = tc->vec_dot;
         j.xq_stride[m] = ggml_row_size(vt, rows[m].row_len);
-        if (m == 1 && ggml_get_type_traits_cpu(rows[0].type)->vec_dot_type == vt) {
+        if (m == 1 && ripple_cpu_traits(rows[0].type)->vec_dot_type == vt) {
             j.xq[1] = j.xq[0]; /* the same conversion of the same input */
             continue;
         }
@@ -230,7 +292,7 @@ int ripple_kernel_rows(ripple_pool * pool, int n_threads, const ripple_rows * ro
             if (vt == GGML_TYPE_F32) {
                 memcpy(owned[m] + t * j.xq_stride[m], x, sizeof(float) * (size_t) rows[m].row_len);
             } else {
-                ggml_get_type_traits_cpu(vt)->from_float(x, owned[m] + t * j.xq_stride[m], rows[m].row_len);
+                ripple_cpu_traits(vt)->from_float(x, owned[m] + t * j.xq_stride[m], rows[m].row_len);
             }
         }
         j.xq[m] = owned[m];
@@ -602,7 +664,12 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
                        const uint8_t * token_mask, const struct ggml_tensor * src1, struct ggml_tensor * dst) {
     if (n_threads < 1) n_threads = 1;
     const int64_t n_tokens = src1->ne[1], n_ff = L->d.n_ff, n_embd = L->d.n_embd;
-    const enum ggml_type vt = ggml_get_type_traits_cpu((enum ggml_type) L->d.down_src_type)->vec_dot_type;
+    const struct ggml_type_traits_cpu * dtc = ripple_cpu_traits((enum ggml_type) L->d.down_src_type);
+    if (!dtc) {
+        ripple_set_error("ggml's CPU backend is not loaded in this process");
+        return -1;
+    }
+    const enum ggml_type vt = dtc->vec_dot_type;
     down_job j = { 0 };
     j.L = L;
     j.ptrs = ptrs;
@@ -645,7 +712,7 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
         return -1;
     }
     const int rule = apply_rule && L->d.act_rule == 1; /* magnitude: |h| <= threshold is not active */
-    const ggml_from_float_t from_float = vt == GGML_TYPE_F32 ? NULL : ggml_get_type_traits_cpu(vt)->from_float;
+    const ggml_from_float_t from_float = vt == GGML_TYPE_F32 ? NULL : ripple_cpu_traits(vt)->from_float;
     for (int64_t t = 0; t < n_tokens; t++) {
         ripple_mask_activations(L, (const float *) ((const char *) src1->data + t * src1->nb[1]),
                                 token_mask ? token_mask + t * n_ff : NULL, rule, hm);

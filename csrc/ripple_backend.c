@@ -519,7 +519,7 @@ static void ahead_start(ripple_backend_ctx * ctx, ripple_model * m, int cur, int
         const ripple_layer * L = &m->layers[l];
         pthread_mutex_lock(&m->mu);
         const ripple_cache * c = &m->cache;
-        const int resident = ripple_cache_resident(c, l) != NULL;
+        const int resident = c->resident && c->resident[l] != NULL; /* kept, or being filled */
         const int will = !resident && c->resident && c->n_used == 0 &&
                          c->resident_used + ((L->dense_bytes + 63) & ~(uint64_t) 63) <= c->arena_size;
         pthread_mutex_unlock(&m->mu);
@@ -629,11 +629,16 @@ static int std_tensors(ripple_backend_ctx * ctx, const ripple_binding * b, int k
             dst[k] = res + std_offset(L, k);
             at[k] = dst[k];
         }
-        if (fill && std_read(m, b->layer, fd, 7, dst, 0) != 0) {
+        if (fill) {
+            const int rc = std_read(m, b->layer, fd, 7, dst, 0);
             pthread_mutex_lock(&m->mu);
-            ripple_cache_unresident(&m->cache, b->layer);
+            if (rc == 0) {
+                ripple_cache_resident_ready(&m->cache, b->layer);
+            } else {
+                ripple_cache_unresident(&m->cache, b->layer);
+            }
             pthread_mutex_unlock(&m->mu);
-            return -1;
+            return rc;
         }
         return 0;
     }

@@ -47,6 +47,7 @@ void ripple_cache_free(ripple_cache * c) {
     }
     free(c->pin);
     free(c->resident);
+    free(c->resident_ready);
     free(c->slot_layer);
     free(c->slot_pos);
     free(c->prev);
@@ -102,8 +103,9 @@ void ripple_cache_init(ripple_cache * c, int n_layers, const ripple_layer * laye
     c->ghost_at = s3 ? calloc((size_t) n_layers, sizeof(int64_t *)) : NULL;
     c->pin = pinned ? calloc((size_t) n_layers, sizeof(uint8_t *)) : NULL;
     c->resident = calloc((size_t) n_layers, sizeof(uint8_t *));
+    c->resident_ready = calloc((size_t) n_layers, 1);
     bool ok = c->slot_layer && c->slot_pos && c->prev && c->next && c->queue && c->freq && c->slot_of && (!s3 || c->ghost_at) &&
-              (!pinned || c->pin) && c->resident;
+              (!pinned || c->pin) && c->resident && c->resident_ready;
     for (int l = 0; ok && l < n_layers; l++) {
         c->slot_of[l] = malloc(sizeof(int32_t) * (size_t) layers[l].d.n_ff);
         ok = c->slot_of[l] != NULL;
@@ -233,27 +235,32 @@ int ripple_cache_where(const ripple_cache * c, int layer, int64_t pos) {
 }
 
 uint8_t * ripple_cache_resident(const ripple_cache * c, int layer) {
-    return c->resident && layer >= 0 && layer < c->n_layers ? c->resident[layer] : NULL;
+    return c->resident && layer >= 0 && layer < c->n_layers && c->resident_ready[layer] ? c->resident[layer] : NULL;
 }
 
 uint8_t * ripple_cache_make_resident(ripple_cache * c, int layer, size_t bytes) {
-    if (!c->resident || layer < 0 || layer >= c->n_layers || c->n_used > 0) {
+    if (!c->resident || layer < 0 || layer >= c->n_layers || c->n_used > 0 || c->resident[layer]) {
         return NULL;
     }
-    if (!c->resident[layer]) {
-        bytes = (bytes + 63) & ~(size_t) 63;
-        if (c->resident_used + bytes > c->arena_size) {
-            return NULL;
-        }
-        c->resident[layer] = c->arena + c->resident_used;
-        c->resident_used += bytes;
+    bytes = (bytes + 63) & ~(size_t) 63;
+    if (c->resident_used + bytes > c->arena_size) {
+        return NULL;
     }
+    c->resident[layer] = c->arena + c->resident_used;
+    c->resident_used += bytes;
     return c->resident[layer];
+}
+
+void ripple_cache_resident_ready(ripple_cache * c, int layer) {
+    if (c->resident && layer >= 0 && layer < c->n_layers && c->resident[layer]) {
+        c->resident_ready[layer] = 1;
+    }
 }
 
 void ripple_cache_unresident(ripple_cache * c, int layer) {
     if (c->resident && layer >= 0 && layer < c->n_layers) {
         c->resident[layer] = NULL; /* its bytes stay given until the cache is made again */
+        c->resident_ready[layer] = 0;
     }
 }
 

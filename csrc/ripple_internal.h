@@ -98,6 +98,7 @@ typedef struct ripple_cache {
      * both: once a layer is resident no bundle is admitted, and a cache holding bundles takes no
      * resident layer) */
     uint8_t ** resident;  /* [layer] -> its standard ffn_gate | ffn_up | ffn_down bytes, or NULL */
+    uint8_t * resident_ready; /* [layer]: filled and checked (until then other users read it themselves) */
     size_t    resident_used;
     int       all_fit;    /* the slots hold every bundle of the model: nothing is ever evicted */
     int       n_layers;
@@ -106,11 +107,14 @@ typedef struct ripple_cache {
 /* budget_bytes = 0 (or an unknown policy) leaves the cache empty: every get misses, put is a no-op. */
 void      ripple_cache_init(ripple_cache * c, int n_layers, const ripple_layer * layers, size_t budget_bytes, int policy);
 void      ripple_cache_free(ripple_cache * c);
-/* exact mode: the arena bytes holding layer's standard tensors (NULL: not resident) */
+/* exact mode: the arena bytes holding layer's standard tensors, filled and checked (NULL: not
+ * resident, or still being filled) */
 uint8_t * ripple_cache_resident(const ripple_cache * c, int layer);
-/* give `bytes` of the arena to layer (NULL when no bundle was ever cached and they do not fit);
- * the caller fills them, and ripple_cache_unresident(c, layer) takes them back when it cannot */
+/* give `bytes` of the arena to layer (NULL when a bundle was ever cached, they do not fit, or the
+ * layer has them already); the caller fills them and then calls ripple_cache_resident_ready, or
+ * ripple_cache_unresident when it cannot */
 uint8_t * ripple_cache_make_resident(ripple_cache * c, int layer, size_t bytes);
+void      ripple_cache_resident_ready(ripple_cache * c, int layer);
 void      ripple_cache_unresident(ripple_cache * c, int layer);
 /* Pointer to the cached bundle, NULL on a miss. A hit updates the policy's recency/frequency. */
 uint8_t * ripple_cache_get(ripple_cache * c, int layer, int64_t pos);

@@ -143,7 +143,7 @@ def restore_settings():
 def _state():
     s = ripple_gguf.settings()
     return {k: s[k] for k in ("mode", "cache_mb", "cache_fraction", "cache_policy", "collapse", "collapse_bytes",
-                              "direct_io", "io_threads", "prefetch", "exact_down")}
+                              "direct_io", "io_threads", "prefetch", "overlap", "exact_down", "sparse_down")}
 
 
 def test_configure_parses_booleans_strictly(restore_settings):
@@ -196,7 +196,8 @@ def test_configure_bounds_and_types(restore_settings, kw, match):
     ("RIPPLE_CACHE_MB", "abc"), ("RIPPLE_CACHE_FRACTION", "2"), ("RIPPLE_MODE", "bogus"),
     ("RIPPLE_DIRECT_IO", "maybe"), ("RIPPLE_PREFETCH", "2"), ("RIPPLE_COLLAPSE", "sometimes"),
     ("RIPPLE_IO_THREADS", "0"), ("RIPPLE_IO_THREADS", "2.5"), ("RIPPLE_IO_ENGINE", "fast"),
-    ("RIPPLE_CACHE_POLICY", "mru"), ("RIPPLE_EXACT_DOWN", "rows")])
+    ("RIPPLE_CACHE_POLICY", "mru"), ("RIPPLE_EXACT_DOWN", "rows"), ("RIPPLE_OVERLAP", "maybe"),
+    ("RIPPLE_SPARSE_DOWN", "rows")])
 def test_environment_settings_checked_naming_the_variable(restore_settings, monkeypatch, var, value):
     before = _state()
     monkeypatch.setenv(var, value)

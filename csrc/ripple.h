@@ -1,8 +1,9 @@
 /* ripple-gguf control API: the only symbols Python binds (through cffi, ABI mode).
  *
- * The Python side reads and validates the ripple-packed GGUF metadata and hands the runtime one
- * descriptor per FFN layer; the C side never parses ripple.* keys itself (one source of truth:
- * ripple_gguf/constants.py). This header is parsed by cffi: no preprocessor logic below the
+ * The library reads ripple-packed files itself (csrc/ripple_file.c, through ggml's gguf API):
+ * ripple_load_begin identifies the file a host is about to load, checks it and claims its FFN
+ * tensors, for Python's load wrapper and for the load-function hook a host without Python gets
+ * (GGML_BACKEND_PATH). This header is parsed by cffi: no preprocessor logic below the
  * RIPPLE_CDEF_BEGIN marker except the include guard lines the binding strips.
  */
 #ifndef RIPPLE_H
@@ -94,15 +95,51 @@ int ripple_register(char * err, size_t err_len);
 int ripple_loadhook_install(char * err, size_t err_len);
 int ripple_loadhook_active(void);
 
-/* Announce a ripple-packed file that llama.cpp is about to load. Until ripple_model_end_load,
- * the backend claims the blk.N.ffn_{gate,up,down}.weight tensors described by `layers`.
- * Returns a model handle (> 0), or -1 with a message in err. */
-int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_layers,
-                            const ripple_layer_desc * layers, char * err, size_t err_len);
-/* Close the load window. `ok` = 0 when llama.cpp failed to load the model. */
+/* Before a host loads `path` with llama.cpp: the file identified and read (ggml's gguf API), checked
+ * (metadata and tensor infos, file size, region header and footer, sampled bundles, checksum table
+ * and header digests; with claim also the down scale tables and predictor blobs), and with claim
+ * != 0 its FFN tensors claimed until ripple_model_end_load. Returns 0 when the file is not
+ * ripple-packed (load it as is), a model handle > 0, or -1 with "<path>: <problem>" in err
+ * (refuse the load). */
+int ripple_load_begin(const char * path, int claim, char * err, size_t err_len);
+/* The same checks without claiming anything (1 ripple-packed and sound, 0 not ripple, -1 err). */
+int ripple_file_check(const char * path, char * err, size_t err_len);
+
+typedef struct ripple_model_info {
+    int32_t bound_tensors;    /* FFN weight tensors the backend took in the load */
+    int32_t expected_tensors; /* FFN weight tensors of the file (gate+up+down over the layers) */
+    int32_t default_mode;     /* RIPPLE_MODE_EXACT or RIPPLE_MODE_SPARSE: the file's own default */
+    char    default_mode_reason[256];
+} ripple_model_info;
+/* Returns 0, -1 for an unknown handle. */
+int ripple_model_get_info(int handle, ripple_model_info * out);
+
+/* Settings from the RIPPLE_* environment variables (README, Settings), every one checked: 0, or -1
+ * with "<VARIABLE> must be <rule>, got '<value>'" in err. Indices: mode RIPPLE_MODE_*, cache_policy
+ * 0 lru 1 s3fifo 2 linking 3 pinned, io_engine 0 threads 1 uring 2 auto, exact_down
+ * RIPPLE_EXACT_DOWN_*, sparse_down 0 bundles 1 auto. */
+typedef struct ripple_env_settings {
+    int32_t mode;
+    double  cache_mb;       /* -1 when RIPPLE_CACHE_FRACTION gives the budget */
+    double  cache_fraction; /* 0 when not given */
+    int32_t cache_policy;
+    int32_t collapse;       /* 1: the cost model's threshold, 0: off */
+    int32_t direct_io;
+    int32_t io_threads;
+    int32_t io_engine;
+    int32_t prefetch;
+    int32_t overlap;
+    int32_t exact_down;
+    int32_t sparse_down;
+    int32_t no_load_hook;   /* RIPPLE_NO_LOAD_HOOK */
+    int32_t verify_reads;   /* RIPPLE_VERIFY_READS (diagnostic) */
+} ripple_env_settings;
+int ripple_settings_from_env(ripple_env_settings * out, char * err, size_t err_len);
+/* Put them into the backend (what a host without Python gets at registration). */
+void ripple_settings_apply(const ripple_env_settings * s);
+
+/* Close the load window of ripple_load_begin. `ok` = 0 when llama.cpp failed to load the model. */
 void ripple_model_end_load(int handle, int ok);
-/* Number of weight tensors the backend bound to the handle (gate+up+down over all layers). */
-int ripple_model_bound_tensors(int handle);
 
 /* Settings. The cache budget and policy apply to every model's neuron cache (existing caches are
  * emptied and re-made). policy: 0 lru, 1 s3fifo, 2 linking (S3-FIFO with Ripple's linking-aware
@@ -120,9 +157,6 @@ int64_t ripple_get_cache_bytes(void);
 #define RIPPLE_MODE_AUTO 2 /* each model's own default (ripple_model_set_default_mode; sparse unless set) */
 int ripple_set_mode(int mode);
 int ripple_get_mode(void);
-/* The mode RIPPLE_MODE_AUTO means for a loaded model (EXACT or SPARSE). Returns 0, -1 for a bad
- * mode or an unknown handle. */
-int ripple_model_set_default_mode(int handle, int mode);
 /* Access collapse: two runs of bundles to read whose gap is at most gap_bytes are read as one
  * request (0 = off). */
 void ripple_set_collapse_bytes(int64_t gap_bytes);
@@ -180,8 +214,7 @@ int64_t ripple_iolog_read(int64_t * out, int64_t cap);
 /* Standalone store (trace replay, benchmarks): the same reads, collapse, cache and counters as a
  * model loaded by llama.cpp, without llama.cpp. ripple_store_fetch reads the bundles of the given
  * neurons of a layer for a batch of n_tokens tokens. Returns a handle (> 0) or -1 with err. */
-int ripple_store_open(const char * path, uint64_t file_size, int32_t n_layers, const ripple_layer_desc * layers,
-                      char * err, size_t err_len);
+int ripple_store_open_file(const char * path, char * err, size_t err_len);
 int ripple_store_fetch(int handle, int32_t layer, const int32_t * neurons, int64_t n, int64_t n_tokens);
 void ripple_store_close(int handle);
 
@@ -192,7 +225,9 @@ int ripple_get_exact_down(void);
 
 void ripple_get_stats(ripple_stats * out);
 /* stats() as a JSON object (the struct's fields with needed_runs/needed_bundles as mean_run_length,
- * plus cache_hit_rate): what RIPPLE_STATS_FILE receives; returns the length it needs */
+ * plus cache_hit_rate, and load_ffn_tensors_bound / load_ffn_tensors_expected: the FFN weight tensors
+ * the backend took in the latest successful ripple load, and those the file has): what
+ * RIPPLE_STATS_FILE receives; returns the length it needs */
 int ripple_stats_json(char * buf, size_t len);
 void ripple_reset_stats(void);
 

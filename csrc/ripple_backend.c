@@ -1134,4 +1134,45 @@ int ripple_register(char * err, size_t err_len) {
     return 0;
 }
 
-GGML_BACKEND_DL_IMPL(ggml_backend_ripple_reg)
+/* Entry point of a host that loads the library as a ggml backend module (GGML_BACKEND_PATH with a
+ * llama.cpp built with GGML_BACKEND_DL=ON: llama-server, llama-cli, llama-bench): no Python, so the
+ * library checks the ggml it joined, takes its settings from the RIPPLE_* variables, installs both
+ * load hooks (the mapping one and llama_model_load_from_file's) and returns its registry. NULL,
+ * with the reason in ggml's log, when it cannot serve this process. */
+GGML_BACKEND_API ggml_backend_reg_t ggml_backend_init(void);
+ggml_backend_reg_t ggml_backend_init(void) {
+    static ggml_backend_reg_t reg;
+    static int tried;
+    if (tried) {
+        return reg;
+    }
+    tried = 1;
+    char err[512];
+    ripple_env_settings s;
+    if (strcmp(ggml_version(), RIPPLE_GGML_VERSION) != 0) {
+        ggml_log_internal(GGML_LOG_LEVEL_ERROR, "ripple: not loaded: ggml %s is loaded but this library was built "
+                          "against ggml %s\n", ggml_version(), RIPPLE_GGML_VERSION);
+        return NULL;
+    }
+    if (ripple_cpu_init() != 0) {
+        ggml_log_internal(GGML_LOG_LEVEL_ERROR, "ripple: not loaded: ggml's CPU backend is not loaded in this process\n");
+        return NULL;
+    }
+    if (ripple_settings_from_env(&s, err, sizeof(err)) != 0) {
+        ggml_log_internal(GGML_LOG_LEVEL_ERROR, "ripple: not loaded: %s\n", err);
+        return NULL;
+    }
+    if (ripple_loadfn_hook_install(err, sizeof(err)) != 0) {
+        ggml_log_internal(GGML_LOG_LEVEL_ERROR, "ripple: not loaded: cannot see which model the host loads: %s\n", err);
+        return NULL;
+    }
+    ripple_settings_apply(&s);
+    if (s.no_load_hook) {
+        ggml_log_internal(GGML_LOG_LEVEL_INFO, "ripple: load hook disabled by RIPPLE_NO_LOAD_HOOK\n");
+    } else if (ripple_loadhook_install(err, sizeof(err)) != 0) {
+        ggml_log_internal(GGML_LOG_LEVEL_WARN, "ripple: load hook unavailable, llama.cpp will read whole ripple files "
+                          "at load: %s\n", err);
+    }
+    reg = ggml_backend_ripple_reg();
+    return reg;
+}

@@ -149,13 +149,54 @@ typedef struct ripple_model {
     size_t          scratch_cap;
     int             standalone;     /* opened by ripple_store_open (replay), not by llama.cpp */
     int             default_mode;   /* RIPPLE_MODE_EXACT/SPARSE: what RIPPLE_MODE_AUTO means for this file */
+    int             expected_tensors; /* FFN weight tensors of the file */
+    char            default_mode_reason[256];
     uint64_t        crc_block;      /* bytes per checksum block of the standard FFN tensors */
     pthread_mutex_t mu;             /* guards the cache */
     ripple_cache    cache;
     struct ripple_model * next;
 } ripple_model;
 
-/* registry of models (ripple_store.c) */
+/* registry of models (ripple_store.c); ripple_load_begin (ripple_file.c) fills the descriptors */
+/* Announce a ripple-packed file that llama.cpp is about to load. Until ripple_model_end_load,
+ * the backend claims the blk.N.ffn_{gate,up,down}.weight tensors described by `layers`.
+ * Returns a model handle (> 0), or -1 with a message in err. */
+int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_layers,
+                            const ripple_layer_desc * layers, char * err, size_t err_len);
+/* The mode RIPPLE_MODE_AUTO means for a loaded model (EXACT or SPARSE). Returns 0, -1 for a bad
+ * mode or an unknown handle. */
+int ripple_model_set_default_mode(int handle, int mode);
+int ripple_model_bound_tensors(int handle);
+void ripple_store_set_info(int handle, int expected_tensors, const char * default_mode_reason);
+int ripple_store_open(const char * path, uint64_t file_size, int32_t n_layers, const ripple_layer_desc * layers,
+                      char * err, size_t err_len);
+int64_t ripple_store_collapse_gap(void); /* the access-collapse threshold of the cost model in force */
+
+/* ---- the reader of ripple-packed files (ripple_file.c) ---- */
+struct ripple_file;
+/* 1 ripple-packed (*out set, its metadata checked), 0 not ripple, -1 err ("<path>: <problem>") */
+int  ripple_file_open(const char * path, struct ripple_file ** out, char * err, size_t err_len);
+int  ripple_file_check_quick(struct ripple_file * f, char * err, size_t err_len);
+int  ripple_file_load_blobs(struct ripple_file * f, char * err, size_t err_len);
+void ripple_file_free(struct ripple_file * f);
+
+typedef struct ripple_sha256 {
+    uint32_t h[8];
+    uint64_t len;
+    uint8_t  buf[64];
+    size_t   fill;
+} ripple_sha256;
+void ripple_sha256_init(ripple_sha256 * s);
+void ripple_sha256_update(ripple_sha256 * s, const void * data, size_t n);
+void ripple_sha256_hex(ripple_sha256 * s, char out[65]);
+
+/* ggml's logger (exported by libggml-base): what llama.cpp's hosts print and redirect */
+void ggml_log_internal(enum ggml_log_level level, const char * format, ...);
+
+/* the load-function hook (ripple_loadhook.c): llama_model_load_from_file of every module of a host
+ * process without Python goes through ripple_load_begin */
+int ripple_loadfn_hook_install(char * err, size_t err_len);
+
 ripple_model * ripple_store_loading(void);        /* the model inside its load window, or NULL */
 const ripple_binding * ripple_store_claim(ripple_model * m, const struct ggml_tensor * t);
 void ripple_store_buffer_ref(ripple_model * m);

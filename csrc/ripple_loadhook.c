@@ -6,6 +6,9 @@
 #define _GNU_SOURCE
 #include "ripple_internal.h"
 
+#include "llama.h"
+
+#include <dlfcn.h>
 #include <elf.h>
 #include <errno.h>
 #include <link.h>
@@ -77,10 +80,19 @@ int ripple_loadhook_active(void) {
 
 #if defined(R_JUMP_SLOT)
 typedef struct {
-    int  found;
-    int  patched;
-    int  seen_mmap, seen_madvise;
-    char err[256];
+    const char * name; /* imported symbol whose GOT slot is pointed at hook */
+    void *       hook;
+    int          seen;
+} hook_slot;
+
+typedef struct {
+    int         found;
+    int         patched;
+    hook_slot * slots;
+    int         n_slots;
+    const char * only;  /* module file name prefix to patch (NULL: every module but skip_base's) */
+    ElfW(Addr)  skip_base;
+    char        err[256];
 } hook_state;
 
 static int patch_slot(void ** slot, void * fn, const ElfW(Phdr) * phdr, int phnum, ElfW(Addr) base, hook_state * st) {
@@ -120,22 +132,21 @@ static void scan_relocs(const ElfW(Rela) * rel, size_t n, const ElfW(Sym) * symt
         }
         const char * name = strtab + symtab[ELF64_R_SYM(rel[i].r_info)].st_name;
         void ** slot = (void **) (base + rel[i].r_offset);
-        if (!strcmp(name, "mmap") || !strcmp(name, "mmap64")) {
-            st->seen_mmap = 1;
-            patch_slot(slot, (void *) hook_mmap, phdr, phnum, base, st);
-        } else if (!strcmp(name, "posix_madvise")) {
-            st->seen_madvise = 1;
-            patch_slot(slot, (void *) hook_posix_madvise, phdr, phnum, base, st);
+        for (int k = 0; k < st->n_slots; k++) {
+            if (!strcmp(name, st->slots[k].name) && *slot != st->slots[k].hook) {
+                st->slots[k].seen = 1;
+                patch_slot(slot, st->slots[k].hook, phdr, phnum, base, st);
+            }
         }
     }
 }
 
-static int find_libllama(struct dl_phdr_info * info, size_t size, void * data) {
+static int patch_module(struct dl_phdr_info * info, size_t size, void * data) {
     (void) size;
     hook_state * st = data;
     const char * slash = strrchr(info->dlpi_name, '/');
     const char * file = slash ? slash + 1 : info->dlpi_name;
-    if (strncmp(file, "libllama.so", 11) != 0) {
+    if (st->only ? strncmp(file, st->only, strlen(st->only)) != 0 : info->dlpi_addr == st->skip_base) {
         return 0;
     }
     st->found = 1;
@@ -147,8 +158,10 @@ static int find_libllama(struct dl_phdr_info * info, size_t size, void * data) {
         }
     }
     if (!dyn) {
-        snprintf(st->err, sizeof(st->err), "libllama.so has no dynamic section");
-        return 1;
+        if (st->only) {
+            snprintf(st->err, sizeof(st->err), "libllama.so has no dynamic section");
+        }
+        return st->only != NULL;
     }
     ElfW(Addr) jmprel = 0, rela = 0, symtab = 0, strtab = 0;
     size_t pltrelsz = 0, relasz = 0;
@@ -173,8 +186,10 @@ static int find_libllama(struct dl_phdr_info * info, size_t size, void * data) {
     strtab = ABS(strtab);
 #undef ABS
     if (!symtab || !strtab || (jmprel && pltrel != DT_RELA)) {
-        snprintf(st->err, sizeof(st->err), "libllama.so uses a relocation format the load hook does not handle");
-        return 1;
+        if (st->only) {
+            snprintf(st->err, sizeof(st->err), "libllama.so uses a relocation format the load hook does not handle");
+        }
+        return st->only != NULL;
     }
     if (jmprel) {
         scan_relocs((const ElfW(Rela) *) jmprel, pltrelsz / sizeof(ElfW(Rela)), (const ElfW(Sym) *) symtab,
@@ -184,7 +199,66 @@ static int find_libllama(struct dl_phdr_info * info, size_t size, void * data) {
         scan_relocs((const ElfW(Rela) *) rela, relasz / sizeof(ElfW(Rela)), (const ElfW(Sym) *) symtab,
                     (const char *) strtab, base, info->dlpi_phdr, info->dlpi_phnum, st);
     }
-    return 1;
+    return st->only != NULL; /* one libllama; every other module */
+}
+
+/* ---- the load-function hook: a host without Python (llama-server, llama-cli, llama-bench with
+ * GGML_BACKEND_PATH) calls llama_model_load_from_file through its modules' GOT slots, pointed here:
+ * the file is identified and checked (ripple_load_begin), its FFN tensors claimed for exactly that
+ * load, and a damaged ripple file refused with the file and the problem in ggml's log. ---- */
+typedef struct llama_model * (*load_fn)(const char *, struct llama_model_params);
+static load_fn g_real_load;
+
+static struct llama_model * hook_load_from_file(const char * path, struct llama_model_params params) {
+    char err[1024];
+    /* vocabulary-only loads and llama-server's memory-fit pass (no_alloc) are checked, not claimed */
+    const int h = path ? ripple_load_begin(path, !params.vocab_only && !params.no_alloc, err, sizeof(err)) : 0;
+    if (h < 0) {
+        ggml_log_internal(GGML_LOG_LEVEL_ERROR, "ripple: refusing to load the model: %s\n", err);
+        return NULL;
+    }
+    struct llama_model * model = g_real_load(path, params);
+    if (h > 0) {
+        ripple_model_info info = { 0 };
+        const int have = ripple_model_get_info(h, &info) == 0;
+        ripple_model_end_load(h, model != NULL);
+        if (model && have) {
+            const int mode = ripple_get_mode() == RIPPLE_MODE_AUTO ? info.default_mode : ripple_get_mode();
+            ggml_log_internal(info.bound_tensors == info.expected_tensors ? GGML_LOG_LEVEL_INFO : GGML_LOG_LEVEL_WARN,
+                              "ripple: %s: the backend took %d of %d FFN tensors%s; %s mode (%s)\n", path,
+                              info.bound_tensors, info.expected_tensors,
+                              info.bound_tensors == info.expected_tensors ? "" :
+                              " (the others run on llama.cpp's own devices: GPU offload or tensor overrides)",
+                              mode == RIPPLE_MODE_SPARSE ? "sparse" : "exact",
+                              ripple_get_mode() == RIPPLE_MODE_AUTO ? info.default_mode_reason : "set by RIPPLE_MODE");
+        }
+    }
+    return model;
+}
+
+int ripple_loadfn_hook_install(char * err, size_t err_len) {
+    pthread_mutex_lock(&g_hook_mu);
+    if (!g_real_load) {
+        g_real_load = (load_fn) dlsym(RTLD_DEFAULT, "llama_model_load_from_file");
+    }
+    if (!g_real_load) {
+        pthread_mutex_unlock(&g_hook_mu);
+        snprintf(err, err_len, "llama_model_load_from_file is not loaded in this process");
+        return -1;
+    }
+    Dl_info self;
+    hook_slot slots[] = { { "llama_model_load_from_file", (void *) hook_load_from_file, 0 } };
+    hook_state st = { 0 };
+    st.slots = slots;
+    st.n_slots = 1;
+    st.skip_base = dladdr((void *) hook_load_from_file, &self) ? (ElfW(Addr)) self.dli_fbase : 0;
+    dl_iterate_phdr(patch_module, &st);
+    pthread_mutex_unlock(&g_hook_mu);
+    if (!slots[0].seen) {
+        snprintf(err, err_len, "no module of this process calls llama_model_load_from_file through a GOT slot");
+        return -1;
+    }
+    return st.err[0] ? (snprintf(err, err_len, "%s", st.err), -1) : 0;
 }
 
 int ripple_loadhook_install(char * err, size_t err_len) {
@@ -193,8 +267,13 @@ int ripple_loadhook_install(char * err, size_t err_len) {
         pthread_mutex_unlock(&g_hook_mu);
         return 0;
     }
+    hook_slot slots[] = { { "mmap", (void *) hook_mmap, 0 }, { "mmap64", (void *) hook_mmap, 0 },
+                          { "posix_madvise", (void *) hook_posix_madvise, 0 } };
     hook_state st = { 0 };
-    dl_iterate_phdr(find_libllama, &st);
+    st.slots = slots;
+    st.n_slots = 3;
+    st.only = "libllama.so";
+    dl_iterate_phdr(patch_module, &st);
     int rc = 0;
     if (!st.found) {
         snprintf(err, err_len, "libllama.so is not loaded in this process");
@@ -202,9 +281,9 @@ int ripple_loadhook_install(char * err, size_t err_len) {
     } else if (st.err[0]) {
         snprintf(err, err_len, "%s", st.err);
         rc = -1;
-    } else if (!st.seen_mmap || !st.seen_madvise) {
+    } else if ((!slots[0].seen && !slots[1].seen) || !slots[2].seen) {
         snprintf(err, err_len, "libllama.so does not import %s through a GOT slot (changed build?)",
-                 !st.seen_mmap ? "mmap" : "posix_madvise");
+                 !slots[0].seen && !slots[1].seen ? "mmap" : "posix_madvise");
         rc = -1;
     }
     g_active = rc == 0 && st.patched > 0;
@@ -214,6 +293,10 @@ int ripple_loadhook_install(char * err, size_t err_len) {
 #else
 int ripple_loadhook_install(char * err, size_t err_len) {
     snprintf(err, err_len, "the load hook supports Linux x86_64 and aarch64 only");
+    return -1;
+}
+int ripple_loadfn_hook_install(char * err, size_t err_len) {
+    snprintf(err, err_len, "the load-function hook supports Linux x86_64 and aarch64 only");
     return -1;
 }
 #endif

@@ -5,7 +5,6 @@
 
 /* ggml's logger (exported by libggml-base; declared in ggml's internal ggml-impl.h, which the
  * build does not fetch): llama.cpp's log callback receives what goes through it */
-void ggml_log_internal(enum ggml_log_level level, const char * format, ...);
 
 #include <errno.h>
 #include <fcntl.h>
@@ -37,6 +36,7 @@ static int             g_sparse_down_rows = 1;
 /* storage cost model (ripple_set_cost_model); the default matches ripple_gguf.storage.DEFAULT */
 static double          g_cost_latency = 51.5e-6, g_cost_bandwidth = 3.5e9, g_cost_parallelism = 104.0;
 static char            g_error[1024];
+static int             g_load_bound, g_load_expected; /* FFN tensors taken / in the file, latest successful load */
 
 uint64_t ripple_now_ns(void) {
     struct timespec ts;
@@ -430,6 +430,9 @@ void ripple_model_end_load(int handle, int ok) {
         m->loading = 0;
         if (!ok) {
             m->closed = 1;
+        } else {
+            g_load_bound = m->n_bound;
+            g_load_expected = m->expected_tensors;
         }
         model_maybe_release(m);
     }
@@ -448,6 +451,37 @@ int ripple_model_set_default_mode(int handle, int mode) {
     }
     pthread_mutex_unlock(&g_mu);
     return m ? 0 : -1;
+}
+
+void ripple_store_set_info(int handle, int expected_tensors, const char * default_mode_reason) {
+    pthread_mutex_lock(&g_mu);
+    ripple_model * m = find_handle(handle);
+    if (m) {
+        m->expected_tensors = expected_tensors;
+        snprintf(m->default_mode_reason, sizeof(m->default_mode_reason), "%s", default_mode_reason);
+    }
+    pthread_mutex_unlock(&g_mu);
+}
+
+int ripple_model_get_info(int handle, ripple_model_info * out) {
+    pthread_mutex_lock(&g_mu);
+    ripple_model * m = find_handle(handle);
+    if (m) {
+        out->bound_tensors = m->n_bound;
+        out->expected_tensors = m->expected_tensors;
+        out->default_mode = m->default_mode;
+        snprintf(out->default_mode_reason, sizeof(out->default_mode_reason), "%s", m->default_mode_reason);
+    }
+    pthread_mutex_unlock(&g_mu);
+    return m ? 0 : -1;
+}
+
+int64_t ripple_store_collapse_gap(void) {
+    /* storage.CostModel.collapse_gap_bytes: bandwidth * latency / min(queue depth, parallelism),
+     * 0 under 4 KiB (a bandwidth-bound device) */
+    const double q = ripple_get_io_threads() < g_cost_parallelism ? ripple_get_io_threads() : g_cost_parallelism;
+    const double gap = g_cost_bandwidth * g_cost_latency / q;
+    return gap < 4096 ? 0 : (int64_t) gap;
 }
 
 int ripple_model_bound_tensors(int handle) {
@@ -1083,6 +1117,9 @@ int ripple_stats_json(char * buf, size_t len) {
     const uint64_t lookups = st.cache_hits + st.cache_misses;
     const double hit_rate = lookups ? (double) st.cache_hits / (double) lookups : 0.0;
     const double mean_run = st.needed_runs ? (double) st.needed_bundles / (double) st.needed_runs : 0.0;
+    pthread_mutex_lock(&g_mu);
+    const unsigned long long bound = (unsigned long long) g_load_bound, expected = (unsigned long long) g_load_expected;
+    pthread_mutex_unlock(&g_mu);
 #define U(f) "\"" #f "\": %llu, "
 #define D(f) "\"" #f "\": %.9f, "
     return snprintf(buf, len,
@@ -1090,7 +1127,8 @@ int ripple_stats_json(char * buf, size_t len) {
                     U(cache_misses) U(fallback_reads) U(cache_bytes) U(cache_capacity) D(io_seconds) D(compute_seconds)
                     U(tokens) U(needed_bytes) U(dense_bytes) U(collapse_extra_bytes) U(max_run_length)
                     D(predictor_seconds) U(stream_reads) U(prefetch_bytes) U(prefetch_used_bytes) D(prefetch_seconds)
-                    D(io_exposed_seconds) D(cache_hit_rate) "\"mean_run_length\": %.9f}",
+                    D(io_exposed_seconds) D(cache_hit_rate) "\"mean_run_length\": %.9f, "
+                    "\"load_ffn_tensors_bound\": %llu, \"load_ffn_tensors_expected\": %llu}",
                     (unsigned long long) st.ffn_matmuls, (unsigned long long) st.neurons_computed,
                     (unsigned long long) st.neurons_total, (unsigned long long) st.read_ops,
                     (unsigned long long) st.bytes_read, (unsigned long long) st.cache_hits,
@@ -1100,7 +1138,7 @@ int ripple_stats_json(char * buf, size_t len) {
                     (unsigned long long) st.dense_bytes, (unsigned long long) st.collapse_extra_bytes,
                     (unsigned long long) st.max_run_length, st.predictor_seconds, (unsigned long long) st.stream_reads,
                     (unsigned long long) st.prefetch_bytes, (unsigned long long) st.prefetch_used_bytes,
-                    st.prefetch_seconds, st.io_exposed_seconds, hit_rate, mean_run);
+                    st.prefetch_seconds, st.io_exposed_seconds, hit_rate, mean_run, bound, expected);
 #undef U
 #undef D
 }

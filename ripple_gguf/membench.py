@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from . import pagecache
+
 SYSTEMS = ("llama.cpp", "ripple-sparse", "ripple-exact")
 FIGURES = ("decode_tok_s", "prompt_tok_s", "read_mb_per_token", "peak_mb", "ppl")
 NOT_APPLICABLE = "not applicable: the file has no predictors (sparse mode would run exact)"
@@ -121,18 +123,6 @@ class MemoryCgroup:
                 time.sleep(0.1)
 
 
-def drop_pages(paths: Sequence[os.PathLike]) -> None:
-    """Evict the files' pages from the page cache (clean pages of unmapped files), so the confined
-    child reads them itself and they are charged to its cgroup."""
-    for p in paths:
-        fd = os.open(os.fspath(p), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 # ---- the child ----
 
 def _child(spec: dict) -> dict:
@@ -212,7 +202,7 @@ def _referenced_kb(path: str) -> int:
 
 def run_confined(spec: dict, limit_bytes: Optional[int], *, timeout: float = 300) -> dict:
     """One child in its own memory cgroup: the child's report plus the cgroup's peak memory."""
-    drop_pages([spec["path"]])
+    pagecache.drop_pages(spec["path"])
     cg = MemoryCgroup(limit_bytes)
     try:
         with tempfile.TemporaryDirectory() as d:

@@ -19,17 +19,13 @@ from typing import Dict, Optional
 import numpy as np
 
 from . import _native
-from .format import RippleFile
+from .format import RippleFormatError
 
 DEFAULT_CACHE_MB = 64
 
 _lock = threading.Lock()
 _state = {"registered": False, "load_hook": None, "load_hook_error": None, "orig_load": None}
 _last_load: Dict[str, object] = {}
-
-
-class RippleLoadError(RuntimeError):
-    """The backend could not take over a ripple-packed file."""
 
 
 def _err_buf():
@@ -43,7 +39,9 @@ def register() -> None:
             return
         # every RIPPLE_* variable checked before anything is registered or applied
         env = _settings_from_env()
-        no_hook = _bool("RIPPLE_NO_LOAD_HOOK", os.environ.get("RIPPLE_NO_LOAD_HOOK", "0") or "0")
+        raw_env = _native.ffi.new("ripple_env_settings *")
+        _native.lib.ripple_settings_from_env(raw_env, _err_buf(), 512)  # checked just above
+        no_hook = bool(raw_env.no_load_hook)
         err = _err_buf()
         if _native.lib.ripple_register(err, 512) != 0:
             raise ImportError(f"ripple-gguf cannot register its ggml backend: {_native.error_text(err)}")
@@ -65,7 +63,7 @@ def register() -> None:
                 )
         _apply(env)
         # diagnostic only (scripts/checksum_cost.py): reads unchecked against the checksum table
-        _native.lib.ripple_set_verify_reads(1 if _bool("RIPPLE_VERIFY_READS", os.environ.get("RIPPLE_VERIFY_READS", "").strip() or "1") else 0)
+        _native.lib.ripple_set_verify_reads(raw_env.verify_reads)
         _wrap_model_loader()
         _state["registered"] = True
 
@@ -79,28 +77,35 @@ def _wrap_model_loader() -> None:
 
     def llama_model_load_from_file(path_model: bytes, params, /):
         path = os.fsdecode(path_model)
-        # raises RippleFormatError (naming the file) for an unreadable or damaged ripple-looking
-        # file, which must not reach stock llama.cpp as "not ripple", even for a vocabulary load
-        if not RippleFile.is_ripple(path) or getattr(params, "vocab_only", False):
+        # the library identifies, reads and checks the file (csrc/ripple_file.c: the reader every
+        # host uses); a damaged ripple file is refused naming the file, even for a vocabulary load,
+        # and never reaches stock llama.cpp as "not ripple"
+        claim = not getattr(params, "vocab_only", False)
+        err = _native.ffi.new("char[]", 1024)
+        handle = _native.lib.ripple_load_begin(path_model, 1 if claim else 0, err, 1024)
+        if handle < 0:
+            msg = _native.error_text(err)
+            raise RippleFormatError(path, msg[len(path) + 2:] if msg.startswith(path + ": ") else msg)
+        if handle == 0:
             return orig(path_model, params)
-        rf = RippleFile.open(path)
-        rf.check_quick()
-        handle = _begin_load(rf)
-        _native.lib.ripple_model_set_default_mode(handle, MODES[rf.default_mode])
+        _apply_storage(path)
         model = None
         try:
             model = orig(path_model, params)
         finally:
-            bound = _native.lib.ripple_model_bound_tensors(handle)
+            info = _native.ffi.new("ripple_model_info *")
+            _native.lib.ripple_model_get_info(handle, info)
             _native.lib.ripple_model_end_load(handle, 1 if model else 0)
-        expected = sum(3 if layer.gate_type >= 0 else 2 for layer in rf.layers)
+        mode = "sparse" if info.default_mode == MODES["sparse"] else "exact"
         _last_load.clear()
-        _last_load.update(path=path, handle=handle, bound_tensors=bound, expected_tensors=expected,
-                          default_mode=rf.default_mode, default_mode_reason=rf.default_mode_reason)
-        if model and bound != expected:
+        _last_load.update(path=path, handle=handle, bound_tensors=info.bound_tensors,
+                          expected_tensors=info.expected_tensors, default_mode=mode,
+                          default_mode_reason=_native.ffi.string(info.default_mode_reason).decode())
+        if model and info.bound_tensors != info.expected_tensors:
             warnings.warn(
-                f"ripple-gguf: {path}: the backend took {bound} of {expected} FFN tensors; the others run "
-                "on llama.cpp's own devices (GPU offload or tensor overrides route them elsewhere)",
+                f"ripple-gguf: {path}: the backend took {info.bound_tensors} of {info.expected_tensors} FFN "
+                "tensors; the others run on llama.cpp's own devices (GPU offload or tensor overrides route them "
+                "elsewhere)",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -111,78 +116,12 @@ def _wrap_model_loader() -> None:
     raw.llama_model_load_from_file = llama_model_load_from_file
 
 
-def descriptors(rf: RippleFile):
-    """cffi ``ripple_layer_desc[]`` for the file's layers, and the buffers they point into (keep
-    both alive while the C side may read them)."""
-    ffi = _native.ffi
-    descs = ffi.new("ripple_layer_desc[]", len(rf.layers))
-    keep = []
-    sparsity = rf.sparsity
-    for d, layer, ck in zip(descs, rf.layers, rf.checksums()):
-        order = np.ascontiguousarray(layer.order, dtype=np.int32)
-        bundle_crc, tensor_crc = np.ascontiguousarray(ck.bundles), np.ascontiguousarray(ck.tensors)
-        keep += [order, bundle_crc, tensor_crc]
-        d.bundle_crc = ffi.from_buffer("uint32_t[]", bundle_crc)
-        d.tensor_crc = ffi.from_buffer("uint32_t[]", tensor_crc)
-        d.tensor_crc_count = tensor_crc.size
-        d.crc_block = rf.checksum_block
-        d.block = layer.block
-        d.n_ff = layer.n_ff
-        d.n_embd = layer.n_embd
-        d.gate_type = layer.gate_type
-        d.up_type = layer.up_type
-        d.down_type = layer.down_type
-        d.bundles_offset = layer.bundles_offset
-        d.bundle_size = layer.bundle_size
-        d.order = ffi.from_buffer("int32_t[]", order)
-        d.gate_offset = layer.gate_offset
-        d.up_offset = layer.up_offset
-        d.down_offset = layer.down_offset
-        d.down_src_type = layer.down_src_type
-        d.act_rule = _RULES.get(sparsity["rule"], -1) if sparsity else -1
-        d.act_threshold = layer.threshold
-        d.down_layout = layer.down_layout
-        if layer.down_table_size:
-            table = ffi.from_buffer("uint8_t[]", rf.read_down_table(layer))
-            keep.append(table)
-            d.down_table = table  # checked by the library at load, read again at its first use
-            d.down_table_size = layer.down_table_size
-            d.down_table_file_offset = layer.down_table_offset
-            d.down_table_crc = int(ck.down_table)
-        if layer.frequency is not None:
-            freq = ffi.from_buffer("uint8_t[]", np.ascontiguousarray(layer.frequency, dtype=np.uint8))
-            keep.append(freq)
-            d.frequency = freq
-        if layer.predictor_size:
-            blob = ffi.from_buffer("uint8_t[]", rf.read_predictor_blob(layer))
-            keep.append(blob)
-            d.predictor = blob  # checked by the library at load, read again at its first use
-            d.predictor_size = layer.predictor_size
-            d.predictor_file_offset = layer.predictor_offset
-            d.predictor_crc = int(ck.predictor)
-    return descs, keep
-
-
-def _begin_load(rf: RippleFile) -> int:
-    descs, keep = descriptors(rf)
-    _apply_storage(rf.path)
-    err = _err_buf()
-    handle = _native.lib.ripple_model_begin_load(
-        os.fsencode(rf.path), rf.file_size, len(rf.layers), descs, err, 512
-    )
-    del keep
-    if handle < 0:
-        raise RippleLoadError(_native.error_text(err))
-    return handle
-
-
 EXACT_DOWN = {"tensor": 0, "bundles": 1}
 SPARSE_DOWN = {"bundles": 0, "auto": 1}
 MODES = {"exact": 0, "sparse": 1, "auto": 2}
 CACHE_POLICIES = {"lru": 0, "s3fifo": 1, "linking": 2, "pinned": 3}
 IO_ENGINES = {"threads": 0, "uring": 1, "auto": 2}
 _RULES = {"nonzero": 0, "magnitude": 1}
-DEFAULT_IO_THREADS = 8
 _collapse = {"mode": "auto"}  # "auto": the storage cost model's threshold, "off", or fixed bytes
 _cost = {"model": None}  # the storage.CostModel in force (set at each ripple load)
 
@@ -212,16 +151,6 @@ MAX_IO_THREADS = 64  # RIPPLE_IO_MAX_THREADS in csrc/ripple_io.c
 MAX_COLLAPSE_BYTES = 1 << 40
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 _BOOL_RULE = 'True/False, 0/1 or one of "1", "0", "true", "false", "yes", "no", "on", "off"'
-
-# keyword -> environment variable read at import and by reset_settings()
-ENV_VARS = {"mode": "RIPPLE_MODE", "cache_mb": "RIPPLE_CACHE_MB", "cache_fraction": "RIPPLE_CACHE_FRACTION",
-            "cache_policy": "RIPPLE_CACHE_POLICY", "collapse": "RIPPLE_COLLAPSE", "direct_io": "RIPPLE_DIRECT_IO",
-            "io_threads": "RIPPLE_IO_THREADS", "io_engine": "RIPPLE_IO_ENGINE", "prefetch": "RIPPLE_PREFETCH",
-            "overlap": "RIPPLE_OVERLAP", "exact_down": "RIPPLE_EXACT_DOWN", "sparse_down": "RIPPLE_SPARSE_DOWN"}
-_DEFAULTS = {"mode": "auto", "cache_policy": "pinned", "collapse": True,
-             "direct_io": False, "io_threads": DEFAULT_IO_THREADS, "io_engine": "auto", "prefetch": True,
-             "overlap": True, "exact_down": "tensor", "sparse_down": "auto"}
-
 
 class _BadSetting(ValueError):
     def __init__(self, label: str, rule: str, value):
@@ -294,22 +223,23 @@ def _validate(values: Dict[str, object], labels: Dict[str, str]) -> Dict[str, ob
 
 
 def _settings_from_env() -> Dict[str, object]:
-    """Every setting from its RIPPLE_* variable (the default when unset or empty), checked."""
-    raw = {k: os.environ.get(var, "").strip() or None for k, var in ENV_VARS.items()}
-    for k, parse in (("cache_mb", float), ("cache_fraction", float), ("io_threads", int)):
-        if raw[k] is not None:
-            try:
-                raw[k] = parse(raw[k])
-            except ValueError:
-                kind = "whole number" if parse is int else "number"
-                raise ValueError(f"{ENV_VARS[k]} must be a {kind}, got {os.environ[ENV_VARS[k]]!r}") from None
-    if raw["cache_mb"] is None and raw["cache_fraction"] is None:
-        raw["cache_mb"] = DEFAULT_CACHE_MB
-    values = {k: _DEFAULTS.get(k) if v is None else v for k, v in raw.items()}
-    try:
-        return _validate(values, ENV_VARS)
-    except _BadSetting as e:  # show the variable's text, not the number parsed from it
-        raise ValueError(f"{e.label} must be {e.rule}, got {os.environ.get(e.label)!r}") from None
+    """Every setting from its RIPPLE_* variable (the default when unset or empty), checked by the
+    library (csrc/ripple_settings.c: the parser every host uses); ValueError naming the variable."""
+    env = _native.ffi.new("ripple_env_settings *")
+    err = _err_buf()
+    if _native.lib.ripple_settings_from_env(env, err, 512) != 0:
+        raise ValueError(_native.error_text(err))
+    name = lambda table, v: next(k for k, x in table.items() if x == v)
+    out = {"mode": name(MODES, env.mode), "cache_policy": name(CACHE_POLICIES, env.cache_policy),
+           "collapse": "auto" if env.collapse else "off", "direct_io": bool(env.direct_io),
+           "io_threads": env.io_threads, "io_engine": name(IO_ENGINES, env.io_engine),
+           "prefetch": bool(env.prefetch), "overlap": bool(env.overlap),
+           "exact_down": name(EXACT_DOWN, env.exact_down), "sparse_down": name(SPARSE_DOWN, env.sparse_down)}
+    if env.cache_fraction > 0:
+        out["cache_fraction"] = env.cache_fraction
+    else:
+        out["cache_mb"] = env.cache_mb
+    return out
 
 
 def reset_settings() -> Dict[str, object]:

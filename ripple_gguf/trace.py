@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import _native
+from . import _native, pagecache
 
 
 @dataclass
@@ -87,16 +87,13 @@ class Store:
 
     def __init__(self, path: os.PathLike):
         from .format import RippleFile
-        from .runtime import _apply_storage, _err_buf, descriptors
+        from .runtime import _apply_storage, _err_buf
 
-        self.file = RippleFile.open(path)
-        self.file.check_quick()
+        self.file = RippleFile.open(path)  # the layers' shapes, for callers
         _apply_storage(self.file.path)
-        descs, keep = descriptors(self.file)
         err = _err_buf()
-        self.handle = _native.lib.ripple_store_open(os.fsencode(self.file.path), self.file.file_size,
-                                                    len(self.file.layers), descs, err, 512)
-        del keep
+        # the library reads and checks the file itself (csrc/ripple_file.c), as at a llama.cpp load
+        self.handle = _native.lib.ripple_store_open_file(os.fsencode(self.file.path), err, 1024)
         if self.handle < 0:
             raise RuntimeError(_native.error_text(err))
 
@@ -158,7 +155,7 @@ def replay(path: os.PathLike, trace: Trace, *, handle: Optional[int] = None, dro
     with Store(path) as st:
         n_layers = len(st.file.layers)
         if drop_page_cache:
-            _drop_cache(st.file.path)
+            pagecache.drop_pages(st.file.path)
         if log:
             start(max_mb=max(16, 8 * sum(4 + len(r.neurons) for r in trace) / 2**20))
         reset_stats()
@@ -177,12 +174,4 @@ def replay(path: os.PathLike, trace: Trace, *, handle: Optional[int] = None, dro
             out["iolog"] = read_iolog()
         return out
 
-
-def _drop_cache(path: str) -> None:
-    """Evict the file's pages from the page cache (POSIX_FADV_DONTNEED)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 

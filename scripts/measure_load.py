@@ -33,6 +33,8 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional
 
+from ripple_gguf.pagecache import drop_pages, resident_bytes
+
 MiB = 1 << 20
 READ_SLACK = 2 * MiB
 RSS_SLACK = 64 * MiB
@@ -51,46 +53,10 @@ CASES: Dict[str, dict] = {
 
 # --- child side: runs in a fresh interpreter ----------------------------------------------------
 
-def _resident_bytes(path: str) -> int:
-    """Bytes of ``path`` in the page cache (mmap without touching, then mincore)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    size = os.path.getsize(path)
-    if size == 0:
-        return 0
-    page = os.sysconf("SC_PAGE_SIZE")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, 0x1, 0x01, fd, 0)  # PROT_READ, MAP_SHARED
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), f"mmap {path}")
-    finally:
-        os.close(fd)
-    try:
-        n = (size + page - 1) // page
-        vec = (ctypes.c_ubyte * n)()
-        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
-            raise OSError(ctypes.get_errno(), f"mincore {path}")
-        pages = sum(b & 1 for b in bytes(vec))
-    finally:
-        libc.munmap(ctypes.c_void_p(addr), size)
-    return min(pages * page, size)
-
-
 def _drop_pages(path: str) -> int:
     """Evict ``path`` from the page cache; returns the bytes still resident afterwards."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # dirty pages (a file just written) cannot be dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return _resident_bytes(path)
+    drop_pages(path)
+    return resident_bytes(path)
 
 
 def _proc_kv(name: str) -> Dict[str, int]:
@@ -119,7 +85,7 @@ def _child(case: str, path: str) -> dict:
     llm = llama_cpp.Llama(model_path=path, n_ctx=256, verbose=False)
     load_s = time.perf_counter() - t0
     io1, st1 = _proc_kv("io"), _proc_kv("status")
-    resident = _resident_bytes(path)
+    resident = resident_bytes(path)
     out = {
         "case": case, "file": path, "file_size": os.path.getsize(path), "load_seconds": load_s,
         "not_dropped": not_dropped, "file_resident": resident,
@@ -136,7 +102,7 @@ def _child(case: str, path: str) -> dict:
     # context only: what the first prompt evaluation adds (pages the load deferred)
     llm.eval(llm.tokenize(b"The capital of France is"))
     io2, st2 = _proc_kv("io"), _proc_kv("status")
-    out["eval"] = {"file_resident": _resident_bytes(path),
+    out["eval"] = {"file_resident": resident_bytes(path),
                    "io_read": io2.get("read_bytes", 0) - io0.get("read_bytes", 0),
                    "rss_delta": st2["VmRSS"] - st0["VmRSS"]}
     if ripple_gguf is not None:

@@ -33,7 +33,7 @@ def main() -> int:
     import ripple_gguf
     from ripple_gguf import quality
     from ripple_gguf.quickstart import ensure_default_ripple
-    from ripple_gguf.trace import _drop_cache
+    from ripple_gguf.pagecache import drop_pages
 
     path = args.file or str(ensure_default_ripple())
     ripple_gguf.configure(mode="sparse", direct_io=True)
@@ -45,7 +45,7 @@ def main() -> int:
     for _ in range(args.rounds):
         for pf in (False, True):
             ripple_gguf.configure(prefetch=pf, cache_fraction=args.cache_fraction)  # empties the cache
-            _drop_cache(path)
+            drop_pages(path)
             llm.reset()
             ripple_gguf.reset_stats()
             t0 = time.perf_counter()

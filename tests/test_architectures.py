@@ -14,7 +14,6 @@ from ripple_gguf.convert import convert
 from ripple_gguf.format import RippleFormatError
 from ripple_gguf.offline import OfflineConfig
 from ripple_gguf.profile import ActivationCapture, tokenize_chunks
-from ripple_gguf.runtime import RippleLoadError
 from synth import reseal, make_model, stock_logits
 
 TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 46, 32, 84, 104, 101, 32, 113, 117, 105, 99,
@@ -142,5 +141,5 @@ def test_old_predictor_blob_version_refused_at_load(packed, tmp_path):
         f.seek(rf.layers[0].predictor_offset + 4)
         f.write((1).to_bytes(4, "little"))
     reseal(path)  # a file written by the older converter carries checksums of its own bytes
-    with pytest.raises((RippleLoadError, ValueError), match="predictor blob version 1 is not supported"):
+    with pytest.raises(RippleFormatError, match="predictor blob version 1 is not supported"):
         quality.run(path, tokens=TOKENS[:4], n_ctx=64, n_threads=1)

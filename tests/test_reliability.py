@@ -315,12 +315,12 @@ def test_header_truncated_ripple_file_gets_the_plugins_error(profiled, tmp_path,
     assert RippleFile.is_ripple(profiled)
     with pytest.raises(RippleFormatError, match="cut.gguf: truncated GGUF header"):
         RippleFile.is_ripple(p)
-    with pytest.raises(RippleFormatError, match="cut.gguf: truncated GGUF header"):
-        _load(p)
+    with pytest.raises(RippleFormatError, match="cut.gguf: truncated or corrupt GGUF header"):
+        _load(p)  # the library's reader (ggml's gguf parser) cannot tell a cut from a corruption
     for cmd in ("inspect", "verify", "perplexity"):
         rc, err = _cli(capsys, cmd, p)
         assert rc == 2, cmd
-        _one_line_error(err, str(p), "truncated GGUF header")
+        _one_line_error(err, str(p), "truncated", "GGUF header")
 
 
 def test_cli_errors_are_one_line_for_bad_input(tmp_path, capsys):

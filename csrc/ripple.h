@@ -226,8 +226,10 @@ int ripple_get_exact_down(void);
 void ripple_get_stats(ripple_stats * out);
 /* stats() as a JSON object (the struct's fields with needed_runs/needed_bundles as mean_run_length,
  * plus cache_hit_rate, and load_ffn_tensors_bound / load_ffn_tensors_expected: the FFN weight tensors
- * the backend took in the latest successful ripple load, and those the file has): what
- * RIPPLE_STATS_FILE receives; returns the length it needs */
+ * the backend took in the latest successful ripple load, and those the file has; load_read_bytes
+ * and load_seconds: the bytes the process made the kernel read from storage during that load,
+ * as /proc/self/io counts them, -1 when unknown, and its wall time): what RIPPLE_STATS_FILE
+ * receives; returns the length it needs */
 int ripple_stats_json(char * buf, size_t len);
 void ripple_reset_stats(void);
 

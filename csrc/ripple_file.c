@@ -363,6 +363,8 @@ int ripple_file_open(const char * path, struct ripple_file ** out, char * err, s
         ripple_file_free(f);
         return -1;
     }
+    /* the checks read a few scattered pieces: no read-ahead around them */
+    posix_fadvise(f->fd, 0, 0, POSIX_FADV_RANDOM);
     struct gguf_init_params gp = { /* .no_alloc = */ true, /* .ctx = */ NULL };
     f->g = gguf_init_from_file(path, gp);
     if (!f->g) {
@@ -966,6 +968,8 @@ int ripple_file_check(const char * path, char * err, size_t err_len) {
 }
 
 int ripple_load_begin(const char * path, int claim, char * err, size_t err_len) {
+    const int64_t io0 = ripple_proc_read_bytes();
+    const uint64_t t0 = ripple_now_ns();
     struct ripple_file * f = NULL;
     const int r = read_checked(path, claim, &f, err, err_len);
     if (r <= 0 || !claim) {
@@ -975,7 +979,7 @@ int ripple_load_begin(const char * path, int claim, char * err, size_t err_len) 
     const int handle = ripple_model_begin_load(path, f->file_size, f->n_layers, f->descs, err, err_len);
     if (handle > 0) {
         ripple_model_set_default_mode(handle, f->default_mode);
-        ripple_store_set_info(handle, f->expected_tensors, f->default_mode_reason);
+        ripple_store_set_info(handle, f->expected_tensors, f->default_mode_reason, io0, t0);
     }
     ripple_file_free(f);
     return handle > 0 ? handle : -1;

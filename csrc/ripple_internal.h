@@ -151,6 +151,8 @@ typedef struct ripple_model {
     int             default_mode;   /* RIPPLE_MODE_EXACT/SPARSE: what RIPPLE_MODE_AUTO means for this file */
     int             expected_tensors; /* FFN weight tensors of the file */
     char            default_mode_reason[256];
+    int64_t         load_io0;         /* ripple_proc_read_bytes() when the load began */
+    uint64_t        load_t0;
     uint64_t        crc_block;      /* bytes per checksum block of the standard FFN tensors */
     pthread_mutex_t mu;             /* guards the cache */
     ripple_cache    cache;
@@ -167,7 +169,9 @@ int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_lay
  * mode or an unknown handle. */
 int ripple_model_set_default_mode(int handle, int mode);
 int ripple_model_bound_tensors(int handle);
-void ripple_store_set_info(int handle, int expected_tensors, const char * default_mode_reason);
+void ripple_store_set_info(int handle, int expected_tensors, const char * default_mode_reason, int64_t io0,
+                           uint64_t t0);
+int64_t ripple_proc_read_bytes(void); /* read_bytes of /proc/self/io, -1 when unavailable */
 int ripple_store_open(const char * path, uint64_t file_size, int32_t n_layers, const ripple_layer_desc * layers,
                       char * err, size_t err_len);
 int64_t ripple_store_collapse_gap(void); /* the access-collapse threshold of the cost model in force */

@@ -37,6 +37,25 @@ static int             g_sparse_down_rows = 1;
 static double          g_cost_latency = 51.5e-6, g_cost_bandwidth = 3.5e9, g_cost_parallelism = 104.0;
 static char            g_error[1024];
 static int             g_load_bound, g_load_expected; /* FFN tensors taken / in the file, latest successful load */
+static int64_t         g_load_read_bytes = -1; /* the process's storage reads during the latest load */
+static double          g_load_seconds;
+
+/* read_bytes of /proc/self/io: what the process made the kernel read from storage (page faults,
+ * read calls and O_DIRECT alike; not what came from the page cache); -1 when unavailable */
+int64_t ripple_proc_read_bytes(void) {
+    FILE * f = fopen("/proc/self/io", "r");
+    long long v = -1;
+    char line[128];
+    while (f && fgets(line, sizeof(line), f)) {
+        if (sscanf(line, "read_bytes: %lld", &v) == 1) {
+            break;
+        }
+    }
+    if (f) {
+        fclose(f);
+    }
+    return v;
+}
 
 uint64_t ripple_now_ns(void) {
     struct timespec ts;
@@ -407,6 +426,8 @@ int ripple_model_begin_load(const char * path, uint64_t file_size, int32_t n_lay
     m->next = g_models;
     g_models = m;
     g_loading = m;
+    m->load_io0 = ripple_proc_read_bytes();
+    m->load_t0 = ripple_now_ns();
     pthread_mutex_unlock(&g_mu);
     return m->handle;
 }
@@ -431,8 +452,11 @@ void ripple_model_end_load(int handle, int ok) {
         if (!ok) {
             m->closed = 1;
         } else {
+            const int64_t io = ripple_proc_read_bytes();
             g_load_bound = m->n_bound;
             g_load_expected = m->expected_tensors;
+            g_load_read_bytes = io >= 0 && m->load_io0 >= 0 ? io - m->load_io0 : -1;
+            g_load_seconds = (double) (ripple_now_ns() - m->load_t0) * 1e-9;
         }
         model_maybe_release(m);
     }
@@ -453,10 +477,13 @@ int ripple_model_set_default_mode(int handle, int mode) {
     return m ? 0 : -1;
 }
 
-void ripple_store_set_info(int handle, int expected_tensors, const char * default_mode_reason) {
+void ripple_store_set_info(int handle, int expected_tensors, const char * default_mode_reason, int64_t io0,
+                           uint64_t t0) {
     pthread_mutex_lock(&g_mu);
     ripple_model * m = find_handle(handle);
     if (m) {
+        m->load_io0 = io0; /* the load began with the file's checks */
+        m->load_t0 = t0;
         m->expected_tensors = expected_tensors;
         snprintf(m->default_mode_reason, sizeof(m->default_mode_reason), "%s", default_mode_reason);
     }
@@ -1119,6 +1146,8 @@ int ripple_stats_json(char * buf, size_t len) {
     const double mean_run = st.needed_runs ? (double) st.needed_bundles / (double) st.needed_runs : 0.0;
     pthread_mutex_lock(&g_mu);
     const unsigned long long bound = (unsigned long long) g_load_bound, expected = (unsigned long long) g_load_expected;
+    const long long load_read = (long long) g_load_read_bytes;
+    const double load_s = g_load_seconds;
     pthread_mutex_unlock(&g_mu);
 #define U(f) "\"" #f "\": %llu, "
 #define D(f) "\"" #f "\": %.9f, "
@@ -1128,7 +1157,8 @@ int ripple_stats_json(char * buf, size_t len) {
                     U(tokens) U(needed_bytes) U(dense_bytes) U(collapse_extra_bytes) U(max_run_length)
                     D(predictor_seconds) U(stream_reads) U(prefetch_bytes) U(prefetch_used_bytes) D(prefetch_seconds)
                     D(io_exposed_seconds) D(cache_hit_rate) "\"mean_run_length\": %.9f, "
-                    "\"load_ffn_tensors_bound\": %llu, \"load_ffn_tensors_expected\": %llu}",
+                    "\"load_ffn_tensors_bound\": %llu, \"load_ffn_tensors_expected\": %llu, \"load_read_bytes\": %lld, "
+                    "\"load_seconds\": %.6f}",
                     (unsigned long long) st.ffn_matmuls, (unsigned long long) st.neurons_computed,
                     (unsigned long long) st.neurons_total, (unsigned long long) st.read_ops,
                     (unsigned long long) st.bytes_read, (unsigned long long) st.cache_hits,
@@ -1138,7 +1168,7 @@ int ripple_stats_json(char * buf, size_t len) {
                     (unsigned long long) st.dense_bytes, (unsigned long long) st.collapse_extra_bytes,
                     (unsigned long long) st.max_run_length, st.predictor_seconds, (unsigned long long) st.stream_reads,
                     (unsigned long long) st.prefetch_bytes, (unsigned long long) st.prefetch_used_bytes,
-                    st.prefetch_seconds, st.io_exposed_seconds, hit_rate, mean_run, bound, expected);
+                    st.prefetch_seconds, st.io_exposed_seconds, hit_rate, mean_run, bound, expected, load_read, load_s);
 #undef U
 #undef D
 }

@@ -37,16 +37,27 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def server_bin(request) -> Path:
     t0 = time.perf_counter()
-    r = subprocess.run(["bash", str(llama_tools.BUILD_SCRIPT)], capture_output=True, text=True)
+    r = subprocess.run(["bash", str(llama_tools.BUILD_SCRIPT), str(llama_tools.default_build_dir())],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
-    report = request.config.pluginmanager.get_plugin("terminalreporter")
     built = [line for line in r.stdout.splitlines() if "built in" in line]
-    line = f"llama-server build: {built[0] if built else r.stdout.strip()} (this step {time.perf_counter() - t0:.0f} s)"
-    if report is not None:
-        report.write_line(line)
+    line = f"\nllama-server build: {built[0] if built else r.stdout.strip()} (this step {time.perf_counter() - t0:.0f} s)"
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # into CI's log, whatever the capture mode
+        print(line, flush=True)
     exe = llama_tools.binary("llama-server")
     assert exe.exists(), r.stdout
     return exe
+
+
+@pytest.fixture(scope="module")
+def profiled_ripple(real_model, tmp_path_factory) -> Path:
+    """SmolLM2 converted with profiling (predictors: sparse mode is its default), small settings."""
+    from ripple_gguf.convert import convert
+    from ripple_gguf.offline import OfflineConfig
+
+    cfg = OfflineConfig(calib_tokens=1024, threshold_tokens=512, eval_tokens=256, predictor_rank=16, quiet=True)
+    return convert(real_model, tmp_path_factory.mktemp("server") / "smol.ripple.gguf", offline=cfg, quiet=True).path
 
 
 def _free_port() -> int:
@@ -104,7 +115,8 @@ class Server:
         return self.proc.returncode
 
     def text(self) -> str:
-        self.f.flush()
+        if not self.f.closed:
+            self.f.flush()
         return self.log.read_text(errors="replace")
 
 
@@ -128,25 +140,28 @@ def test_exact_mode_gives_stock_text_and_a_light_load(server_bin, real_model, re
                  env={"RIPPLE_MODE": "exact", "RIPPLE_STATS_FILE": str(stats)})
     try:
         assert srv.wait_ready(), srv.text()[-3000:]
-        loaded = pagecache.resident_bytes(real_ripple)
         got = srv.complete(PROMPT)
     finally:
         rc = srv.stop()
     log = srv.text()
-    assert "loaded RIPPLE backend" in log, log[-3000:]
     assert got == want, (got, want)
     assert rc == 0, log[-3000:]
-    limit = _non_ffn_bytes(real_ripple) + 2 * MiB
-    assert loaded <= limit, f"the load read {loaded / MiB:.1f} MiB of the file, limit {limit / MiB:.1f} MiB"
     s = json.loads(stats.read_text())  # written at model free
     assert s["load_ffn_tensors_bound"] == s["load_ffn_tensors_expected"] == 90, s
     assert s["ffn_matmuls"] > 0 and s["fallback_reads"] == 0, s
     assert s["neurons_computed"] == s["neurons_total"] > 0, s  # exact: every neuron
+    # the load (the file's checks and llama.cpp's own), as the kernel counted the server's reads;
+    # llama-server decodes 2 tokens before it is ready (a memory test): counted apart, not here
+    limit = _non_ffn_bytes(real_ripple) + 2 * MiB
+    print(f"llama-server load: {s['load_read_bytes'] / MiB:.1f} MiB read in {s['load_seconds']:.2f} s "
+          f"(limit {limit / MiB:.1f} MiB)")
+    assert 0 <= s["load_read_bytes"] <= limit, \
+        f"the load read {s['load_read_bytes'] / MiB:.1f} MiB, limit {limit / MiB:.1f} MiB"
 
 
-def test_sparse_mode_answers_with_sparse_reads(server_bin, real_ripple, tmp_path):
+def test_sparse_mode_answers_with_sparse_reads(server_bin, profiled_ripple, tmp_path):
     stats = tmp_path / "stats.json"
-    srv = Server(server_bin, real_ripple, tmp_path / "sparse.log", plugin=True,
+    srv = Server(server_bin, profiled_ripple, tmp_path / "sparse.log", plugin=True,
                  env={"RIPPLE_MODE": "sparse", "RIPPLE_CACHE_MB": "0", "RIPPLE_STATS_FILE": str(stats)})
     try:
         assert srv.wait_ready(), srv.text()[-3000:]
@@ -178,13 +193,13 @@ def _damaged(src: Path, dst: Path, how: str) -> Path:
 
 @pytest.mark.parametrize("how, problem", [
     ("truncated", "file size .* recorded at conversion"),
-    ("modified", r"does not match ripple\.metadata\.sha256: modified after conversion"),
+    ("modified", r"GGUF header \(metadata or tensor infos\) does not match ripple\.metadata\.sha256: modified after conversion"),
     ("version", "ripple format version 2 is not supported"),
 ])
-def test_bad_files_are_refused_by_the_server(server_bin, real_ripple, tmp_path, how, problem):
+def test_bad_files_are_refused_by_the_server(server_bin, profiled_ripple, tmp_path, how, problem):
     import re
 
-    bad = _damaged(real_ripple, tmp_path / f"{how}.ripple.gguf", how)
+    bad = _damaged(profiled_ripple, tmp_path / f"{how}.ripple.gguf", how)
     srv = Server(server_bin, bad, tmp_path / f"{how}.log", plugin=True)
     try:
         ready = srv.wait_ready()

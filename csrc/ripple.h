@@ -102,8 +102,6 @@ int ripple_loadhook_active(void);
  * ripple-packed (load it as is), a model handle > 0, or -1 with "<path>: <problem>" in err
  * (refuse the load). */
 int ripple_load_begin(const char * path, int claim, char * err, size_t err_len);
-/* The same checks without claiming anything (1 ripple-packed and sound, 0 not ripple, -1 err). */
-int ripple_file_check(const char * path, char * err, size_t err_len);
 
 typedef struct ripple_model_info {
     int32_t bound_tensors;    /* FFN weight tensors the backend took in the load */

@@ -960,13 +960,6 @@ static int read_checked(const char * path, int blobs, struct ripple_file ** out,
     return 1;
 }
 
-int ripple_file_check(const char * path, char * err, size_t err_len) {
-    struct ripple_file * f = NULL;
-    const int r = read_checked(path, 1, &f, err, err_len);
-    ripple_file_free(f);
-    return r;
-}
-
 int ripple_load_begin(const char * path, int claim, char * err, size_t err_len) {
     const int64_t io0 = ripple_proc_read_bytes();
     const uint64_t t0 = ripple_now_ns();

@@ -8,6 +8,9 @@
 #
 #     scripts/build_llama_server.sh [OUT_DIR]      (default ~/.cache/ripple-gguf/llama-server-<version>)
 #
+# then `ripple-gguf llama-server --model m.ripple.gguf ...` (or llama-bench) runs the program with
+# GGML_BACKEND_PATH naming this package's library.
+#
 # Prints the build time and the binaries' paths. Nothing is downloaded but the sdist, from PyPI,
 # when it is not already in ~/.cache/ripple-gguf (or RIPPLE_LLAMA_SDIST).
 set -euo pipefail
@@ -42,4 +45,6 @@ cmake --build "$out/build" -j "$(nproc)" --target llama-server llama-bench > "$o
 echo "build_llama_server: built in $(( $(date +%s) - start )) s (llama.cpp of llama-cpp-python $version, GGML_BACKEND_DL=ON)"
 echo "llama-server: $out/build/bin/llama-server"
 echo "llama-bench:  $out/build/bin/llama-bench"
-echo "run: GGML_BACKEND_PATH=<ripple_gguf/_libripple*.so> $out/build/bin/llama-server --model m.ripple.gguf"
+lib="$(ls "$here"/ripple_gguf/_libripple*.so 2>/dev/null | head -1)"
+echo "run: ripple-gguf llama-server --build-dir $out --model m.ripple.gguf [llama-server options]"
+echo " or: GGML_BACKEND_PATH=${lib:-<ripple_gguf/_libripple*.so>} $out/build/bin/llama-server --model m.ripple.gguf"

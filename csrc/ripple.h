@@ -246,6 +246,12 @@ int ripple_get_verify_reads(void);
 void ripple_set_pair_matmuls(int on);
 int ripple_get_pair_matmuls(void);
 
+/* Sketch predictor scores (ripple_gguf/sketch.py's reference, for tests): for n_tokens FFN inputs x
+ * (n_tokens x n_embd floats) the score of every neuron (n_tokens x n_ff) and whether it is
+ * selected. Returns 0, or -1 with err for a blob this build does not accept. */
+int ripple_sketch_scores(const uint8_t * blob, size_t size, int32_t n_embd, int32_t n_ff, const float * x,
+                         int64_t n_tokens, float * scores, uint8_t * selected, char * err, size_t err_len);
+
 /* Message of the last failure inside graph compute or I/O ("" if none); cleared by reading. */
 int ripple_take_last_error(char * buf, size_t buf_len);
 

@@ -23,9 +23,24 @@ typedef struct ripple_binding {
     int                   kind;  /* enum ripple_kind */
 } ripple_binding;
 
-/* A layer's predictor in f32 (from the blob, weights f16 there):
- * z = (x - x_shift) * x_scale, logits = W2T relu(W1T z + b1) + b2 */
+/* A sketch predictor (ripple_sketch.c, docs/FORMAT.md 3c): pointers into its blob, kept whole */
+typedef struct ripple_sketch {
+    uint8_t *           blob;
+    int32_t             n_out, gated, act, n_pad;
+    const int32_t *     out;      /* n_out outlier channels, ascending */
+    const float *       osg, * osu; /* per outlier channel: int8 weight scale (gate, up) */
+    const ggml_fp16_t * dg, * du; /* per row: 2-bit quantization step */
+    const uint8_t *     cg, * cu; /* n_ff rows of n_pad / 4 code bytes */
+    const int8_t *      og, * ou; /* n_ff rows of n_out outlier weights */
+} ripple_sketch;
+
+enum { RIPPLE_PREDICTOR_LOWRANK = 0, RIPPLE_PREDICTOR_SKETCH = 1 };
+
+/* A layer's predictor. Low rank, in f32 (from the blob, weights f16 there):
+ * z = (x - x_shift) * x_scale, logits = W2T relu(W1T z + b1) + b2, selected iff logit > threshold;
+ * or a sketch: selected iff score > threshold. */
 typedef struct ripple_predictor {
+    int     kind;  /* RIPPLE_PREDICTOR_* */
     int32_t rank;
     float   threshold;
     float * x_shift; /* n_embd */
@@ -34,6 +49,7 @@ typedef struct ripple_predictor {
     float * b1;  /* rank */
     ggml_fp16_t * w2t; /* n_ff x rank */
     float * b2;  /* n_ff */
+    ripple_sketch sk;
 } ripple_predictor;
 
 typedef struct ripple_layer {
@@ -244,6 +260,12 @@ void ripple_iolog_record(int layer, int64_t n_tokens, const ripple_io_req * reqs
 ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int n_embd, int n_ff,
                                          char * err, size_t err_len);
 void ripple_predictor_free(ripple_predictor * p);
+/* sketch predictors (ripple_sketch.c): load into p (its kind set), and per token the selection
+ * (tok[t * n_ff + i]) and optionally the scores */
+int  ripple_sketch_load(ripple_predictor * p, const uint8_t * blob, size_t size, int n_embd, int n_ff, char * err,
+                        size_t err_len);
+void ripple_sketch_predict(struct ripple_pool * pool, int n_threads, const ripple_predictor * p, const ripple_layer * L,
+                           const struct ggml_tensor * src1, uint8_t * tok, float * scores);
 /* tok[t * n_ff + neuron] = 1 for the neurons the predictor selects for token t of src1, need[neuron]
  * the union over tokens; returns the (token, neuron) pairs selected */
 /* the layer's predictor, read from the file and checked at its first use (memory only where sparse

@@ -29,6 +29,7 @@ void ripple_predictor_free(ripple_predictor * p) {
         free(p->b1);
         free(p->w2t);
         free(p->b2);
+        free(p->sk.blob);
         free(p);
     }
 }
@@ -55,8 +56,20 @@ static int all_finite_f16(const ggml_fp16_t * v, size_t n) {
 ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int n_embd, int n_ff,
                                          char * err, size_t err_len) {
     uint32_t hdr[7];
+    if (size >= 64 && memcmp(blob, "RPSK", 4) == 0) {
+        ripple_predictor * p = calloc(1, sizeof(*p));
+        if (!p) {
+            snprintf(err, err_len, "out of memory for a predictor");
+            return NULL;
+        }
+        if (ripple_sketch_load(p, blob, size, n_embd, n_ff, err, err_len) != 0) {
+            free(p);
+            return NULL;
+        }
+        return p;
+    }
     if (size < 64 || memcmp(blob, "RPRD", 4) != 0) {
-        snprintf(err, err_len, "predictor blob has no RPRD header");
+        snprintf(err, err_len, "predictor blob has no RPRD or RPSK header");
         return NULL;
     }
     memcpy(hdr, blob, sizeof(hdr));
@@ -194,9 +207,12 @@ static void predict_task(void * v, int ith, int nth) {
 int64_t ripple_predict(ripple_pool * pool, int n_threads, const ripple_predictor * p, const ripple_layer * L,
                        const struct ggml_tensor * src1, uint8_t * need, uint8_t * tok) {
     const int64_t n_ff = L->d.n_ff, T = src1->ne[1];
-    float * buf = malloc(sizeof(float) * ((size_t) p->rank + (size_t) L->d.n_embd) * (size_t) T);
+    float * buf = p->kind == RIPPLE_PREDICTOR_SKETCH ? NULL
+                : malloc(sizeof(float) * ((size_t) p->rank + (size_t) L->d.n_embd) * (size_t) T);
     predict_job j = { p, L, src1, tok, buf, buf ? buf + (size_t) p->rank * (size_t) T : NULL };
-    if (!buf) {
+    if (p->kind == RIPPLE_PREDICTOR_SKETCH) {
+        ripple_sketch_predict(pool, n_threads, p, L, src1, tok, NULL);
+    } else if (!buf) {
         memset(tok, 1, (size_t) (n_ff * T)); /* no memory for the predictor: every neuron */
     } else if (pool && n_threads > 1 && (T > 1 || ripple_pool_is_openmp())) {
         ripple_pool_run(pool, n_threads, predict_task, &j);

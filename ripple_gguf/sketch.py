@@ -1,0 +1,281 @@
+"""Sketch predictor: which FFN neurons a token needs, from a 2-bit copy of the layer's own gate and
+up rows with a few input channels kept (nearly) exact.
+
+The low-rank predictor (:mod:`ripple_gguf.predictor`) learns *whether* a neuron is active; what
+decides perplexity is whether the few neurons with the largest |h| are kept, and h is computed from
+the gate and up rows themselves. A sketch estimates h directly::
+
+    x_s   = x with the outlier channels set to 0          (the channels with the largest E[x^2] x
+    d     = max|x_s| / 127,  xq = round(x_s / d)           sketch error, measured on calibration text)
+    g~_i  = D_g[i] / 2 * d * (2 * sum_j cg[i, j] * xq[j] - 3 * sum_j xq[j]) + sum_k og[i, k] * (osg[k] * x[out[k]])
+    u~_i  = the same with cu, D_u, ou, osu
+    score = |act(g~_i) * u~_i|       (gated FFN; ungated: |act(u~_i)|)
+    selected = score > threshold
+
+``cg[i, j]`` in {0, 1, 2, 3} is row i of ffn_gate quantized to 2 bits, value (2c - 3) * D_g[i] / 2
+(uniform levels, the step D_g[i] chosen per row for the least squared error); the outlier weights
+``og`` are int8 with one float32 scale per channel (``osg``). The arithmetic above is what the C
+kernel computes (integer sums exact; ``round`` is half away from zero), so ``scores`` here is its
+reference. The threshold is calibrated per layer on calibration tokens to a mean selected fraction
+(the budget): per token the number of neurons kept varies with how many have large scores.
+
+Binary layout (``Sketch.to_bytes``), little-endian, every section at a multiple of 64 bytes:
+
+====== ============================= ==========================================================
+offset field                         meaning
+====== ============================= ==========================================================
+0      char[4] magic                 ``b"RPSK"``
+4      u32 version                   1
+8      u32 n_embd
+12     u32 n_ff
+16     u32 bits                      2 (the only width this version stores)
+20     f32 threshold                 selected iff score > threshold
+24     u32 blob_size                 total bytes (a multiple of 64)
+28     u32 n_out                     k outlier channels
+32     u32 gated                     1: score |act(g~) u~|, 0 (no ffn_gate): |act(u~)|
+36     u32 act                       0 SiLU, 1 GELU (tanh form, as ggml)
+64     i32 out[k]                    outlier channel indices, ascending
+...    f32 osg[k], f32 osu[k]        outlier weight scales per channel (gate, up)
+...    f16 D_g[n_ff], f16 D_u[n_ff]  quantization steps per row
+...    u8 cg[n_ff][n_pad / 4]        gate codes, n_pad = n_embd rounded up to 64 (see below)
+...    u8 cu[n_ff][n_pad / 4]        up codes
+...    i8 og[n_ff][k], i8 ou[n_ff][k] outlier weights
+====== ============================= ==========================================================
+
+Sections in that order, each padded to 64 bytes; the gate sections are empty (0 bytes) for an
+ungated layer. Codes: a row is n_pad / 64 groups of 16 bytes; byte b of group g holds the codes of
+channels 64 g + b, 64 g + 16 + b, 64 g + 32 + b and 64 g + 48 + b in bits 0-1, 2-3, 4-5 and 6-7
+(so one shift and mask of a 16-byte load gives 16 consecutive channels); channels past n_embd have
+code 0 and their activation is 0.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+MAGIC = b"RPSK"
+VERSION = 1
+BITS = 2
+HEADER_SIZE = 64
+ACTS = ("silu", "gelu")
+_HEADER = struct.Struct("<4sIIIIfIIII")
+
+DEFAULT_OUTLIERS = 16
+DEFAULT_BUDGET = 0.6  # mean fraction of the neurons selected (the threshold's calibration target)
+
+
+def _pad64(n: int) -> int:
+    return (n + 63) & ~63
+
+
+def n_pad(n_embd: int) -> int:
+    return (n_embd + 63) // 64 * 64
+
+
+def _layout(n_embd: int, n_ff: int, k: int, gated: bool):
+    """Offsets (out, osg, osu, dg, du, cg, cu, og, ou) and the blob size."""
+    row = n_pad(n_embd) // 4
+    g = 1 if gated else 0
+    sizes = [4 * k, 4 * k * g, 4 * k, 2 * n_ff * g, 2 * n_ff, n_ff * row * g, n_ff * row, n_ff * k * g, n_ff * k]
+    offs, at = [], HEADER_SIZE
+    for s in sizes:
+        offs.append(at)
+        at += _pad64(s)
+    return offs, at
+
+
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """(n_ff, n_embd) uint8 codes 0..3 -> (n_ff, n_pad / 4) bytes in the layout above."""
+    n_ff, n_embd = codes.shape
+    c = np.zeros((n_ff, n_pad(n_embd)), np.uint8)
+    c[:, :n_embd] = codes
+    c = c.reshape(n_ff, -1, 4, 16)  # [row, group, chunk s, byte b]: channel 64 g + 16 s + b
+    return (c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)).reshape(n_ff, -1)
+
+
+def unpack_codes(packed: np.ndarray, n_embd: int) -> np.ndarray:
+    n_ff = packed.shape[0]
+    p = packed.reshape(n_ff, -1, 1, 16)
+    c = np.concatenate([(p >> (2 * s)) & 3 for s in range(4)], axis=2)  # [row, group, s, b]
+    return c.reshape(n_ff, -1)[:, :n_embd].astype(np.uint8)
+
+
+def quantize_rows(W: np.ndarray, skip: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """2-bit codes (n_ff, n_embd) and per-row steps (float16-rounded) with the least squared error
+    over the channels not in ``skip`` (a grid over the step; uniform levels (2c - 3) * D / 2)."""
+    W = np.asarray(W, np.float32)
+    use = np.ones(W.shape[1], bool)
+    if skip is not None and len(skip):
+        use[np.asarray(skip)] = False
+    Wu = W[:, use]
+    rms = np.sqrt(np.mean(Wu * Wu, axis=1, dtype=np.float64)).astype(np.float32)
+    rms = np.where(rms > 0, rms, np.float32(1e-8))
+    best_err = np.full(W.shape[0], np.inf, np.float64)
+    best_d = np.zeros(W.shape[0], np.float32)
+    for m in np.linspace(0.5, 1.6, 23, dtype=np.float32):  # Gaussian optimum near 1.0 x rms
+        d = (rms * m).astype(np.float16).astype(np.float32)
+        d = np.where(d > 0, d, np.float32(1e-8))
+        c = np.clip(np.floor(Wu / d[:, None] + 2.0), 0, 3)
+        err = np.sum((Wu - (2 * c - 3) * (d[:, None] / 2)) ** 2, axis=1, dtype=np.float64)
+        better = err < best_err
+        best_err[better] = err[better]
+        best_d[better] = d[better]
+    codes = np.clip(np.floor(W / best_d[:, None] + 2.0), 0, 3).astype(np.uint8)
+    return codes, best_d.astype(np.float16)
+
+
+def _round_half_away(a: np.ndarray) -> np.ndarray:
+    return np.sign(a) * np.floor(np.abs(a) + np.float32(0.5))
+
+
+def act(name: str, g: np.ndarray) -> np.ndarray:
+    g = g.astype(np.float32)
+    if name == "silu":
+        return g / (np.float32(1) + np.exp(-g))
+    # ggml's GELU (tanh form)
+    c = np.float32(math.sqrt(2 / math.pi))
+    return np.float32(0.5) * g * (np.float32(1) + np.tanh(c * g * (np.float32(1) + np.float32(0.044715) * g * g)))
+
+
+def _int8_cols(W: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Columns of W as int8 with one float32 scale each (largest |w| -> 127)."""
+    W = np.asarray(W, np.float32)
+    s = (np.abs(W).max(axis=0) / 127).astype(np.float32) if W.size else np.zeros(W.shape[1], np.float32)
+    s = np.where(s > 0, s, np.float32(1))
+    return np.clip(_round_half_away(W / s), -127, 127).astype(np.int8), s
+
+
+@dataclass
+class Sketch:
+    n_embd: int
+    n_ff: int
+    out: np.ndarray  # int32[k], ascending
+    cu: np.ndarray  # uint8 (n_ff, n_embd) codes
+    du: np.ndarray  # float16 (n_ff,)
+    ou: np.ndarray  # int8 (n_ff, k)
+    osu: np.ndarray  # float32 (k,)
+    cg: Optional[np.ndarray] = None  # None for an ungated layer
+    dg: Optional[np.ndarray] = None
+    og: Optional[np.ndarray] = None
+    osg: Optional[np.ndarray] = None
+    act: str = "silu"
+    threshold: float = 0.0
+
+    @property
+    def gated(self) -> bool:
+        return self.cg is not None
+
+    @classmethod
+    def build(cls, W_up: np.ndarray, W_gate: Optional[np.ndarray], x2: np.ndarray, *, n_out: int = DEFAULT_OUTLIERS,
+              act_name: str = "silu") -> "Sketch":
+        """From the layer's float weights (n_ff, n_embd) and E[x^2] per input channel on calibration
+        text: the outlier channels are the k largest E[x^2] x (squared sketch error of the channel's
+        column, gate and up summed)."""
+        if act_name not in ACTS:
+            raise ValueError(f"sketch: unknown activation {act_name!r}")
+        W_up = np.asarray(W_up, np.float32)
+        n_ff, n_embd = W_up.shape
+        mats = [W_up] + ([np.asarray(W_gate, np.float32)] if W_gate is not None else [])
+        err = np.zeros(n_embd, np.float64)
+        for W in mats:
+            c, d = quantize_rows(W)
+            err += np.sum((W - (2 * c.astype(np.float32) - 3) * (d.astype(np.float32)[:, None] / 2)) ** 2, axis=0)
+        k = max(0, min(int(n_out), n_embd))
+        out = np.sort(np.argsort(-(np.asarray(x2, np.float64) * err), kind="stable")[:k]).astype(np.int32)
+        cu, du = quantize_rows(W_up, out)
+        ou, osu = _int8_cols(W_up[:, out])
+        kw = {}
+        if W_gate is not None:
+            cg, dg = quantize_rows(mats[1], out)
+            og, osg = _int8_cols(mats[1][:, out])
+            kw = dict(cg=cg, dg=dg, og=og, osg=osg)
+        return cls(n_embd=n_embd, n_ff=n_ff, out=out, cu=cu, du=du, ou=ou, osu=osu, act=act_name, **kw)
+
+    def _estimate(self, X: np.ndarray, xq: np.ndarray, d: np.ndarray, sx: np.ndarray, codes, steps, ow, os_):
+        acc = xq @ codes.T.astype(np.float32)  # integer sums, exact in float32 below 2**24
+        est = (steps.astype(np.float32)[None, :] / np.float32(2)) * d[:, None] * (np.float32(2) * acc - np.float32(3) * sx[:, None])
+        if len(self.out):
+            y = X[:, self.out] * os_[None, :]
+            est = est + y @ ow.T.astype(np.float32)
+        return est.astype(np.float32)
+
+    def scores(self, X: np.ndarray) -> np.ndarray:
+        """(N, n_ff) float32 scores for FFN inputs X (N, n_embd)."""
+        X = np.asarray(X, np.float32)
+        xs = X.copy()
+        xs[:, self.out] = 0
+        m = np.abs(xs).max(axis=1)
+        d = np.where(m > 0, m / np.float32(127), np.float32(1)).astype(np.float32)
+        xq = _round_half_away(xs / d[:, None]).astype(np.float32)
+        sx = xq.sum(axis=1)
+        u = self._estimate(X, xq, d, sx, self.cu, self.du, self.ou, self.osu)
+        if not self.gated:
+            return np.abs(act(self.act, u))
+        g = self._estimate(X, xq, d, sx, self.cg, self.dg, self.og, self.osg)
+        return np.abs(act(self.act, g) * u)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.scores(X) > np.float32(self.threshold)
+
+    def calibrate(self, X: np.ndarray, budget: float) -> "Sketch":
+        """Set the threshold so that a fraction ``budget`` of the (token, neuron) scores of X exceed it."""
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"sketch budget must be in (0, 1], got {budget}")
+        s = self.scores(X).ravel()
+        t = np.quantile(s, 1.0 - budget) if budget < 1.0 else -1.0
+        self.threshold = float(np.float32(t))
+        return self
+
+    def nbytes(self) -> int:
+        return _layout(self.n_embd, self.n_ff, len(self.out), self.gated)[1]
+
+    def to_bytes(self) -> bytes:
+        k = len(self.out)
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"sketch threshold is {self.threshold}")
+        for name in ("du", "osu", "dg", "osg"):
+            a = getattr(self, name)
+            if a is not None and not np.isfinite(np.asarray(a, np.float32)).all():
+                raise ValueError(f"sketch {name} holds inf or nan")
+        offs, size = _layout(self.n_embd, self.n_ff, k, self.gated)
+        buf = bytearray(size)
+        _HEADER.pack_into(buf, 0, MAGIC, VERSION, self.n_embd, self.n_ff, BITS, self.threshold, size, k,
+                          1 if self.gated else 0, ACTS.index(self.act))
+        parts = [self.out.astype("<i4"), self.osg, self.osu.astype("<f4"), self.dg, self.du.astype("<f2"),
+                 pack_codes(self.cg) if self.gated else None, pack_codes(self.cu), self.og, self.ou]
+        casts = [None, "<f4", None, "<f2", None, None, None, np.int8, None]
+        for off, a, cast in zip(offs, parts, casts):
+            if a is None:
+                continue
+            raw = np.ascontiguousarray(a.astype(cast) if cast is not None else a).tobytes()
+            buf[off:off + len(raw)] = raw
+        return bytes(buf)
+
+    @classmethod
+    def from_bytes(cls, b: bytes, n_embd: int, n_ff: int) -> "Sketch":
+        if len(b) < HEADER_SIZE:
+            raise ValueError(f"sketch blob: {len(b)} bytes, shorter than the {HEADER_SIZE}-byte header")
+        magic, version, e, f, bits, thr, size, k, gated, act_id = _HEADER.unpack_from(b, 0)
+        if magic != MAGIC:
+            raise ValueError(f"sketch blob: magic {magic!r}, expected {MAGIC!r}")
+        if version != VERSION or bits != BITS:
+            raise ValueError(f"sketch blob: version {version}, {bits} bits; this reader knows version {VERSION}, {BITS} bits")
+        if (e, f) != (n_embd, n_ff) or k > e or act_id >= len(ACTS) or gated > 1:
+            raise ValueError(f"sketch blob: n_embd={e}, n_ff={f}, {k} outliers, gated={gated}, act={act_id}; the layer "
+                             f"has n_embd={n_embd}, n_ff={n_ff}")
+        offs, expect = _layout(e, f, k, bool(gated))
+        if size != expect or len(b) < size:
+            raise ValueError(f"sketch blob: blob_size {size}, {len(b)} bytes given, layout needs {expect}")
+        row = n_pad(e) // 4
+        a = lambda i, dt, n: np.frombuffer(b, dtype=dt, count=n, offset=offs[i])
+        kw = {}
+        if gated:
+            kw = dict(osg=a(1, "<f4", k).astype(np.float32), dg=a(3, "<f2", f).astype(np.float16),
+                      cg=unpack_codes(a(5, np.uint8, f * row).reshape(f, row), e), og=a(7, np.int8, f * k).reshape(f, k))
+        return cls(n_embd=e, n_ff=f, out=a(0, "<i4", k).astype(np.int32), osu=a(2, "<f4", k).astype(np.float32),
+                   du=a(4, "<f2", f).astype(np.float16), cu=unpack_codes(a(6, np.uint8, f * row).reshape(f, row), e),
+                   ou=a(8, np.int8, f * k).reshape(f, k), act=ACTS[act_id], threshold=thr, **kw)

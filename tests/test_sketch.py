@@ -1,0 +1,83 @@
+"""Sketch predictors: the C kernel's scores equal sketch.py's reference on synthetic layers; the blob
+round-trips; bad blobs are refused naming the problem."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ripple_gguf import _native, sketch as SK
+
+
+def _layer(rng, n_embd, n_ff, gated=True, heavy=()):
+    W_up = rng.standard_normal((n_ff, n_embd)).astype(np.float32) * 0.05
+    W_gate = rng.standard_normal((n_ff, n_embd)).astype(np.float32) * 0.05 if gated else None
+    X = rng.standard_normal((64, n_embd)).astype(np.float32)
+    for j in heavy:  # outlier input channels, as real models have
+        X[:, j] *= 40
+    return W_up, W_gate, X
+
+
+def _c_scores(blob: bytes, X: np.ndarray, n_embd: int, n_ff: int):
+    X = np.ascontiguousarray(X, np.float32)
+    scores = np.empty((X.shape[0], n_ff), np.float32)
+    sel = np.empty((X.shape[0], n_ff), np.uint8)
+    err = _native.ffi.new("char[]", 512)
+    rc = _native.lib.ripple_sketch_scores(blob, len(blob), n_embd, n_ff, _native.ffi.from_buffer("float[]", X),
+                                          X.shape[0], _native.ffi.from_buffer("float[]", scores),
+                                          _native.ffi.from_buffer("uint8_t[]", sel), err, 512)
+    if rc != 0:
+        raise ValueError(_native.error_text(err))
+    return scores, sel.astype(bool)
+
+
+@pytest.mark.parametrize("n_embd, n_ff, gated, act, k", [
+    (576, 256, True, "silu", 16),   # SmolLM2's width: 9 groups of 64 (2 blocks of 4 and a tail)
+    (256, 64, True, "gelu", 8),     # one whole block of 4 groups
+    (200, 96, False, "silu", 3),    # ungated, a width padded to 256
+    (64, 32, True, "silu", 0),      # no outlier channel
+])
+def test_c_scores_equal_the_reference(n_embd, n_ff, gated, act, k):
+    rng = np.random.default_rng(n_embd + n_ff)
+    W_up, W_gate, X = _layer(rng, n_embd, n_ff, gated, heavy=(3, n_embd - 5))
+    sk = SK.Sketch.build(W_up, W_gate, (X * X).mean(axis=0), n_out=k, act_name=act).calibrate(X, 0.4)
+    if k:
+        assert {3, n_embd - 5} <= set(sk.out.tolist())  # the heavy channels are kept exact
+    blob = sk.to_bytes()
+    ref = sk.scores(X)
+    got, sel = _c_scores(blob, X, n_embd, n_ff)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-6 * float(np.abs(ref).max()))
+    agree = np.mean(sel == (ref > np.float32(sk.threshold)))
+    assert agree > 0.999, agree  # only scores within rounding of the threshold may differ
+    assert 0.3 < sel.mean() < 0.5
+    back = SK.Sketch.from_bytes(blob, n_embd, n_ff)
+    np.testing.assert_array_equal(back.scores(X), ref)
+
+
+def test_sketch_tracks_the_true_activation_ranking():
+    rng = np.random.default_rng(1)
+    n_embd, n_ff = 256, 512
+    W_up, W_gate, X = _layer(rng, n_embd, n_ff, heavy=(7, 100))
+    sk = SK.Sketch.build(W_up, W_gate, (X * X).mean(axis=0), n_out=8)
+    h = SK.act("silu", X @ W_gate.T) * (X @ W_up.T)
+    s = sk.scores(X)
+    top = np.argsort(-np.abs(h), axis=1)[:, :10]  # each token's 10 largest |h|
+    kept = np.take_along_axis(s, top, axis=1) > np.quantile(s, 0.5, axis=1, keepdims=True)
+    assert kept.mean() > 0.97, kept.mean()
+
+
+def test_bad_sketch_blobs_are_refused():
+    rng = np.random.default_rng(2)
+    W_up, W_gate, X = _layer(rng, 128, 64)
+    blob = bytearray(SK.Sketch.build(W_up, W_gate, (X * X).mean(axis=0), n_out=4).calibrate(X, 0.5).to_bytes())
+    with pytest.raises(ValueError, match="does not fit a layer of 128 x 32"):
+        _c_scores(bytes(blob), X, 128, 32)
+    bad = bytearray(blob)
+    bad[4] = 9  # version
+    with pytest.raises(ValueError, match="version 9 .* not supported"):
+        _c_scores(bytes(bad), X, 128, 64)
+    bad = bytearray(blob)
+    bad[64:68] = (500).to_bytes(4, "little")  # an outlier channel past n_embd
+    with pytest.raises(ValueError, match="outlier channel list"):
+        _c_scores(bytes(bad), X, 128, 64)
+    with pytest.raises(ValueError, match="version 9"):
+        SK.Sketch.from_bytes(bytes(bad[:4]) + (9).to_bytes(4, "little") + bytes(bad[8:]), 128, 64)

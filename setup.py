@@ -28,7 +28,11 @@ class CMakeBuild(build_ext):
         subprocess.run(cfg, check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1)], check=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(build_dir / "libripple.so", out)
+        # a new file renamed over the old one: processes that have the old library mapped keep it
+        # (copying over it in place would change the pages under them)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.copy2(build_dir / "libripple.so", tmp)
+        os.replace(tmp, out)
         shutil.copy2(ROOT / "csrc" / "ripple.h", out.parent / "_ripple.h")
         spec = importlib.util.spec_from_file_location("_ripple_cdef", ROOT / "ripple_gguf" / "_cdef.py")
         cdef = importlib.util.module_from_spec(spec)

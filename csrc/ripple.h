@@ -252,6 +252,11 @@ int ripple_get_pair_matmuls(void);
 int ripple_sketch_scores(const uint8_t * blob, size_t size, int32_t n_embd, int32_t n_ff, const float * x,
                          int64_t n_tokens, float * scores, uint8_t * selected, char * err, size_t err_len);
 
+/* Diagnostic (measurement only, scripts/sparsity_sweep.py): sketch predictors keep a fixed fraction of
+ * each token's neurons (the highest scores) instead of the calibrated threshold; 0 turns it off. */
+void ripple_set_sketch_topk(double fraction);
+double ripple_get_sketch_topk(void);
+
 /* Message of the last failure inside graph compute or I/O ("" if none); cleared by reading. */
 int ripple_take_last_error(char * buf, size_t buf_len);
 

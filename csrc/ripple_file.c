@@ -22,7 +22,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define FORMAT_VERSION 3
+#define FORMAT_VERSION 4     /* constants.FORMAT_VERSION: 4 adds sketch predictors */
+#define FORMAT_VERSION_MIN 3 /* constants.READ_VERSIONS */
 #define ALIGNMENT 4096
 #define HEADER_SIZE ALIGNMENT
 #define FOOTER_SIZE 64
@@ -95,6 +96,8 @@ static const struct { const char * key; int type, sub; } KEY_TYPES[] = {
     { K_RANK, GGUF_TYPE_UINT32, NONE }, { K_RECALL_TARGET, GGUF_TYPE_FLOAT32, NONE },
     { K_METRICS, GGUF_TYPE_STRING, NONE }, { K_FREQUENCY, ARR, GGUF_TYPE_UINT8 },
     { K_DEFAULT_MODE, GGUF_TYPE_STRING, NONE }, { K_DEFAULT_MODE_REASON, GGUF_TYPE_STRING, NONE },
+    { "ripple.predictor.kind", GGUF_TYPE_STRING, NONE }, { "ripple.predictor.sketch_outliers", GGUF_TYPE_UINT32, NONE },
+    { "ripple.predictor.sketch_budget", GGUF_TYPE_FLOAT32, NONE },
 };
 /* written together or not at all: by a conversion with profiling, and with predictors */
 static const char * PROFILE_KEYS[] = { K_QUALITY, K_RULE, K_ACTIVE_FRACTION, K_THRESHOLD, K_CAL_TEXT, K_CAL_TOKENS,
@@ -116,6 +119,7 @@ struct ripple_file {
     int                   default_mode;   /* RIPPLE_MODE_EXACT / SPARSE */
     char                  default_mode_reason[256];
     int                   expected_tensors;
+    uint32_t              version;        /* ripple.format_version */
 };
 
 static int fail(char * err, size_t err_len, const char * path, const char * fmt, ...) __attribute__((format(printf, 4, 5)));
@@ -205,8 +209,14 @@ static int check_key_types(struct ripple_file * f, char * err, size_t err_len) {
                         json_keys[i]);
         }
     }
-    const char * frac_keys[] = { K_ACTIVE_FRACTION, K_RECALL_TARGET };
-    for (int i = 0; i < 2; i++) {
+    const int64_t kind = key(f, "ripple.predictor.kind");
+    if (kind >= 0 && strcmp(gguf_get_val_str(f->g, kind), "lowrank") != 0 &&
+        (strcmp(gguf_get_val_str(f->g, kind), "sketch") != 0 || f->version < 4)) {
+        return fail(err, err_len, f->path, "metadata key ripple.predictor.kind is '%s', expected lowrank or sketch "
+                    "(sketch from format version 4)", gguf_get_val_str(f->g, kind));
+    }
+    const char * frac_keys[] = { K_ACTIVE_FRACTION, K_RECALL_TARGET, "ripple.predictor.sketch_budget" };
+    for (int i = 0; i < 3; i++) {
         const int64_t id = key(f, frac_keys[i]);
         if (id >= 0) {
             const float v = gguf_get_val_f32(f->g, id);
@@ -399,14 +409,16 @@ int ripple_file_open(const char * path, struct ripple_file ** out, char * err, s
     if (ver < 0) {
         return fail(err, err_len, path, "not a ripple-packed GGUF (has %s but no %s key)", names, K_FORMAT_VERSION);
     }
-    if (gguf_get_kv_type(f->g, ver) != GGUF_TYPE_UINT32 || gguf_get_val_u32(f->g, ver) != FORMAT_VERSION) {
+    if (gguf_get_kv_type(f->g, ver) != GGUF_TYPE_UINT32 || gguf_get_val_u32(f->g, ver) < FORMAT_VERSION_MIN ||
+        gguf_get_val_u32(f->g, ver) > FORMAT_VERSION) {
         char v[32] = "?";
         if (gguf_get_kv_type(f->g, ver) == GGUF_TYPE_UINT32) {
             snprintf(v, sizeof(v), "%u", gguf_get_val_u32(f->g, ver));
         }
-        return fail(err, err_len, path, "ripple format version %s is not supported (this tool reads %d): "
-                    "convert the source again", v, FORMAT_VERSION);
+        return fail(err, err_len, path, "ripple format version %s is not supported (this tool reads %d and %d): "
+                    "convert the source again", v, FORMAT_VERSION_MIN, FORMAT_VERSION);
     }
+    f->version = gguf_get_val_u32(f->g, ver);
     if (check_key_types(f, err, err_len) != 0) {
         return -1;
     }
@@ -725,7 +737,7 @@ static int check_frame(struct ripple_file * f, char * err, size_t err_len) {
     memcpy(&version, h + 8, 4);
     memcpy(&n_layers, h + 12, 4);
     const char * want_id = gguf_get_val_str(f->g, key(f, K_REGION_ID));
-    if (version != FORMAT_VERSION || n_layers != (uint32_t) f->n_layers || le64(h + 16) != f->region_size ||
+    if (version != f->version || n_layers != (uint32_t) f->n_layers || le64(h + 16) != f->region_size ||
         strcmp(id, want_id) != 0) {
         return fail(err, err_len, p, "region header does not match the metadata (region from another file?)");
     }

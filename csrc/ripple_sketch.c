@@ -34,7 +34,7 @@ int ripple_sketch_load(ripple_predictor * p, const uint8_t * blob, size_t size, 
                  "%d bits): convert the model again", version, bits, SKETCH_VERSION, SKETCH_BITS);
         return -1;
     }
-    if ((int) e != n_embd || (int) f != n_ff || k > e || gated > 1 || act > 1 || blob_size != size) {
+    if ((int) e != n_embd || (int) f != n_ff || k > e || gated > 1 || act > 2 || blob_size != size) {
         snprintf(err, err_len, "sketch predictor (%u x %u, %u outliers, gated %u, act %u, %u bytes) does not fit a "
                  "layer of %d x %d in %zu bytes", e, f, k, gated, act, blob_size, n_embd, n_ff, size);
         return -1;
@@ -207,6 +207,9 @@ static float act(int kind, float g) {
     if (kind == 0) {
         return g / (1.0f + expf(-g));
     }
+    if (kind == 2) {
+        return g > 0.0f ? g : 0.0f;
+    }
     const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
     return 0.5f * g * (1.0f + tanhf(c * g * (1.0f + 0.044715f * g * g)));
 }
@@ -221,12 +224,27 @@ float ripple_sketch_score(const ripple_sketch * s, const void * tok, int64_t i) 
     return fabsf(act(s->act, g) * u);
 }
 
+static double g_topk; /* diagnostic: > 0 keeps this fraction of each token's neurons instead of the threshold */
+
+void ripple_set_sketch_topk(double fraction) {
+    g_topk = fraction > 0 && fraction <= 1 ? fraction : 0;
+}
+
+double ripple_get_sketch_topk(void) {
+    return g_topk;
+}
+
+static int cmp_desc(const void * a, const void * b) {
+    const float x = *(const float *) a, y = *(const float *) b;
+    return (x < y) - (x > y);
+}
+
 typedef struct {
     const ripple_predictor *   p;
     const ripple_layer *       L;
     const struct ggml_tensor * src1;
     uint8_t *                  tok;
-    float *                    scores; /* optional: n_tokens x n_ff */
+    float *                    scores; /* optional: n_tokens x n_ff (needed by the top-k rule) */
     uint8_t *                  scratch; /* per thread: 2 * n_pad + 4 * n_out bytes */
     size_t                     scratch_each;
 } sketch_job;
@@ -261,10 +279,16 @@ void ripple_sketch_predict(ripple_pool * pool, int n_threads, const ripple_predi
     const int64_t n_ff = L->d.n_ff, T = src1->ne[1];
     const int nth = n_threads > 1 ? n_threads : 1;
     const size_t each = (2 * (size_t) p->sk.n_pad + 4 * (size_t) p->sk.n_out + 63) & ~(size_t) 63;
+    const double topk = g_topk;
+    float * own = topk > 0 && !scores ? malloc(sizeof(float) * (size_t) (n_ff * T)) : NULL;
     uint8_t * scratch = aligned_alloc(64, each * (size_t) nth);
-    sketch_job j = { p, L, src1, tok, scores, scratch, each };
-    if (!scratch) {
+    sketch_job j = { p, L, src1, tok, scores ? scores : own, scratch, each };
+    float * sorted = topk > 0 ? malloc(sizeof(float) * (size_t) n_ff) : NULL;
+    if (!scratch || (topk > 0 && (!j.scores || !sorted))) {
         memset(tok, 1, (size_t) (n_ff * T)); /* no memory for the predictor: every neuron */
+        free(scratch);
+        free(own);
+        free(sorted);
         return;
     }
     if (pool && nth > 1 && (T > 1 || ripple_pool_is_openmp())) {
@@ -272,7 +296,21 @@ void ripple_sketch_predict(ripple_pool * pool, int n_threads, const ripple_predi
     } else {
         sketch_task(&j, 0, 1);
     }
+    if (topk > 0) { /* the k highest scores of each token, k = ceil(fraction * n_ff) */
+        const int64_t k = (int64_t) ceil(topk * (double) n_ff);
+        for (int64_t t = 0; t < T; t++) {
+            const float * sc = j.scores + t * n_ff;
+            memcpy(sorted, sc, sizeof(float) * (size_t) n_ff);
+            qsort(sorted, (size_t) n_ff, sizeof(float), cmp_desc);
+            const float edge = sorted[k - 1];
+            for (int64_t i = 0; i < n_ff; i++) {
+                tok[t * n_ff + i] = sc[i] >= edge;
+            }
+        }
+    }
     free(scratch);
+    free(own);
+    free(sorted);
 }
 
 int ripple_sketch_scores(const uint8_t * blob, size_t size, int32_t n_embd, int32_t n_ff, const float * x, int64_t n_tokens,

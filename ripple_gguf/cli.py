@@ -23,6 +23,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         calib = [(path, read_text(path)) for path in args.calib] if args.calib else None
         offline = OfflineConfig(calib=calib, calib_tokens=args.calib_tokens, placement=placement,
                                 active_fraction=args.active_fraction, predictor_rank=args.predictor_rank,
+                                predictor=args.predictor, sketch_outliers=args.sketch_outliers,
+                                sketch_budget=args.sketch_budget,
                                 predictor_recall=args.predictor_recall,
                                 predictor_fit_fraction=args.predictor_fit_fraction or None, seed=args.seed,
                                 threads=args.threads, quiet=args.quiet)
@@ -218,7 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     c.add_argument("--active-fraction", type=float, default=0.7,
                    help="target fraction of active neurons for magnitude thresholds (default 0.7)")
-    c.add_argument("--predictor-rank", type=int, default=64, help="predictor rank, 0 = no predictors (default 64)")
+    c.add_argument("--predictor", choices=("sketch", "lowrank"), default="sketch",
+                   help="predictor kind: sketch (a 2-bit copy of each layer's gate and up rows with outlier input "
+                        "channels exact; default) or lowrank (a trained n_embd -> rank -> n_ff MLP)")
+    c.add_argument("--sketch-outliers", type=int, default=16,
+                   help="sketch: input channels kept exact per layer (default 16)")
+    c.add_argument("--sketch-budget", type=float, default=0.6,
+                   help="sketch: mean fraction of the neurons selected, the threshold's calibration target "
+                        "(default 0.6)")
+    c.add_argument("--predictor-rank", type=int, default=64,
+                   help="lowrank: hidden width; 0 = no predictors, either kind (default 64)")
     c.add_argument("--predictor-recall", type=float, default=0.9,
                    help="recall the predictor threshold is tuned to on validation tokens (default 0.9)")
     c.add_argument("--predictor-fit-fraction", type=float, default=0.25,

@@ -14,7 +14,9 @@ LLAMA_CPP_SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 LLAMA_CPP_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 GGML_COMMIT_PREFIX = "0c1e570"  # llama.cpp commit vendored by the pinned release
 
-FORMAT_VERSION = 3  # 2: split down columns and their scale tables; 3: checksum table, metadata hash
+FORMAT_VERSION = 4  # 2: split down columns and their scale tables; 3: checksum table, metadata hash;
+# 4: sketch predictors (ripple.predictor.kind)
+READ_VERSIONS = (3, 4)  # what this reader accepts (3: low-rank predictors only)
 ALIGNMENT = 4096  # every layer's bundle block starts on this boundary (direct I/O)
 
 REGION_MAGIC = b"RIPPLE01"  # first 8 bytes of the ripple region header
@@ -103,6 +105,9 @@ class Keys:
         SIZE = "ripple.predictor.size"  # u64[L] bytes of each layer's blob (predictor.to_bytes layout)
         RECALL_TARGET = "ripple.predictor.recall_target"
         METRICS = "ripple.predictor.metrics"  # JSON: recall, precision, over-prediction on held-out text
+        KIND = "ripple.predictor.kind"  # PREDICTOR_KINDS (absent: lowrank)
+        SKETCH_OUTLIERS = "ripple.predictor.sketch_outliers"  # u32: exact input channels per layer
+        SKETCH_BUDGET = "ripple.predictor.sketch_budget"  # f32: mean selected fraction calibrated to
 
     class Calibration:
         TEXT = "ripple.calibration.text"  # names of the calibration texts
@@ -117,6 +122,9 @@ class Keys:
 
 
 DEFAULT_MODES = ("exact", "sparse")
+# lowrank: a trained n_embd -> rank -> n_ff MLP (ripple_gguf.predictor); sketch: a 2-bit copy of the
+# layer's gate and up rows with outlier input channels exact (ripple_gguf.sketch)
+PREDICTOR_KINDS = ("lowrank", "sketch")
 
 
 # What "active" means for neuron i of a layer, with h = post-activation (the ffn_down matmul's input):

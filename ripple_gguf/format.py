@@ -437,6 +437,9 @@ class OfflineData:
     default_mode_reason: str = ""  # why "exact" (the converter's self-check)
     # per layer, neuron order: how often each neuron is needed, 0..255 (255 = every token); or empty
     frequency: Sequence[np.ndarray] = ()
+    predictor_kind: str = "lowrank"  # C.PREDICTOR_KINDS
+    sketch_outliers: int = 0  # sketch predictors: exact input channels per layer
+    sketch_budget: float = 0.0  # sketch predictors: mean selected fraction the thresholds were calibrated to
 
 
 @dataclass
@@ -557,6 +560,10 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
                 arr(Keys.Predictor.OFFSET, U64, rel_offsets["predictor"]),
                 arr(Keys.Predictor.SIZE, U64, [l.predictor_size for l in layers]),
                 pack_kv(Keys.Predictor.METRICS, V.STRING, json.dumps(offline.predictor_metrics, sort_keys=True)),
+                pack_kv(Keys.Predictor.KIND, V.STRING, offline.predictor_kind),
+                *([pack_kv(Keys.Predictor.SKETCH_OUTLIERS, V.UINT32, int(offline.sketch_outliers)),
+                   pack_kv(Keys.Predictor.SKETCH_BUDGET, V.FLOAT32, float(offline.sketch_budget))]
+                  if offline.predictor_kind == "sketch" else []),
                 pack_kv(Keys.Runtime.DEFAULT_MODE, V.STRING, offline.default_mode),
             ]
             if offline.default_mode_reason:
@@ -713,6 +720,7 @@ _KEY_TYPES = {
     Keys.Calibration.TEXT: _STR, Keys.Calibration.TOKENS: _U32, Keys.Calibration.SEED: _U32,
     Keys.Predictor.RANK: _U32, Keys.Predictor.RECALL_TARGET: _F32, Keys.Predictor.METRICS: _STR,
     Keys.Placement.FREQUENCY: (V.ARRAY, V.UINT8),
+    Keys.Predictor.KIND: _STR, Keys.Predictor.SKETCH_OUTLIERS: _U32, Keys.Predictor.SKETCH_BUDGET: _F32,
 }
 # Written together or not at all: by a conversion with profiling, and with predictors.
 _PROFILE_KEYS = (Keys.Placement.QUALITY, Keys.Sparsity.RULE, Keys.Sparsity.ACTIVE_FRACTION, Keys.Sparsity.THRESHOLD,
@@ -752,7 +760,11 @@ def _check_key_types(p: str, kv: dict[str, GGUFValue]) -> None:
                 ok = False
             if not ok:
                 raise RippleFormatError(p, f"metadata key {key} is not a JSON object (damaged or edited file)")
-    for key in (Keys.Sparsity.ACTIVE_FRACTION, Keys.Predictor.RECALL_TARGET):
+    kind = kv.get(Keys.Predictor.KIND)
+    if kind is not None and kind.value not in C.PREDICTOR_KINDS:
+        raise RippleFormatError(p, f"metadata key {Keys.Predictor.KIND} is {kind.value!r}, expected one of "
+                                   f"{', '.join(C.PREDICTOR_KINDS)}")
+    for key in (Keys.Sparsity.ACTIVE_FRACTION, Keys.Predictor.RECALL_TARGET, Keys.Predictor.SKETCH_BUDGET):
         if key in kv and not 0.0 < kv[key].value <= 1.0:  # also false for NaN
             raise RippleFormatError(p, f"metadata key {key} is {kv[key].value}, expected a fraction in (0, 1]")
 
@@ -836,9 +848,12 @@ class RippleFile:
         if Keys.FORMAT_VERSION not in md:
             what = f"has {', '.join(sorted(md)[:3])}{', ...' if len(md) > 3 else ''} but " if md else ""
             raise RippleFormatError(p, f"not a ripple-packed GGUF ({what}no ripple.format_version key)")
-        if md[Keys.FORMAT_VERSION] != C.FORMAT_VERSION:
+        if md[Keys.FORMAT_VERSION] not in C.READ_VERSIONS:
             raise RippleFormatError(p, f"ripple format version {md[Keys.FORMAT_VERSION]!r} is not "
-                                       f"supported (this tool reads {C.FORMAT_VERSION}): convert the source again")
+                                       f"supported (this tool reads {' and '.join(map(str, C.READ_VERSIONS))}): "
+                                       "convert the source again")
+        if md.get(Keys.Predictor.KIND, "lowrank") != "lowrank" and md[Keys.FORMAT_VERSION] < 4:
+            raise RippleFormatError(p, f"{Keys.Predictor.KIND} in a format {md[Keys.FORMAT_VERSION]} file (damaged or edited)")
         _check_key_types(p, hdr.kv)
 
         def need(key: str) -> Any:
@@ -1042,11 +1057,15 @@ class RippleFile:
         return table
 
     def read_predictor(self, layer: RippleLayer):
-        """The layer's :class:`ripple_gguf.predictor.Predictor` (reads its blob)."""
+        """The layer's predictor (reads its blob): a :class:`ripple_gguf.predictor.Predictor` (low
+        rank) or a :class:`ripple_gguf.sketch.Sketch`, by the blob's magic."""
+        from ripple_gguf import sketch
         from ripple_gguf.predictor import Predictor
 
         blob = self.read_predictor_blob(layer)
         try:
+            if blob[:4] == sketch.MAGIC:
+                return sketch.Sketch.from_bytes(blob, layer.n_embd, layer.n_ff)
             return Predictor.from_bytes(blob, layer.n_embd, layer.n_ff)
         except ValueError as e:
             raise RippleFormatError(self.path, f"layer {layer.block}: bad predictor: {e}") from None
@@ -1065,7 +1084,8 @@ class RippleFile:
             _pread(p, fd, self.region_offset, _REGION_HEADER.size))
         if magic != C.REGION_MAGIC:
             raise RippleFormatError(p, f"no ripple region header at offset {self.region_offset}")
-        if (version, n_layers, size, rid.hex()) != (C.FORMAT_VERSION, self.n_layers, self.region_size, self.region_id):
+        if (version, n_layers, size, rid.hex()) != (self.metadata[Keys.FORMAT_VERSION], self.n_layers, self.region_size,
+                                                    self.region_id):
             raise RippleFormatError(p, "region header does not match the metadata (region from another file?)")
         fmagic, fsize, fid = _FOOTER.unpack(_pread(p, fd, self.file_size - C.FOOTER_SIZE, _FOOTER.size))
         if fmagic != C.FOOTER_MAGIC or fsize != self.region_size or fid.hex() != self.region_id:

@@ -18,8 +18,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import constants as C
 from . import placement as P
 from . import predictor as PR
+from . import sketch as SK
 from .format import OfflineData
 from .profile import ActivationCapture, ProfileError, calibration_text_default, check_tokens, tokenize_chunks
 
@@ -38,8 +40,12 @@ class OfflineConfig:
     # active fraction 0.7 with recall 0.9: the fewest bundles within 3% of exact perplexity in
     # sparse mode on SmolLM2 (docs/BENCHMARKS.md, scripts/sparsity_sweep.py)
     active_fraction: float = 0.7
-    predictor_rank: int = PR.DEFAULT_RANK
-    predictor_recall: float = 0.9  # validation target; held-out recall comes out within ~1 point
+    predictor: str = "sketch"  # C.PREDICTOR_KINDS
+    predictor_rank: int = PR.DEFAULT_RANK  # low rank: hidden width; 0: no predictors (either kind)
+    predictor_recall: float = 0.9  # low rank: validation target; held-out recall comes out within ~1 point
+    sketch_outliers: int = SK.DEFAULT_OUTLIERS  # sketch: input channels kept exact per layer
+    sketch_budget: float = SK.DEFAULT_BUDGET  # sketch: mean fraction of the neurons selected
+    sketch_down_norm: bool = True  # sketch: score |h_i| x ||ffn_down column i|| rather than |h_i|
     # the predictors are fitted to the neurons of the top fraction of |h| (magnitude rule; at most
     # active_fraction; None: the active ones) and tuned for recall of all active neurons
     predictor_fit_fraction: Optional[float] = 0.25
@@ -59,6 +65,12 @@ class OfflineConfig:
         if self.predictor_fit_fraction is not None and not 0.0 < self.predictor_fit_fraction < 1.0:
             raise ProfileError(f"--predictor-fit-fraction must be between 0 and 1 (exclusive), got "
                                f"{self.predictor_fit_fraction}")
+        if self.predictor not in C.PREDICTOR_KINDS:
+            raise ProfileError(f"--predictor {self.predictor!r}: choose from {', '.join(C.PREDICTOR_KINDS)}")
+        if not 0.0 < self.sketch_budget <= 1.0:
+            raise ProfileError(f"--sketch-budget must be in (0, 1], got {self.sketch_budget}")
+        if self.sketch_outliers < 0:
+            raise ProfileError(f"--sketch-outliers must be >= 0, got {self.sketch_outliers}")
         if self.predictor_rank < 0:
             raise ProfileError(f"--predictor-rank must be >= 0 (0: no predictors), got {self.predictor_rank}")
         if self.chunk_tokens < 2 or self.calib_tokens < self.chunk_tokens:
@@ -133,6 +145,41 @@ def _checked(src: os.PathLike, c):
                 raise ProfileError(f"{os.fspath(src)}: layer {b}: FFN {what} holds inf or nan on the calibration "
                                    "text (the model overflows float32 in llama.cpp): cannot profile it")
     return c
+
+
+class _SketchSource:
+    """The source's gate and up rows as floats, for sketch predictors."""
+
+    def __init__(self, src: os.PathLike, rule: str):
+        from .format import read_gguf_header
+
+        self.path = os.fspath(src)
+        self.hdr = read_gguf_header(self.path)
+        arch = str(self.hdr.get("general.architecture", ""))
+        # the activation h = act(gate) * up uses: the architecture's; an unknown one of the ReLU family
+        # (exact zeros in h) is scored with ReLU, else SiLU
+        self.act = C.ARCH_GLU_ACTIVATION.get(arch) or ("relu" if rule == "nonzero" else "silu")
+
+    def _rows(self, name: str) -> Optional[np.ndarray]:
+        from .convert import to_f32
+
+        t = self.hdr.tensor(name)
+        if t is None:
+            return None
+        with open(self.path, "rb") as f:
+            f.seek(self.hdr.data_offset + t.offset)
+            raw = np.frombuffer(f.read(t.nbytes), dtype=np.uint8)
+        return np.asarray(to_f32(t.type, raw, t.shape[1], t.shape[0]), np.float32)
+
+    def build(self, block: int, X: np.ndarray, n_out: int, down_norm: bool) -> SK.Sketch:
+        W_up = self._rows(C.ffn_tensor_name(block, "up"))
+        W_gate = self._rows(C.ffn_tensor_name(block, "gate"))
+        norm = None
+        if down_norm:
+            W_down = self._rows(C.ffn_tensor_name(block, "down"))  # (n_embd, n_ff): column i is neuron i's
+            norm = np.sqrt(np.sum(np.square(W_down, dtype=np.float64), axis=0)).astype(np.float32)
+        x2 = np.mean(np.square(X, dtype=np.float64), axis=0)
+        return SK.Sketch.build(W_up, W_gate, x2, n_out=n_out, act_name=self.act, down_norm=norm)
 
 
 def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
@@ -235,19 +282,27 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
     blobs: List[bytes] = []
     read_eval: Dict[int, np.ndarray] = {}
     pm = {"recall": [], "precision": [], "over_prediction": [], "predicted_fraction": [], "true_fraction": []}
+    sketch_src = _SketchSource(src, rule) if cfg.predictor == "sketch" and cfg.predictor_rank > 0 else None
     for b in progress(blocks if cfg.predictor_rank > 0 else [], desc="predictors", unit="layer"):
         n_ff = eval_m[b].shape[1]
         X, Y = np.concatenate(xs.pop(b)), np.concatenate(ys.pop(b))
         Y_fit = np.concatenate(yf.pop(b)) if separate_fit else None
         try:
-            scaled, _ = PR.train(X, Y, rank=cfg.predictor_rank, n_ff=n_ff, recall_target=cfg.predictor_recall,
-                                 seed=cfg.seed, Y_fit=Y_fit)
-            pred = scaled.for_input_scale(x_mul[b])  # the runtime gives the raw FFN input
+            if sketch_src is not None:
+                X_raw = X.astype(np.float32) / np.float32(x_mul[b])  # the sample is kept scaled (step 2)
+                pred = sketch_src.build(b, X_raw, cfg.sketch_outliers, cfg.sketch_down_norm).calibrate(
+                    X_raw, cfg.sketch_budget)
+                sample_pred = pred.predict(X_raw)
+            else:
+                scaled, _ = PR.train(X, Y, rank=cfg.predictor_rank, n_ff=n_ff, recall_target=cfg.predictor_recall,
+                                     seed=cfg.seed, Y_fit=Y_fit)
+                pred = scaled.for_input_scale(x_mul[b])  # the runtime gives the raw FFN input
+                sample_pred = scaled.predict(X)
             blobs.append(pred.to_bytes())
         except ValueError as e:
             raise ProfileError(f"{src}: layer {b}: predictor: {e}") from None
         # placement follows what will be read: co-activation of the predicted sets
-        pf = scaled.predict(X).astype(np.float32)
+        pf = sample_pred.astype(np.float32)
         co[b] = pf.T @ pf
         read_eval[b] = pred.predict(eval_x[b])
         m = PR.metrics(read_eval[b], eval_m[b])
@@ -313,6 +368,8 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
         predictors=blobs, predictor_rank=cfg.predictor_rank, recall_target=cfg.predictor_recall,
         placement_quality=placement_quality, predictor_metrics=predictor_metrics,
         calib_text=", ".join(n for n, _ in texts), calib_tokens=len(calib) * cfg.chunk_tokens, seed=cfg.seed,
-        frequency=frequency)
+        frequency=frequency, predictor_kind=cfg.predictor,
+        sketch_outliers=cfg.sketch_outliers if cfg.predictor == "sketch" else 0,
+        sketch_budget=cfg.sketch_budget if cfg.predictor == "sketch" else 0.0)
     by_method = {m: {b: orders_all[b][m] for b in blocks} for m in methods}
     return OfflineResult(by_method[cfg.placement], data, times, by_method, quality, eval_tokens, needed)

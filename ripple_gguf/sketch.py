@@ -33,7 +33,7 @@ offset field                         meaning
 24     u32 blob_size                 total bytes (a multiple of 64)
 28     u32 n_out                     k outlier channels
 32     u32 gated                     1: score |act(g~) u~|, 0 (no ffn_gate): |act(u~)|
-36     u32 act                       0 SiLU, 1 GELU (tanh form, as ggml)
+36     u32 act                       0 SiLU, 1 GELU (tanh form, as ggml), 2 ReLU
 64     i32 out[k]                    outlier channel indices, ascending
 ...    f32 osg[k], f32 osu[k]        outlier weight scales per channel (gate, up)
 ...    f16 D_g[n_ff], f16 D_u[n_ff]  quantization steps per row
@@ -61,7 +61,7 @@ MAGIC = b"RPSK"
 VERSION = 1
 BITS = 2
 HEADER_SIZE = 64
-ACTS = ("silu", "gelu")
+ACTS = ("silu", "gelu", "relu")
 _HEADER = struct.Struct("<4sIIIIfIIII")
 
 DEFAULT_OUTLIERS = 16
@@ -135,7 +135,10 @@ def _round_half_away(a: np.ndarray) -> np.ndarray:
 def act(name: str, g: np.ndarray) -> np.ndarray:
     g = g.astype(np.float32)
     if name == "silu":
-        return g / (np.float32(1) + np.exp(-g))
+        with np.errstate(over="ignore"):  # exp(-g) = inf for g << 0 gives -0, as in C
+            return g / (np.float32(1) + np.exp(-g))
+    if name == "relu":
+        return np.maximum(g, np.float32(0))
     # ggml's GELU (tanh form)
     c = np.float32(math.sqrt(2 / math.pi))
     return np.float32(0.5) * g * (np.float32(1) + np.tanh(c * g * (np.float32(1) + np.float32(0.044715) * g * g)))
@@ -171,13 +174,20 @@ class Sketch:
 
     @classmethod
     def build(cls, W_up: np.ndarray, W_gate: Optional[np.ndarray], x2: np.ndarray, *, n_out: int = DEFAULT_OUTLIERS,
-              act_name: str = "silu") -> "Sketch":
+              act_name: str = "silu", down_norm: Optional[np.ndarray] = None) -> "Sketch":
         """From the layer's float weights (n_ff, n_embd) and E[x^2] per input channel on calibration
         text: the outlier channels are the k largest E[x^2] x (squared sketch error of the channel's
-        column, gate and up summed)."""
+        column, gate and up summed).
+
+        ``down_norm`` (n_ff,): the norm of each neuron's ffn_down column. Given, the score estimates
+        |h_i| x ||down_i||, the size of what neuron i adds to the layer's output, instead of |h_i|:
+        the up rows are sketched scaled by it (h is linear in the up row), which costs nothing at
+        run time. Not for an ungated layer with a non-ReLU activation (act(u) is not linear in u)."""
         if act_name not in ACTS:
             raise ValueError(f"sketch: unknown activation {act_name!r}")
         W_up = np.asarray(W_up, np.float32)
+        if down_norm is not None and (W_gate is not None or act_name == "relu"):
+            W_up = W_up * np.asarray(down_norm, np.float32)[:, None]
         n_ff, n_embd = W_up.shape
         mats = [W_up] + ([np.asarray(W_gate, np.float32)] if W_gate is not None else [])
         err = np.zeros(n_embd, np.float64)
@@ -230,17 +240,21 @@ class Sketch:
         self.threshold = float(np.float32(t))
         return self
 
+    def check_finite(self) -> None:
+        """Raise ValueError naming the first part that holds inf or nan."""
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"threshold is {self.threshold}")
+        for name in ("du", "osu", "dg", "osg"):
+            a = getattr(self, name)
+            if a is not None and not np.isfinite(np.asarray(a, np.float32)).all():
+                raise ValueError(f"sketch {name} holds inf or nan")
+
     def nbytes(self) -> int:
         return _layout(self.n_embd, self.n_ff, len(self.out), self.gated)[1]
 
     def to_bytes(self) -> bytes:
         k = len(self.out)
-        if not math.isfinite(self.threshold):
-            raise ValueError(f"sketch threshold is {self.threshold}")
-        for name in ("du", "osu", "dg", "osg"):
-            a = getattr(self, name)
-            if a is not None and not np.isfinite(np.asarray(a, np.float32)).all():
-                raise ValueError(f"sketch {name} holds inf or nan")
+        self.check_finite()
         offs, size = _layout(self.n_embd, self.n_ff, k, self.gated)
         buf = bytearray(size)
         _HEADER.pack_into(buf, 0, MAGIC, VERSION, self.n_embd, self.n_ff, BITS, self.threshold, size, k,

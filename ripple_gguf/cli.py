@@ -47,9 +47,22 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             print(f"placement {q['method']} on {q['eval_tokens']} held-out tokens ({q['needed']} bundles): mean run "
                   f"{q['mean_run_length']:.2f}, reads/token {q['reads_per_token']:.0f}" + (f" ({vs})" if vs else ""))
         if p:
-            print(f"predictors: recall {p['recall']:.3f}, precision {p['precision']:.3f}, over-prediction "
-                  f"{p['over_prediction']:.2f}x, predicted fraction {p['predicted_fraction']:.3f}")
+            print(_predictor_summary(p, [l.block for l in rf.layers]))
     return 0
+
+
+def _predictor_summary(p: dict, blocks: Sequence[int]) -> str:
+    """One line of a file's predictor metrics (``ripple.predictor.metrics``) on held-out text;
+    ``blocks``: the layers' block numbers, in the order of the per-layer lists."""
+    line = (f"predictors on {p['eval_tokens']} held-out tokens: recall {p['recall']:.3f}, precision "
+            f"{p['precision']:.3f}, over-prediction {p['over_prediction']:.2f}x, predicted fraction "
+            f"{p['predicted_fraction']:.3f}")
+    if "top2_recall" in p:  # files converted before it have no top-2% recall
+        per = p["per_layer"]["top2_recall"]
+        worst = min(range(len(per)), key=per.__getitem__)
+        line += (f"; top-2% recall (of each token's largest |h|) mean {p['top2_recall']:.3f}, min "
+                 f"{p['min_top2_recall']:.3f} (block {blocks[worst]})")
+    return line
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -64,11 +77,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"source: {rf.source.name} ({rf.source.size:,} bytes, sha256 {rf.source.sha256})")
     print(f"region: offset {rf.region_offset:,}, size {rf.region_size:,}, id {rf.region_id}")
     print(f"placement: {rf.placement_method}; n_embd {rf.n_embd}; {rf.n_layers} layers")
+    p = rf.predictor_metrics or {}
+    if p:
+        print(_predictor_summary(p, [l["block"] for l in info["layers"]]))
+    per = p.get("per_layer", {})
+    cols = [k for k in ("recall", "top2_recall") if k in per]
+    names = {"recall": "recall", "top2_recall": "top2"}
     print(f"{'block':>5} {'n_ff':>6} {'gate':>6} {'up':>6} {'down':>6} {'layout':>6} {'down_src':>8} {'bundle':>7} "
-          f"{'offset':>12}")
-    for l in info["layers"]:
+          f"{'offset':>12}" + "".join(f" {names[k]:>6}" for k in cols))
+    for i, l in enumerate(info["layers"]):
         print(f"{l['block']:>5} {l['n_ff']:>6} {l['gate_type']:>6} {l['up_type']:>6} {l['down_type']:>6} "
-              f"{l['down_layout']:>6} {l['down_src_type']:>8} {l['bundle_size']:>7} {l['bundles_offset']:>12}")
+              f"{l['down_layout']:>6} {l['down_src_type']:>8} {l['bundle_size']:>7} {l['bundles_offset']:>12}"
+              + "".join(f" {per[k][i]:>6.3f}" for k in cols))
     return 0
 
 
@@ -82,20 +102,21 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_perplexity(args: argparse.Namespace) -> int:
-    from ripple_gguf import quality
-    from ripple_gguf.profile import read_text
+    from ripple_gguf import corpora, quality
 
-    tokens = quality.heldout_tokens(args.file, args.tokens, read_text(args.text) if args.text else None)
+    text_name, text = corpora.load_text(args.text, quality.CHARS_PER_TOKEN * args.tokens)
+    tokens = quality.heldout_tokens(args.file, args.tokens, text)
     if len(tokens) < 2:
-        raise ValueError(f"{args.text or 'the held-out text'}: fewer than 2 tokens")
+        raise ValueError(f"{text_name}: fewer than 2 tokens")
     r = quality.mode_perplexity(args.file, tokens, args.mode, chunk=args.chunk, n_threads=args.threads)
     ppl = r["ppl"]
-    out = {"file": str(args.file), "mode": args.mode, "ppl": ppl, "tokens": len(tokens), "stats": r["stats"]}
+    out = {"file": str(args.file), "mode": args.mode, "text": text_name, "ppl": ppl, "tokens": len(tokens),
+           "stats": r["stats"]}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         s = out["stats"]
-        print(f"{args.file}: perplexity {ppl:.4f} over {len(tokens)} tokens ({args.mode} mode)")
+        print(f"{args.file}: perplexity {ppl:.4f} over {len(tokens)} tokens of {text_name} ({args.mode} mode)")
         if s["dense_bytes"]:
             print(f"needed bundles {s['needed_bytes'] / s['dense_bytes']:.1%} of dense, neurons computed "
                   f"{s['neurons_computed'] / max(1, s['neurons_total']):.1%}, reads {s['read_ops']}, "
@@ -259,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("perplexity", help="perplexity of a model through llama.cpp with the plugin")
     pp.add_argument("file", metavar="FILE")
-    pp.add_argument("--text", help="UTF-8 text file (default: the held-out pydoc_data text)")
+    pp.add_argument("--text", default="heldout", metavar="heldout|fortunes|FILE",
+                    help="heldout (default: the end of CPython's pydoc_data topics, never used for calibration), "
+                         "fortunes (Debian's fortunes package: English prose of another domain, fetched once with "
+                         "apt-get download and cached) or a UTF-8 text file (./fortunes for a file of that name)")
     pp.add_argument("--mode", choices=["exact", "sparse"], default="sparse",
                     help="sparse (default: predictor-gated, as the runtime runs) or exact (every neuron)")
     pp.add_argument("--tokens", type=int, default=2048, help="tokens evaluated (default 2048)")

@@ -184,7 +184,7 @@ class _SketchSource:
 
 def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
     """Profile ``src`` and compute everything the converter stores besides the bundles."""
-    from .quality import heldout_text
+    from .quality import TOP_RECALL_FRACTION, heldout_text, index_recall, top_indices
 
     cfg.check()
     progress = _progress(cfg.quiet)
@@ -263,25 +263,29 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
             absorb(c.x, c.h, c.g)
         times["profile"] = time.perf_counter() - t0
 
-        # 3. held-out activations, for the stored quality figures
+        # 3. held-out activations, for the stored quality figures (of h, each token's top 2% by |h|)
         t0 = time.perf_counter()
         ex: Dict[int, List[np.ndarray]] = {b: [] for b in blocks}
         em: Dict[int, List[np.ndarray]] = {b: [] for b in blocks}
+        et: Dict[int, List[np.ndarray]] = {b: [] for b in blocks}
         for toks in evals:
             c = _checked(src, cap.run(toks))
             for b in blocks:
                 ex[b].append(c.x[b].copy())
                 em[b].append(active(b, c.h, c.g))
+                et[b].append(top_indices(np.abs(c.h[b]), TOP_RECALL_FRACTION))
         eval_x = {b: np.concatenate(ex[b]) for b in blocks}
         eval_m = {b: np.concatenate(em[b]) for b in blocks}
-        del ex, em
+        eval_top = {b: np.concatenate(et[b]) for b in blocks}
+        del ex, em, et
         times["held-out profile"] = time.perf_counter() - t0
 
     # 4. predictors, then the sets the runtime will read: predicted on the kept sample and held out
     t0 = time.perf_counter()
     blobs: List[bytes] = []
     read_eval: Dict[int, np.ndarray] = {}
-    pm = {"recall": [], "precision": [], "over_prediction": [], "predicted_fraction": [], "true_fraction": []}
+    pm = {"recall": [], "precision": [], "over_prediction": [], "predicted_fraction": [], "true_fraction": [],
+          "top2_recall": []}
     sketch_src = _SketchSource(src, rule) if cfg.predictor == "sketch" and cfg.predictor_rank > 0 else None
     for b in progress(blocks if cfg.predictor_rank > 0 else [], desc="predictors", unit="layer"):
         n_ff = eval_m[b].shape[1]
@@ -305,7 +309,7 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
         pf = sample_pred.astype(np.float32)
         co[b] = pf.T @ pf
         read_eval[b] = pred.predict(eval_x[b])
-        m = PR.metrics(read_eval[b], eval_m[b])
+        m = dict(PR.metrics(read_eval[b], eval_m[b]), top2_recall=index_recall(read_eval[b], eval_top[b]))
         for k in pm:
             pm[k].append(float(m[k]))
     if blobs:
@@ -321,6 +325,8 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
             "predicted_fraction": pred_total / sum(sizes),
             "true_fraction": true_total / sum(sizes),
             "fit_fraction": fit_fraction if separate_fit else None,  # None: fitted to the active sets
+            # each token's top 2% of neurons by |h| that its selection holds: mean and worst layer
+            "top2_recall": float(np.mean(pm["top2_recall"])), "min_top2_recall": min(pm["top2_recall"]),
             "per_layer": pm,
         }
     else:

@@ -1,8 +1,10 @@
-"""Quality measurements through llama.cpp: logits over a token sequence, perplexity, top-1
-agreement, and the held-out evaluation text that ships with every CPython."""
+"""Quality measurements: logits over a token sequence through llama.cpp, perplexity, top-1
+agreement, the recall of each token's largest neurons by a predictor's selection, and the held-out
+evaluation text that ships with every CPython."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,6 +30,54 @@ def heldout_text(n_chars: int = 20000) -> str:
         text.append(topics[keys[i]])
         i -= 1
     return "\n".join(reversed(text))[-n_chars:]
+
+
+# The largest neurons of a token (by |h|, h the post-activation vector, the input of the down
+# matmul) decide most of what sparse mode loses: the recall of the top TOP_RECALL_FRACTION of them.
+TOP_RECALL_FRACTION = 0.02
+
+
+def top_indices(score: np.ndarray, fraction: float = TOP_RECALL_FRACTION) -> np.ndarray:
+    """(T, k) int32: per row of ``score`` (T, n_ff), e.g. |h|, the columns of its k = ceil(fraction x
+    n_ff) largest values (in no particular order); -1 for those among them that are 0 (a ReLU-family
+    token with fewer than k nonzero neurons), which no selection needs."""
+    score = np.asarray(score)
+    if score.ndim != 2 or score.shape[1] == 0:
+        raise ValueError(f"top_indices: expected a (tokens, n_ff) array, got shape {score.shape}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"top_indices: fraction must be in (0, 1], got {fraction}")
+    n = score.shape[1]
+    k = min(n, max(1, math.ceil(round(fraction * n, 9))))
+    idx = np.argpartition(-score, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(score), 1))
+    idx = idx.astype(np.int32)
+    idx[np.take_along_axis(score, idx, axis=1) <= 0] = -1
+    return idx
+
+
+def index_recall(selected: np.ndarray, idx: np.ndarray) -> float:
+    """Mean over tokens of the fraction of each token's neurons ``idx`` (T, k; -1: none) that the
+    (T, n_ff) bool mask ``selected`` holds; tokens with no neuron listed are left out (1.0 when no
+    token lists one)."""
+    selected = np.asarray(selected, dtype=bool)
+    idx = np.asarray(idx)
+    if selected.ndim != 2 or idx.ndim != 2 or len(selected) != len(idx):
+        raise ValueError(f"index_recall: selected mask {selected.shape} and indices {idx.shape} do not match")
+    if idx.size and idx.max() >= selected.shape[1]:
+        raise ValueError(f"index_recall: neuron index {int(idx.max())} beyond n_ff {selected.shape[1]}")
+    listed = idx >= 0
+    hits = np.take_along_axis(selected, np.where(listed, idx, 0), axis=1) & listed
+    n = listed.sum(axis=1)
+    keep = n > 0
+    return float((hits.sum(axis=1)[keep] / n[keep]).mean()) if keep.any() else 1.0
+
+
+def top_recall(selected: np.ndarray, score: np.ndarray, fraction: float = TOP_RECALL_FRACTION) -> float:
+    """Top-``fraction`` recall of a selection: per token, the fraction of its ceil(fraction x n_ff)
+    neurons of largest ``score`` (|h|; nonzero ones only) that the bool mask ``selected`` (T, n_ff)
+    holds, averaged over the tokens. Any predictor's selection can be measured this way."""
+    if np.shape(selected) != np.shape(score):
+        raise ValueError(f"top_recall: selected mask {np.shape(selected)} and scores {np.shape(score)} differ")
+    return index_recall(selected, top_indices(score, fraction))
 
 
 def run(path: os.PathLike, *, tokens: Sequence[int] = (), prompt_tokens: Sequence[int] = (), n_greedy: int = 0,
@@ -147,11 +197,15 @@ def perplexity_of_file(path: os.PathLike, tokens: Sequence[int], *, chunk: int =
     return float(np.exp(np.concatenate(nll).mean()))
 
 
+# characters of text taken per token wanted: ample for English (4-5 characters per token)
+CHARS_PER_TOKEN = 60
+
+
 def heldout_tokens(path: os.PathLike, n_tokens: int, text: Optional[str] = None) -> List[int]:
     """The first ``n_tokens`` tokens (fewer if the text is shorter) of ``text``, by default the
     held-out text (:func:`heldout_text`), with the model's tokenizer."""
     if text is None:
-        text = heldout_text(60 * n_tokens)
+        text = heldout_text(CHARS_PER_TOKEN * n_tokens)
     return tokenize(path, text, None)[:n_tokens]
 
 

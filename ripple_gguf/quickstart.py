@@ -22,6 +22,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "ripple-gguf"
 
 
+def cache_subdir(name: str, env: str) -> Path:
+    """The directory in $``env`` if set, else ``name`` in :func:`default_cache_dir`."""
+    return Path(os.environ.get(env) or default_cache_dir() / name)
+
+
 def packed_path_for(source: os.PathLike, out_dir: os.PathLike) -> Path:
     name = Path(source).name
     stem = name[:-len(".gguf")] if name.endswith(".gguf") else name

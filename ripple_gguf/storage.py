@@ -388,12 +388,9 @@ def device_info(path: PathLike) -> dict:
 
 def profile_dir() -> Path:
     """$RIPPLE_STORAGE_PROFILE_DIR, else $XDG_CACHE_HOME/ripple-gguf/storage (~/.cache/...)."""
-    env = os.environ.get("RIPPLE_STORAGE_PROFILE_DIR")
-    if env:
-        return Path(env)
-    from ripple_gguf.quickstart import default_cache_dir
+    from ripple_gguf.quickstart import cache_subdir
 
-    return default_cache_dir() / "storage"
+    return cache_subdir("storage", "RIPPLE_STORAGE_PROFILE_DIR")
 
 
 def profile_path(path: PathLike) -> Path:

@@ -63,6 +63,10 @@ def test_offline_file_contents_and_exactness(model, tmp_path, exact_mode):
     for k in ("rank", "recall", "precision", "over_prediction"):
         assert pr[k] > 0, k
     assert len(pr["per_layer"]["recall"]) == 2
+    # top-2% recall (quality.top_recall) per layer, its mean and the worst layer
+    top2 = pr["per_layer"]["top2_recall"]
+    assert len(top2) == 2 and all(0.0 <= t <= 1.0 for t in top2)
+    assert pr["min_top2_recall"] == min(top2) and pr["top2_recall"] == pytest.approx(np.mean(top2))
     rf.check_quick()
     rf.verify_full()
     # a permuted file still computes what the source computes: without the plugin, and with it
@@ -131,6 +135,11 @@ def test_cli_convert_and_inspect(model, tmp_path, capsys):
     j = json.loads(capsys.readouterr().out)
     assert j["placement"]["method"] == "ripple" and j["placement_quality"]["mean_run_length"] > 0
     assert j["predictor"]["rank"] == 8 and 0 < j["predictor"]["recall"] <= 1
+    assert main(["inspect", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert f"min {j['predictor']['min_top2_recall']:.3f}" in out and "top-2% recall" in out
+    rows = [l.split() for l in out.splitlines() if l.split()[:1] in (["0"], ["1"])]
+    assert [float(r[-1]) for r in rows] == [round(t, 3) for t in j["predictor"]["per_layer"]["top2_recall"]]
 
 
 @pytest.mark.real_model

@@ -162,6 +162,15 @@ def test_real_model_defaults(real_model, tmp_path, exact_mode):
     (stock,) = stock_logits([real_model], TOKENS)
     assert ripple_gguf.stats()["ffn_matmuls"] > 0
     assert (got.argmax(-1) == stock.argmax(-1)).all()
+    # the quickstart's question, in the file's default mode (sparse): stock's greedy answer
+    from ripple_gguf.quickstart import DEFAULT_PROMPT
+
+    prompt = quality.tokenize(real_model, DEFAULT_PROMPT)
+    want = quality.run(real_model, prompt_tokens=prompt, n_greedy=8, stock=True)["greedy"].tolist()
+    ripple_gguf.configure(mode="auto")
+    assert rf.default_mode == "sparse"
+    answer = quality.run(rf.path, prompt_tokens=prompt, n_greedy=8)["greedy"].tolist()
+    assert answer[:3] == want[:3], (answer, want)  # " Paris." and what follows it
 
 
 def test_calibration_text_that_is_not_text_is_refused(model, tmp_path, capsys):

@@ -246,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "channels exact; default) or lowrank (a trained n_embd -> rank -> n_ff MLP)")
     c.add_argument("--sketch-outliers", type=int, default=16,
                    help="sketch: input channels kept exact per layer (default 16)")
-    c.add_argument("--sketch-budget", type=float, default=0.6,
+    c.add_argument("--sketch-budget", type=float, default=0.75,
                    help="sketch: mean fraction of the neurons selected, the threshold's calibration target "
-                        "(default 0.6)")
+                        "(default 0.75)")
     c.add_argument("--predictor-rank", type=int, default=64,
                    help="lowrank: hidden width; 0 = no predictors, either kind (default 64)")
     c.add_argument("--predictor-recall", type=float, default=0.9,

@@ -52,7 +52,14 @@ def reusable(packed: Path, source_sha256: str) -> bool:
     # packed with today's default offline settings (older defaults: convert again)
     from ripple_gguf.offline import OfflineConfig
 
-    cfg, pm, sp = OfflineConfig(), rf.predictor_metrics or {}, rf.sparsity or {}
+    from ripple_gguf.constants import Keys
+
+    cfg, pm, sp, md = OfflineConfig(), rf.predictor_metrics or {}, rf.sparsity or {}, rf.metadata
+    if md.get(Keys.Predictor.KIND, "lowrank") != cfg.predictor:
+        return False
+    if cfg.predictor == "sketch":
+        return (abs(float(md.get(Keys.Predictor.SKETCH_BUDGET, -1)) - cfg.sketch_budget) < 1e-4
+                and int(md.get(Keys.Predictor.SKETCH_OUTLIERS, -1)) == cfg.sketch_outliers)
     fit = pm.get("fit_fraction")
     return (abs(float(sp.get("active_fraction", -1)) - cfg.active_fraction) < 1e-4
             and (fit is None if cfg.predictor_fit_fraction is None

@@ -36,7 +36,7 @@ typedef struct ripple_layer_desc {
     const uint8_t * predictor; /* predictor blob (ripple_gguf/predictor.py layout), NULL = none; copied */
     uint64_t predictor_size;
     int32_t  down_layout;    /* 0 column (a row of down_type), 1 split (the source's integers; scales in down_table) */
-    const uint8_t * down_table; /* split: f32 (d, m)[n_ff/32][n_embd], value = d * (q - offset) + m; copied */
+    const uint8_t * down_table; /* split: f32 (scale, min)[n_ff/group][n_embd], value = scale * (q - offset) + min; copied */
     uint64_t down_table_size;
     /* checksum table (docs/FORMAT.md 2b): every read from the file is checked against it */
     const uint32_t * bundle_crc; /* n_ff CRC32C, one per bundle, position order; copied */
@@ -265,6 +265,16 @@ size_t ripple_row_size(int32_t type, int64_t n_per_row);
 int64_t ripple_block_size(int32_t type);
 int ripple_dequantize_rows(int32_t type, const void * src, float * dst, int64_t nrows, int64_t n_per_row);
 size_t ripple_quantize_rows(int32_t type, const float * src, void * dst, int64_t nrows, int64_t n_per_row);
+
+/* Split down columns (docs/FORMAT.md section 3, csrc/ripple_split.c). ripple_split_info: 1 when
+ * `type` can be split, with the bits of each stored integer, the offset subtracted from it, the
+ * values per scale-table entry (group) and whether the entries carry a minimum; 0 otherwise.
+ * ripple_split_rows: rows of n_per_row values of such a type unpacked into the stored integers
+ * q[nrows * n_per_row] (0 .. 2^bits - 1; Q8_0: the int8's byte; q may be NULL) and the f32 pairs
+ * scale_min[nrows * n_per_row / group][2] = (scale, min) of each group, value = scale * (q - offset)
+ * + min as ggml dequantizes it. Returns 0, or -1 for a type or length that cannot be split. */
+int ripple_split_info(int32_t type, int32_t * bits, int32_t * offset, int32_t * group, int32_t * has_min);
+int ripple_split_rows(int32_t type, const void * src, int64_t nrows, int64_t n_per_row, uint8_t * q, float * scale_min);
 
 /* Neuron placement (ripple_gguf/placement.py): the greedy Hamiltonian path over co-activation
  * counts co (n*n row-major; only the upper triangle i < j and the diagonal = frequency are read).

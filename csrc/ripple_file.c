@@ -27,7 +27,6 @@
 #define ALIGNMENT 4096
 #define HEADER_SIZE ALIGNMENT
 #define FOOTER_SIZE 64
-#define SPLIT_GROUP 32
 #define SCAN_BYTES (64u << 20) /* GGUF headers (metadata, vocabularies, tensor infos) are smaller */
 
 /* key names: ripple_gguf/constants.py (Keys) */
@@ -246,15 +245,6 @@ static int64_t tensor_of(const struct ripple_file * f, int block, const char * k
     char name[64];
     snprintf(name, sizeof(name), "blk.%d.ffn_%s.weight", block, kind);
     return gguf_find_tensor(f->g, name);
-}
-
-static int split_bits(int type) {
-    switch (type) {
-        case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_1: return 4;
-        case GGML_TYPE_Q5_0: case GGML_TYPE_Q5_1: return 5;
-        case GGML_TYPE_Q8_0: return 8;
-        default: return 0;
-    }
 }
 
 static int known_type(int t) {
@@ -552,8 +542,10 @@ static int parse_layers(struct ripple_file * f, uint64_t data_offset, uint64_t d
             (d->gate_type != -1 && !known_type(d->gate_type))) {
             return fail(err, err_len, p, "layer %d: bad bundle types", blk);
         }
-        if (d->down_layout == 1 && (d->down_type != d->down_src_type || !split_bits(d->down_type) ||
-                                    d->n_ff % SPLIT_GROUP || n_embd % 8)) {
+        int32_t bits = 0, group = 0;
+        if (d->down_layout == 1 && (d->down_type != d->down_src_type ||
+                                    !ripple_split_info(d->down_type, &bits, NULL, &group, NULL) ||
+                                    d->n_ff % group || n_embd % 8)) {
             return fail(err, err_len, p, "layer %d: split down columns of type %s from ffn_down of type %s", blk,
                         ggml_type_name((enum ggml_type) d->down_type), ggml_type_name((enum ggml_type) d->down_src_type));
         }
@@ -569,9 +561,7 @@ static int parse_layers(struct ripple_file * f, uint64_t data_offset, uint64_t d
             (d->down_layout == 0 && n_embd % ggml_blck_size((enum ggml_type) d->down_type))) {
             return fail(err, err_len, p, "layer %d: bad bundle types", blk);
         }
-        const int bits = split_bits(d->down_type);
-        const uint64_t down_row = d->down_layout == 1 ? (bits == 4 ? (uint64_t) n_embd / 2 :
-                                                         bits == 5 ? (uint64_t) n_embd / 2 + (uint64_t) n_embd / 8 : (uint64_t) n_embd)
+        const uint64_t down_row = d->down_layout == 1 ? (uint64_t) bits * (uint64_t) n_embd / 8
                                                       : ggml_row_size((enum ggml_type) d->down_type, n_embd);
         const uint64_t bs = (d->gate_type >= 0 ? ggml_row_size((enum ggml_type) d->gate_type, n_embd) : 0) +
                             ggml_row_size((enum ggml_type) d->up_type, n_embd) + down_row;
@@ -584,7 +574,7 @@ static int parse_layers(struct ripple_file * f, uint64_t data_offset, uint64_t d
             d->bundles_offset + (uint64_t) d->n_ff * bs > ro + rs - FOOTER_SIZE) {
             return fail(err, err_len, p, "layer %d: bundle block outside the region", blk);
         }
-        const uint64_t want_tab = d->down_layout == 1 ? (uint64_t) d->n_ff / SPLIT_GROUP * (uint64_t) n_embd * 8 : 0;
+        const uint64_t want_tab = d->down_layout == 1 ? (uint64_t) d->n_ff / (uint64_t) group * (uint64_t) n_embd * 8 : 0;
         if (t_size[l] != want_tab || (want_tab && (t_off[l] % 64 || t_off[l] < HEADER_SIZE || t_off[l] > rs ||
                                                   t_off[l] + want_tab > rs - FOOTER_SIZE))) {
             return fail(err, err_len, p, "layer %d: down scale table (%llu bytes at %llu) does not fit the layout "
@@ -882,7 +872,7 @@ int ripple_file_check_quick(struct ripple_file * f, char * err, size_t err_len) 
 }
 
 /* A split layer's down scale table: finite, its entries for the first and last row of ffn_down
- * equal that row's block scales (d, and m for Q4_1/Q5_1), and its CRC. */
+ * equal that row's (scale, min) pairs (ripple_split_rows), and its CRC. */
 static int check_down_table(struct ripple_file * f, const ripple_layer_desc * d, const uint8_t * table, char * err,
                             size_t err_len) {
     const size_t n = (size_t) d->down_table_size / 4;
@@ -891,29 +881,32 @@ static int check_down_table(struct ripple_file * f, const ripple_layer_desc * d,
     for (size_t i = 0; i < n && !bad; i++) {
         bad = !isfinite(v[i]);
     }
-    const enum ggml_type t = (enum ggml_type) d->down_src_type;
-    const size_t row = ggml_row_size(t, d->n_ff), blk = ggml_type_size(t);
-    const int with_min = t == GGML_TYPE_Q4_1 || t == GGML_TYPE_Q5_1;
+    int32_t group;
+    ripple_split_info(d->down_src_type, NULL, NULL, &group, NULL); /* checked at open */
+    const int64_t n_groups = d->n_ff / group;
+    const size_t row = ggml_row_size((enum ggml_type) d->down_src_type, d->n_ff);
     uint8_t * raw = malloc(row);
-    if (!raw) {
+    float * sm = malloc(sizeof(float) * 2 * (size_t) n_groups);
+    if (!raw || !sm) {
+        free(raw);
+        free(sm);
         return fail(err, err_len, f->path, "out of memory");
     }
     const int rows[2] = { 0, d->n_embd - 1 };
     for (int i = 0; i < 2 && !bad; i++) {
         if (pread_exact(f, raw, row, d->down_offset + (uint64_t) rows[i] * row, err, err_len) != 0) {
             free(raw);
+            free(sm);
             return -1;
         }
-        for (int k = 0; k < d->n_ff / SPLIT_GROUP && !bad; k++) {
-            ggml_fp16_t dh, mh;
-            memcpy(&dh, raw + (size_t) k * blk, 2);
-            memcpy(&mh, raw + (size_t) k * blk + 2, 2);
-            const float dm[2] = { ggml_fp16_to_fp32(dh), with_min ? ggml_fp16_to_fp32(mh) : 0.0f };
+        ripple_split_rows(d->down_src_type, raw, 1, d->n_ff, NULL, sm);
+        for (int64_t k = 0; k < n_groups && !bad; k++) {
             const float * e = v + ((size_t) k * (size_t) d->n_embd + (size_t) rows[i]) * 2;
-            bad = e[0] != dm[0] || e[1] != dm[1];
+            bad = e[0] != sm[2 * k] || e[1] != sm[2 * k + 1];
         }
     }
     free(raw);
+    free(sm);
     if (bad) {
         return fail(err, err_len, f->path, "layer %d: down scale table does not match ffn_down's scales (file "
                     "modified after conversion?)", d->block);

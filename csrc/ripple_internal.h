@@ -61,10 +61,14 @@ typedef struct ripple_layer {
     size_t    gate_row; /* bytes of each part of a bundle */
     size_t    up_row;
     size_t    down_row;
-    ggml_fp16_t * down_tab; /* split down columns: per source block n_embd scales d, then n_embd minimums m;
-                               loaded at first use (ripple_layer_down_table); NULL for column layouts */
-    int       down_bits; /* split: bits per stored value (4, 5 or 8) */
+    void *    down_tab;  /* split down columns: per group of down_group neurons its n_embd scales, then
+                            (down_has_min) its n_embd minimums, f16 (down_tab_f16) or f32; loaded at
+                            first use (ripple_layer_down_table); NULL for column layouts */
+    int       down_bits; /* split (ripple_split_info): bits per stored value (2, 3, 4, 5, 6 or 8); 0: column layout */
     int       down_qoff; /* split: offset subtracted from the stored integer */
+    int       down_group;   /* split: neurons per table entry (32, or 16 for Q2_K/Q3_K/Q6_K) */
+    int       down_has_min; /* split: the entries carry a minimum (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K) */
+    int       down_tab_f16; /* split: the table holds f16 values (every entry is one exactly), else f32 */
     uint64_t  dense_bytes; /* the layer's standard ffn_gate/up/down tensors: what a dense FFN reads */
     /* exact mode without direct_io: the standard ffn_gate/up/down tensors mapped read-only (page
      * cache, as stock llama.cpp maps its weights), and the file's (size, mtime, ctime) when they last
@@ -272,7 +276,7 @@ void ripple_sketch_predict(struct ripple_pool * pool, int n_threads, const rippl
  * mode runs); NULL with the error set when it cannot be, NULL without error when there is none */
 const ripple_predictor * ripple_layer_predictor(struct ripple_model * m, int layer);
 /* the same for the split down columns' scale table (L->down_tab); NULL for other layouts */
-const ggml_fp16_t * ripple_layer_down_table(struct ripple_model * m, int layer);
+const void * ripple_layer_down_table(struct ripple_model * m, int layer);
 int64_t ripple_predict(struct ripple_pool * pool, int n_threads, const ripple_predictor * p, const ripple_layer * L,
                        const struct ggml_tensor * src1, uint8_t * need, uint8_t * tok);
 /* Next-layer prefetch: while layer l computes (and the attention of l+1 after it), a thread reads

@@ -348,17 +348,21 @@ static void dequant_vec_dot_type(enum ggml_type vt, const void * src, float * ds
 
 /* ---- down: out[:, t] = sum_i h[i, t] * column_i ----
  * Threads own slices of the output rows (n_embd), never neurons: every output value is the sum of
- * its terms in a fixed order (source blocks in order; within a block an exact integer sum),
+ * its terms in a fixed order (source groups in order; within a group an exact integer sum),
  * whatever the thread count, the batch and the other tokens' selections, so a token's result depends on its own activations only (batched and
  * single-token evaluation, and a prompt whose prefix came from the KV cache, give the same logits).
  *
  * The activations go through what stock does to them first: converted to the vec_dot type of the
- * source's ffn_down (Q8_0/Q8_1 for the legacy quants, F16...). Split layouts (the bundle holds the
- * source's own quantized down values, the block scales in the layer table) are then multiplied in
- * stock's integer form: per output row r and source block b of 32 neurons,
- *     out[r] += d_w[b,r] * d_x[b] * sum_j (q_w[j,r] - offset) * q_x[j]  (+ m_w[b,r] * s_x[b] for Q4_1/Q5_1)
- * which is stock's dot product up to the order of the float additions. Other layouts (float columns,
- * or Q8_0 columns of k-quant sources) are dequantized and summed in f32. */
+ * source's ffn_down (Q8_0/Q8_1 for the legacy quants, Q8_K for the k-quants, F16...). Split layouts
+ * (the bundle holds the source's own quantized down values, the (scale, min) of each group of 32 or
+ * 16 neurons in the layer table) are then multiplied in stock's integer form: per output row r and
+ * group g of neurons,
+ *     out[r] += scale[g,r] * d_x * sum_j (q_w[j,r] - offset) * q_x[j]  (+ min[g,r] * d_x * sum_j q_x[j])
+ * with d_x the scale of the activation block holding the group (32 values for Q8_0/Q8_1, 256 for
+ * Q8_K) and the activation sum Q8_1's rounded `s` or Q8_K's integer block sums, as stock's vec_dot
+ * uses them: stock's dot product up to the order of the float operations (stock multiplies a
+ * k-quant's super-block scale once per super-block, here its product with each sub-block scale per
+ * group). Other layouts (float columns, or re-quantized columns) are dequantized and summed in f32. */
 
 typedef struct {
     const ripple_layer *       L;
@@ -368,13 +372,14 @@ typedef struct {
     int64_t                    n_tokens;
     int64_t                    step;      /* slice granularity in rows */
     /* integer path: the activations in the vec_dot type, one row per token, and the neurons with a
-     * non-zero value for some token, ascending, grouped by source block of 32 */
+     * non-zero value for some token, ascending, grouped by the layer's groups */
     const uint8_t *            xq;
     size_t                     xq_stride;
-    size_t                     xq_block;  /* bytes per block of 32 (34 for Q8_0, 36 for Q8_1) */
-    int                        has_s;     /* Q8_1: the block carries s = d * sum(q) */
+    size_t                     xq_block;  /* bytes per block: 34 (Q8_0), 36 (Q8_1), 292 (Q8_K) */
+    int64_t                    xq_vals;   /* values per block: 32, or 256 for Q8_K */
+    enum ggml_type             xq_type;
     const int32_t *            nlist;     /* neurons */
-    const int32_t *            blk_start; /* n_ff / 32 + 1: block b's neurons are nlist[blk_start[b] .. blk_start[b + 1]) */
+    const int32_t *            grp_start; /* n_ff / group + 1: group g's neurons are nlist[grp_start[g] .. grp_start[g + 1]) */
     /* float path: the activations rounded like stock, n_tokens x n_ff */
     const float *              h;
     ggml_to_float_t            to_float;
@@ -389,44 +394,87 @@ static void slice_of(const down_job * j, int ith, int nth, int64_t * r0, int64_t
     *r1 = n_steps * (ith + 1) / nth * j->step;
 }
 
+/* The planes of a split column of `bits` < 8 (docs/FORMAT.md section 3): a nibble plane (bits
+ * 0-3) when bits >= 4, then a 2-bit plane and a 1-bit plane holding the next bits, as present in
+ * the remaining count; each plane packs value r at bit width*(r % (8/width)) of byte r/(8/width).
+ * Returns the number of planes; width[p] and at[p] (byte offset in the column) of each. */
+static int split_planes(int bits, int64_t n_embd, int width[3], int64_t at[3]) {
+    int n = 0, rest = bits;
+    int64_t pos = 0;
+    for (int w = 4; w >= 1; w /= 2) {
+        if (rest >= w && (w == 4 || (rest & w))) {
+            width[n] = w;
+            at[n++] = pos;
+            pos += n_embd * w / 8;
+            rest -= w;
+        }
+    }
+    return n;
+}
+
 /* rows [r0, r1) of a split column as 16-bit integers q - offset (r0, r1 multiples of 8) */
 static void split_unpack(const ripple_layer * L, const uint8_t * src, int64_t r0, int64_t r1, int16_t * y) {
     const int off = L->down_qoff;
+    const int64_t n = r1 - r0;
     if (L->down_bits == 8) {
         const int8_t * q = (const int8_t *) src + r0;
-        for (int64_t r = 0; r < r1 - r0; r++) {
+        for (int64_t r = 0; r < n; r++) {
             y[r] = q[r];
         }
         return;
     }
-    const uint8_t * s = src + r0 / 2;
-    const int64_t nb = (r1 - r0) / 2;
-    if (L->down_bits == 4) {
+    int width[3];
+    int64_t at[3];
+    const int n_planes = split_planes(L->down_bits, L->d.n_embd, width, at);
+    /* the first plane subtracts the offset when it is the only one */
+    const int off0 = n_planes == 1 ? off : 0;
+    int shift = 0;
+    for (int p = 0; p < n_planes; p++) {
+        const uint8_t * s = src + at[p] + r0 * width[p] / 8;
+        const int64_t nb = n * width[p] / 8;
         int64_t b = 0;
+        if (width[p] == 4) { /* always the first plane */
 #ifdef __AVX2__
-        /* 16 bytes -> 32 values: low and high nibbles interleaved back into row order */
-        const __m128i m4 = _mm_set1_epi8(0x0F);
-        const __m256i o16 = _mm256_set1_epi16((short) off);
-        for (; b + 16 <= nb; b += 16) {
-            const __m128i x = _mm_loadu_si128((const __m128i *) (s + b));
-            const __m128i lo = _mm_and_si128(x, m4), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m4);
-            _mm256_storeu_si256((__m256i *) (y + 2 * b), _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi)), o16));
-            _mm256_storeu_si256((__m256i *) (y + 2 * b + 16), _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi)), o16));
-        }
+            /* 16 bytes -> 32 values: low and high nibbles interleaved back into row order */
+            const __m128i m4 = _mm_set1_epi8(0x0F);
+            const __m256i o16 = _mm256_set1_epi16((short) off0);
+            for (; b + 16 <= nb; b += 16) {
+                const __m128i x = _mm_loadu_si128((const __m128i *) (s + b));
+                const __m128i lo = _mm_and_si128(x, m4), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m4);
+                _mm256_storeu_si256((__m256i *) (y + 2 * b), _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi)), o16));
+                _mm256_storeu_si256((__m256i *) (y + 2 * b + 16), _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi)), o16));
+            }
 #endif
-        for (; b < nb; b++) {
-            y[2 * b] = (int16_t) ((s[b] & 0x0F) - off);
-            y[2 * b + 1] = (int16_t) ((s[b] >> 4) - off);
+            for (; b < nb; b++) {
+                y[2 * b] = (int16_t) ((s[b] & 0x0F) - off0);
+                y[2 * b + 1] = (int16_t) ((s[b] >> 4) - off0);
+            }
+        } else {
+            if (p == 0) { /* Q2_K, Q3_K: the 2-bit plane comes first */
+                for (int64_t r = 0; r < n; r++) {
+                    y[r] = (int16_t) -off0;
+                }
+            }
+            if (width[p] == 2) {
+                for (; b < nb; b++) {
+                    for (int k = 0; k < 4; k++) {
+                        y[4 * b + k] = (int16_t) (y[4 * b + k] + (((s[b] >> (2 * k)) & 3) << shift));
+                    }
+                }
+            } else {
+                for (; b < nb; b++) {
+                    for (int k = 0; k < 8; k++) {
+                        y[8 * b + k] = (int16_t) (y[8 * b + k] + (((s[b] >> k) & 1) << shift));
+                    }
+                }
+            }
         }
-        return;
+        shift += width[p];
     }
-    const uint8_t * hi = src + L->d.n_embd / 2;
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t r = r0 + 2 * b;
-        const int q0 = (s[b] & 0x0F) | (((hi[r >> 3] >> (r & 7)) & 1) << 4);
-        const int q1 = (s[b] >> 4) | (((hi[(r + 1) >> 3] >> ((r + 1) & 7)) & 1) << 4);
-        y[2 * b] = (int16_t) (q0 - off);
-        y[2 * b + 1] = (int16_t) (q1 - off);
+    if (n_planes > 1) {
+        for (int64_t r = 0; r < n; r++) {
+            y[r] = (int16_t) (y[r] - off);
+        }
     }
 }
 
@@ -494,35 +542,73 @@ static void block_sum(const int16_t * col, int64_t w, const int16_t * q, int m, 
     }
 }
 
-/* out[r] += S[r] * (d[r] * dx) + m[r] * sx: a source block's integer sums scaled as stock scales
- * them (m NULL: no minimums); one rounding sequence on every path (the multiply-add fused) */
-static void block_scale_add(float * out, const int32_t * S, const ggml_fp16_t * d, const ggml_fp16_t * m, float dx,
+/* out[r] += S[r] * (d[r] * dx) + m[r] * sx: a group's integer sums scaled as stock scales them (m
+ * NULL: no minimums); d and m are f16 (f16 != 0) or f32 table rows; one rounding sequence on every
+ * path (the multiply-add fused) */
+static void block_scale_add(float * out, const int32_t * S, const void * d, const void * m, int f16, float dx,
                             float sx, int64_t w) {
     int64_t r = 0;
 #if defined(__AVX512F__)
     const __m512 vdx = _mm512_set1_ps(dx), vsx = _mm512_set1_ps(sx);
+#define RIPPLE_TAB16(p) (f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) ((const ggml_fp16_t *) (p) + r))) \
+                             : _mm512_loadu_ps((const float *) (p) + r))
     for (; r + 16 <= w; r += 16) {
-        const __m512 sc = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (d + r))), vdx);
-        const __m512 mn = m ? _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (m + r))), vsx)
-                            : _mm512_setzero_ps();
+        const __m512 sc = _mm512_mul_ps(RIPPLE_TAB16(d), vdx);
+        const __m512 mn = m ? _mm512_mul_ps(RIPPLE_TAB16(m), vsx) : _mm512_setzero_ps();
         const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(S + r)), sc, mn);
         _mm512_storeu_ps(out + r, _mm512_add_ps(_mm512_loadu_ps(out + r), t));
     }
+#undef RIPPLE_TAB16
 #endif
     for (; r < w; r++) {
-        const float mn = m ? ggml_fp16_to_fp32(m[r]) * sx : 0.0f;
-        out[r] += fmaf((float) S[r], ggml_fp16_to_fp32(d[r]) * dx, mn);
+        const float dv = f16 ? ggml_fp16_to_fp32(((const ggml_fp16_t *) d)[r]) : ((const float *) d)[r];
+        const float mv = !m ? 0.0f : f16 ? ggml_fp16_to_fp32(((const ggml_fp16_t *) m)[r]) : ((const float *) m)[r];
+        out[r] += fmaf((float) S[r], dv * dx, mv * sx);
     }
 }
 
-/* Threads own slices of the output rows. The source blocks are visited in order; a block's columns
- * (the neurons some token uses) are unpacked once, then each token's integer sums over the block are
- * formed and added to its output scaled as stock scales them, so every output value is its blocks'
- * terms summed in block order, whatever the batch and the thread count. */
+/* The activation block of the integer path holding neuron i: its int8 values, its scale d_x and,
+ * for a group of `group` neurons from `i`, the sum of the group's values times d_x (Q8_1: its f16
+ * `s`, the whole 32-block's; Q8_K: from the 16-value integer sums) */
+static const int8_t * xq_block_of(const down_job * j, int64_t t, int64_t i, int group, float * dx, float * sx) {
+    const uint8_t * xb = j->xq + (size_t) t * j->xq_stride + (size_t) (i / j->xq_vals) * j->xq_block;
+    if (j->xq_type == GGML_TYPE_Q8_K) { /* { float d; int8_t qs[256]; int16_t bsums[16]; } */
+        memcpy(dx, xb, sizeof(float));
+        if (sx) {
+            int32_t sum = 0;
+            for (int64_t k = (i % 256) / 16; k < (i % 256 + group) / 16; k++) {
+                int16_t bs;
+                memcpy(&bs, xb + 4 + 256 + 2 * k, sizeof(bs));
+                sum += bs;
+            }
+            *sx = *dx * (float) sum;
+        }
+        return (const int8_t *) (xb + 4);
+    }
+    ggml_fp16_t h;
+    memcpy(&h, xb, sizeof(h));
+    *dx = ggml_fp16_to_fp32(h);
+    if (j->xq_type == GGML_TYPE_Q8_1) { /* { ggml_half d, s; int8_t qs[32]; } */
+        if (sx) {
+            memcpy(&h, xb + 2, sizeof(h));
+            *sx = ggml_fp16_to_fp32(h);
+        }
+        return (const int8_t *) (xb + 4);
+    }
+    if (sx) { /* Q8_0 { ggml_half d; int8_t qs[32]; } carries no sum: the types it serves have no minimums */
+        *sx = 0.0f;
+    }
+    return (const int8_t *) (xb + 2);
+}
+
+/* Threads own slices of the output rows. The groups are visited in order; a group's columns
+ * (the neurons some token uses) are unpacked once, then each token's integer sums over the group are
+ * formed and added to its output scaled as stock scales them, so every output value is its groups'
+ * terms summed in group order, whatever the batch and the thread count. */
 static void down_split_task(void * v, int ith, int nth) {
     const down_job * j = v;
     const ripple_layer * L = j->L;
-    const int64_t n_ff = L->d.n_ff, n_embd = L->d.n_embd, T = j->n_tokens, nb = n_ff / 32;
+    const int64_t n_ff = L->d.n_ff, n_embd = L->d.n_embd, T = j->n_tokens, G = L->down_group, ng = n_ff / G;
     int64_t r0, r1;
     slice_of(j, ith, nth, &r0, &r1);
     const int64_t w = r1 - r0;
@@ -530,55 +616,58 @@ static void down_split_task(void * v, int ith, int nth) {
         return;
     }
     const size_t off = L->gate_row + L->up_row;
-    const size_t qoff = j->has_s ? 4 : 2;
-    /* |q_w - offset| <= 15 for 4 bits, 31 for 5, 128 for 8; |q_x| <= 127: sums of this many
-     * neurons' products fit int16 */
-    const int limit = L->down_bits == 4 ? 16 : L->down_bits == 5 ? 8 : 2;
-    int16_t * col = (int16_t *) (j->work + (size_t) ith * j->work_per_thread); /* 32 x w */
-    int32_t * S = (int32_t *) (col + 32 * (size_t) w);                          /* w */
-    const int64_t slice_at = L->down_bits == 8 ? r0 : r0 / 2;
-    const int64_t slice_bytes = L->down_bits == 8 ? w : w / 2;
+    /* |q_w - offset| <= max_w, |q_x| <= 127: sums of this many neurons' products fit int16 */
+    const int max_w = L->down_bits == 8 ? 128 : L->down_qoff > (1 << L->down_bits) - 1 - L->down_qoff ?
+                                                L->down_qoff : (1 << L->down_bits) - 1 - L->down_qoff;
+    const int limit = 32767 / (max_w * 127);
+    int16_t * col = (int16_t *) (j->work + (size_t) ith * j->work_per_thread); /* G x w */
+    int32_t * S = (int32_t *) (col + (size_t) G * (size_t) w);                  /* w */
+    int width[3] = { 8 };
+    int64_t at[3] = { 0 };
+    const int n_planes = L->down_bits == 8 ? 1 : split_planes(L->down_bits, n_embd, width, at);
+    const size_t elem = L->down_tab_f16 ? sizeof(ggml_fp16_t) : sizeof(float);
+    const int tab_planes = L->down_has_min ? 2 : 1;
     for (int64_t t = 0; t < T; t++) {
         memset((float *) ((char *) j->dst->data + t * j->dst->nb[1]) + r0, 0, sizeof(float) * (size_t) w);
     }
-    const int64_t n_list = j->blk_start[nb];
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t k0 = j->blk_start[b], k1 = j->blk_start[b + 1];
+    const int64_t n_list = j->grp_start[ng];
+    for (int64_t g = 0; g < ng; g++) {
+        const int64_t k0 = j->grp_start[g], k1 = j->grp_start[g + 1];
         if (k0 == k1) {
             continue;
         }
-        /* the next neurons' slices, while this block computes: bundles lie apart, so the hardware
+        /* the next neurons' slices, while this group computes: bundles lie apart, so the hardware
          * prefetcher does not follow them */
         for (int64_t k = k1; k < n_list && k < k1 + 32; k++) {
-            const uint8_t * at = j->ptrs[L->pos_of[j->nlist[k]]] + off + slice_at;
-            for (int64_t c = 0; c < slice_bytes; c += 64) {
-                __builtin_prefetch(at + c);
+            const uint8_t * col_at = j->ptrs[L->pos_of[j->nlist[k]]] + off;
+            for (int p = 0; p < n_planes; p++) {
+                const uint8_t * a = col_at + at[p] + r0 * width[p] / 8;
+                for (int64_t c = 0; c < w * width[p] / 8; c += 64) {
+                    __builtin_prefetch(a + c);
+                }
             }
         }
         const int m = (int) (k1 - k0);
         for (int k = 0; k < m; k++) {
             split_unpack(L, j->ptrs[L->pos_of[j->nlist[k0 + k]]] + off, r0, r1, col + (size_t) k * (size_t) w);
         }
-        const ggml_fp16_t * dw = L->down_tab + (size_t) b * 2 * (size_t) n_embd + (size_t) r0, * mw = dw + n_embd;
+        const char * dw = (const char *) L->down_tab + ((size_t) g * (size_t) tab_planes * (size_t) n_embd + (size_t) r0) * elem;
+        const char * mw = L->down_has_min ? dw + (size_t) n_embd * elem : NULL;
         for (int64_t t = 0; t < T; t++) {
-            const uint8_t * xb = j->xq + (size_t) t * j->xq_stride + (size_t) b * j->xq_block;
+            float dx, sx = 0.0f;
+            const int8_t * qx = xq_block_of(j, t, g * G, (int) G, &dx, mw ? &sx : NULL);
             int16_t q[32];
             int any = 0;
             for (int k = 0; k < m; k++) {
-                q[k] = ((const int8_t *) (xb + qoff))[j->nlist[k0 + k] % 32];
+                q[k] = qx[j->nlist[k0 + k] % j->xq_vals];
                 any |= q[k];
             }
             if (!any) {
-                continue; /* every q_x of the block is 0, and so is s */
+                continue; /* every q_x of the group is 0, and so is its sum */
             }
             block_sum(col, w, q, m, limit, S);
             float * out = (float *) ((char *) j->dst->data + t * j->dst->nb[1]) + r0;
-            ggml_fp16_t d16, s16 = 0;
-            memcpy(&d16, xb, 2);
-            if (j->has_s) {
-                memcpy(&s16, xb + 2, 2);
-            }
-            block_scale_add(out, S, dw, j->has_s ? mw : NULL, ggml_fp16_to_fp32(d16), ggml_fp16_to_fp32(s16), w);
+            block_scale_add(out, S, dw, mw, L->down_tab_f16, dx, sx, w);
         }
     }
 }
@@ -645,18 +734,14 @@ void ripple_mask_activations(const ripple_layer * L, const float * x, const uint
 }
 
 /* Stock's vec_dot types that carry the block layout the integer path reads */
-static int q8_block_of(enum ggml_type vt, size_t * block, int * has_s) {
-    if (vt == GGML_TYPE_Q8_0) {
-        *block = 34; /* { ggml_half d; int8_t qs[32]; } */
-        *has_s = 0;
-        return 1;
+static int q8_block_of(enum ggml_type vt, down_job * j) {
+    j->xq_type = vt;
+    switch (vt) {
+        case GGML_TYPE_Q8_0: j->xq_block = 34; j->xq_vals = 32; return 1;
+        case GGML_TYPE_Q8_1: j->xq_block = 36; j->xq_vals = 32; return 1;
+        case GGML_TYPE_Q8_K: j->xq_block = 4 + 256 + 32; j->xq_vals = 256; return 1;
+        default: return 0;
     }
-    if (vt == GGML_TYPE_Q8_1) {
-        *block = 36; /* { ggml_half d, s; int8_t qs[32]; } */
-        *has_s = 1;
-        return 1;
-    }
-    return 0;
 }
 
 int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L, const uint8_t * const * ptrs,
@@ -677,7 +762,14 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
     j.n_positions = n_positions;
     j.n_tokens = n_tokens;
     j.dst = dst;
-    const int integer = L->down_tab != NULL && q8_block_of(vt, &j.xq_block, &j.has_s);
+    const int integer = L->down_bits && L->down_tab != NULL && q8_block_of(vt, &j) &&
+                        !(L->down_has_min && vt == GGML_TYPE_Q8_0);
+    if (L->down_bits && !integer) { /* split columns are only read in the integer form */
+        ripple_set_error("layer %d: split down columns of type %s need their scale table and activations of type "
+                         "Q8_0, Q8_1 or Q8_K (ggml's vec_dot type here: %s)", L->d.block,
+                         ggml_type_name((enum ggml_type) L->d.down_type), ggml_type_name(vt));
+        return -1;
+    }
     j.to_float = integer ? NULL : to_float_of((enum ggml_type) L->d.down_type);
     if (!integer && !j.to_float) {
         ripple_set_error("no to_float for type %s", ggml_type_name((enum ggml_type) L->d.down_type));
@@ -696,12 +788,13 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
     float * hm = malloc(sizeof(float) * (size_t) n_ff);
     uint8_t * xq = vt == GGML_TYPE_F32 ? NULL : malloc(vt_row * (size_t) n_tokens);
     float * h = integer ? NULL : malloc(sizeof(float) * (size_t) (n_tokens * n_ff));
-    /* integer path: per thread a block's unpacked columns (32 x w int16) and its sums (w int32) */
-    j.work_per_thread = integer ? (32 * sizeof(int16_t) + sizeof(int32_t)) * (size_t) w_max
+    /* integer path: per thread a group's unpacked columns (group x w int16) and its sums (w int32) */
+    const int64_t G = integer ? L->down_group : 1, ng = n_ff / G;
+    j.work_per_thread = integer ? ((size_t) G * sizeof(int16_t) + sizeof(int32_t)) * (size_t) w_max
                                 : sizeof(float) * RIPPLE_DOWN_BLOCK * (size_t) w_max;
     j.work_per_thread = (j.work_per_thread + 63) & ~(size_t) 63;
     j.work = malloc(j.work_per_thread * (size_t) n_threads);
-    int32_t * lists = integer ? malloc(sizeof(int32_t) * (size_t) (n_ff + n_ff / 32 + 1)) : NULL;
+    int32_t * lists = integer ? malloc(sizeof(int32_t) * (size_t) (n_ff + ng + 1)) : NULL;
     if (!hm || (vt != GGML_TYPE_F32 && !xq) || (!integer && !h) || !j.work || (integer && !lists)) {
         free(lists);
         free(hm);
@@ -729,25 +822,25 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
     j.xq_stride = vt_row;
     j.h = h;
     if (integer) {
-        /* the neurons with a non-zero value for some token, by source block */
-        const size_t qoff = j.has_s ? 4 : 2;
-        int32_t * nlist = lists, * blk_start = lists + n_ff;
+        /* the neurons with a non-zero value for some token, by group */
+        int32_t * nlist = lists, * grp_start = lists + n_ff;
         int64_t k = 0;
-        for (int64_t b = 0; b < n_ff / 32; b++) {
-            blk_start[b] = (int32_t) k;
-            for (int64_t i = b * 32; i < b * 32 + 32; i++) {
+        for (int64_t g = 0; g < ng; g++) {
+            grp_start[g] = (int32_t) k;
+            for (int64_t i = g * G; i < (g + 1) * G; i++) {
                 int any = 0;
                 for (int64_t t = 0; t < n_tokens && !any; t++) {
-                    any = xq[(size_t) t * vt_row + (size_t) b * j.xq_block + qoff + (size_t) (i % 32)] != 0;
+                    float dx;
+                    any = xq_block_of(&j, t, i, 1, &dx, NULL)[i % j.xq_vals] != 0;
                 }
                 if (any) {
                     nlist[k++] = (int32_t) i;
                 }
             }
         }
-        blk_start[n_ff / 32] = (int32_t) k;
+        grp_start[ng] = (int32_t) k;
         j.nlist = nlist;
-        j.blk_start = blk_start;
+        j.grp_start = grp_start;
     }
     ripple_pool_run(pool, n_threads, integer ? down_split_task : down_float_task, &j);
     free(lists);

@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -99,52 +100,65 @@ static void set_err(char * err, size_t err_len, const char * fmt, ...) {
 
 /* ---- models ---- */
 
-/* Split down columns (docs/FORMAT.md section 3): bits and integer offset per source type, the
- * column size, and a copy of the scale table. */
-/* The split layout's f32 (d, m) table as L->down_tab: f16 (the source's own block scales are f16,
- * so nothing is lost: checked), planar: per source block the n_embd scales d, then the n_embd
- * minimums m. */
+/* Split down columns (docs/FORMAT.md section 3). The file's f32 (scale, min) table becomes
+ * L->down_tab, planar: per group of neurons the n_embd scales, then the n_embd minimums for the
+ * types that have them (the others' must be 0). In f16 when every value is exactly an f16 (always
+ * for Q4_0..Q8_0, whose block scales are f16 fields), else in f32: a k-quant entry is an f16
+ * super-block scale times an integer of up to 7 bits, up to 18 significant bits (docs/FORMAT.md). */
 static int split_table(ripple_layer * L, const void * table) {
     const ripple_layer_desc * d = &L->d;
-    const int64_t nb = d->n_ff / 32;
-    L->down_tab = malloc((size_t) nb * (size_t) d->n_embd * 2 * sizeof(ggml_fp16_t));
-    if (!L->down_tab) {
+    const size_t n = (size_t) (d->n_ff / L->down_group) * (size_t) d->n_embd;
+    const int planes = L->down_has_min ? 2 : 1;
+    int f16 = 1;
+    for (size_t e = 0; e < n; e++) {
+        float v[2];
+        memcpy(v, (const char *) table + e * sizeof(v), sizeof(v));
+        if (!isfinite(v[0]) || !isfinite(v[1]) || (!L->down_has_min && v[1] != 0.0f)) {
+            return -1;
+        }
+        for (int k = 0; k < planes && f16; k++) {
+            f16 = ggml_fp16_to_fp32(ggml_fp32_to_fp16(v[k])) == v[k];
+        }
+    }
+    const size_t elem = f16 ? sizeof(ggml_fp16_t) : sizeof(float);
+    char * tab = malloc(n * (size_t) planes * elem);
+    if (!tab) {
         return -1;
     }
-    for (int64_t b = 0; b < nb; b++) {
-        for (int64_t r = 0; r < d->n_embd; r++) {
-            for (int k = 0; k < 2; k++) {
-                float v;
-                memcpy(&v, (const char *) table + ((b * d->n_embd + r) * 2 + k) * sizeof(float), sizeof(v));
+    for (size_t e = 0; e < n; e++) {
+        const size_t b = e / (size_t) d->n_embd, r = e % (size_t) d->n_embd;
+        for (int k = 0; k < planes; k++) {
+            float v;
+            memcpy(&v, (const char *) table + (e * 2 + (size_t) k) * sizeof(float), sizeof(v));
+            char * at = tab + ((b * (size_t) planes + (size_t) k) * (size_t) d->n_embd + r) * elem;
+            if (f16) {
                 const ggml_fp16_t h = ggml_fp32_to_fp16(v);
-                if (ggml_fp16_to_fp32(h) != v && !(v != v)) {
-                    free(L->down_tab);
-                    L->down_tab = NULL;
-                    return -1;
-                }
-                L->down_tab[(b * 2 + k) * d->n_embd + r] = h;
+                memcpy(at, &h, sizeof(h));
+            } else {
+                memcpy(at, &v, sizeof(v));
             }
         }
     }
+    L->down_tab = tab;
+    L->down_tab_f16 = f16;
     return 0;
 }
 
 static int split_layout(ripple_layer * L, const ripple_layer_desc * d) {
-    switch (d->down_type) {
-        case GGML_TYPE_Q4_0: L->down_bits = 4; L->down_qoff = 8;  break;
-        case GGML_TYPE_Q4_1: L->down_bits = 4; L->down_qoff = 0;  break;
-        case GGML_TYPE_Q5_0: L->down_bits = 5; L->down_qoff = 16; break;
-        case GGML_TYPE_Q5_1: L->down_bits = 5; L->down_qoff = 0;  break;
-        case GGML_TYPE_Q8_0: L->down_bits = 8; L->down_qoff = 0;  break;
-        default: return -1;
+    int32_t bits, qoff, group, has_min;
+    if (!ripple_split_info(d->down_type, &bits, &qoff, &group, &has_min)) {
+        return -1;
     }
-    const uint64_t tab = (uint64_t) d->n_ff / 32 * (uint64_t) d->n_embd * 2 * sizeof(float);
-    if (d->n_ff % 32 || d->n_embd % 8 || d->down_type != d->down_src_type || !d->down_table ||
+    L->down_bits = bits;
+    L->down_qoff = qoff;
+    L->down_group = group;
+    L->down_has_min = has_min;
+    const uint64_t tab = (uint64_t) d->n_ff / (uint64_t) group * (uint64_t) d->n_embd * 2 * sizeof(float);
+    if (d->n_ff % group || d->n_embd % 8 || d->down_type != d->down_src_type || !d->down_table ||
         d->down_table_size != tab) {
         return -1;
     }
-    L->down_row = L->down_bits == 4 ? (size_t) d->n_embd / 2 :
-                  L->down_bits == 5 ? (size_t) d->n_embd / 2 + (size_t) d->n_embd / 8 : (size_t) d->n_embd;
+    L->down_row = (size_t) bits * (size_t) d->n_embd / 8;
     /* checked now (a bad table refuses the load), kept only from its first use */
     if (split_table(L, d->down_table) != 0) {
         return -1;
@@ -328,11 +342,17 @@ static ripple_model * model_create(const char * path, uint64_t file_size, int32_
             L->down_row = ggml_row_size((enum ggml_type) d->down_type, d->n_embd);
         } else if (d->down_layout == 1) {
             if (split_layout(L, d) != 0) {
-                set_err(err, err_len, "%s: layer %d: split down columns of type %s need n_ff a multiple of 32, "
-                        "n_embd a multiple of 8 and a %llu-byte scale table of f16 values (got %llu bytes)", path, d->block,
-                        ggml_type_name((enum ggml_type) d->down_type),
-                        (unsigned long long) ((uint64_t) d->n_ff / 32 * (uint64_t) d->n_embd * 8),
-                        (unsigned long long) d->down_table_size);
+                if (!L->down_group) {
+                    set_err(err, err_len, "%s: layer %d: down columns of type %s cannot be split", path, d->block,
+                            ggml_type_name((enum ggml_type) d->down_type));
+                } else {
+                    set_err(err, err_len, "%s: layer %d: split down columns of type %s need n_ff a multiple of %d, "
+                            "n_embd a multiple of 8 and a %llu-byte scale table of finite values, minimums 0 where the type has "
+                            "none (got %llu bytes)", path,
+                            d->block, ggml_type_name((enum ggml_type) d->down_type), L->down_group,
+                            (unsigned long long) ((uint64_t) d->n_ff / (uint64_t) L->down_group * (uint64_t) d->n_embd * 8),
+                            (unsigned long long) d->down_table_size);
+                }
                 model_free(m);
                 return NULL;
             }
@@ -1109,7 +1129,7 @@ const ripple_predictor * ripple_layer_predictor(ripple_model * m, int layer) {
     return p;
 }
 
-const ggml_fp16_t * ripple_layer_down_table(ripple_model * m, int layer) {
+const void * ripple_layer_down_table(ripple_model * m, int layer) {
     ripple_layer * L = &m->layers[layer];
     if (!L->down_bits) {
         return NULL;
@@ -1131,7 +1151,7 @@ const ggml_fp16_t * ripple_layer_down_table(ripple_model * m, int layer) {
         }
         free(table);
     }
-    const ggml_fp16_t * t = L->down_tab;
+    const void * t = L->down_tab;
     pthread_mutex_unlock(&m->mu);
     return t;
 }

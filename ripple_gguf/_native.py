@@ -141,6 +141,30 @@ def quantize(ggml_type: int, values: np.ndarray) -> np.ndarray:
     return out
 
 
+def split_info(ggml_type: int) -> tuple[int, int, int, int] | None:
+    """(bits, offset, group, has_min) of a type whose down columns can be split, else None."""
+    out = ffi.new("int32_t[4]")
+    if not lib.ripple_split_info(int(ggml_type), out, out + 1, out + 2, out + 3):
+        return None
+    return tuple(int(x) for x in out)
+
+
+def split_rows(ggml_type: int, raw: np.ndarray, nrows: int, n_per_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a splittable type unpacked (docs/FORMAT.md section 3): the stored integers (uint8,
+    nrows x n_per_row; Q8_0: the int8's bytes) and f32 (scale, min) per group (nrows x
+    n_per_row/group x 2), value = scale * (q - offset) + min as ggml dequantizes it."""
+    info = split_info(ggml_type)
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    if info is None or raw.size != nrows * row_size(ggml_type, n_per_row):
+        raise ValueError(f"{raw.size} bytes are not {nrows} rows of {n_per_row} values of a splittable type ({ggml_type})")
+    q = np.empty((nrows, n_per_row), dtype=np.uint8)
+    sm = np.empty((nrows, n_per_row // info[2], 2), dtype=np.float32)
+    if lib.ripple_split_rows(int(ggml_type), ffi.from_buffer(raw), nrows, n_per_row, ffi.from_buffer(q),
+                             ffi.from_buffer("float[]", sm)) != 0:
+        raise ValueError(f"type {ggml_type} rows of {n_per_row} values cannot be split")
+    return q, sm
+
+
 # ---- CRC32C (the checksum table, docs/FORMAT.md section 2b) ----
 
 def crc32c(data) -> int:

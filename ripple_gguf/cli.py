@@ -262,10 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-profile", action="store_true",
                    help="skip the offline stage: original order, no predictors (fast; exact mode only)")
     c.add_argument("--down-type", choices=["auto", "split", "same", "f16", "f32", "q8_0"], default="auto",
-                   help="how bundles store the down column: auto (default) keeps float sources' type, "
-                        "splits Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (the source's own values, exact; scales in a "
-                        "per-layer table) and stores Q8_0 columns for k-quants; split = the same; "
-                        "same/f16/f32/q8_0 = columns re-quantized to that type (same = ffn_down's)")
+                   help="how bundles store the down column: auto (default) keeps float sources' type and "
+                        "splits every quantized type, Q4_0..Q8_0 and the k-quants (the source's own values, "
+                        "exact; scales in a per-layer table; Q8_0 columns where a layer cannot be split); "
+                        "split = the same; same/f16/f32/q8_0 = columns re-quantized to that type "
+                        "(same = ffn_down's)")
     c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=_cmd_convert)
 

@@ -35,8 +35,8 @@ NO_GATE = -1  # gate_type value of layers without ffn_gate
 #   column: column i of ffn_down as one row of ripple.layer.down_type (re-quantized unless the
 #           types are float and equal)
 #   split:  the quantized values of column i exactly as ffn_down holds them (down_type = the
-#           tensor's type); the block scales, shared by the 32 neurons of a block, sit in a
-#           per-layer table the runtime keeps in memory
+#           tensor's type); the scales, shared by the 32 neurons of a block (or the 32 or 16 of a
+#           k-quant sub-block), sit in a per-layer table the runtime keeps in memory
 DOWN_LAYOUTS = ("column", "split")
 DOWN_COLUMN, DOWN_SPLIT = 0, 1
 

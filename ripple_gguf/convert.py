@@ -19,17 +19,18 @@ from gguf.constants import GGMLQuantizationType as T
 from ripple_gguf import _native as rows  # ggml's own row conversions
 from ripple_gguf import constants as C
 from ripple_gguf.atomic import atomic_output, check_destination
-from ripple_gguf.format import (FLOAT_TYPES, SPLIT_GROUP, SPLIT_TYPES, SUPPORTED_FFN_TYPES, GGUFHeader,
+from ripple_gguf.format import (FLOAT_TYPES, SPLIT_TYPES, SUPPORTED_FFN_TYPES, GGUFHeader,
                                 RippleFile, RippleFormatError, RippleLayer, SourceInfo, block_size,
-                                can_split, ffn_layers_of, read_gguf_header, row_size, type_name,
-                                write_ripple_gguf)
+                                can_split, ffn_layers_of, read_gguf_header, row_size, split_planes,
+                                type_name, write_ripple_gguf)
 
 DOWN_TYPES = {"auto": None, "split": None, "same": None, "f16": T.F16, "f32": T.F32, "q8_0": T.Q8_0}
 # Measured on SmolLM2-135M Q4_1 (docs/BENCHMARKS.md): down columns re-quantized to Q4_1 along n_embd
 # raise perplexity by 8.6% when the columns are what the runtime multiplies; Q8_0 columns by 0.65%;
 # split columns (the source's own values, scales in a table) are exact and smaller than either.
-# "auto" keeps float sources as they are, splits the types that can be split and stores Q8_0
-# columns for the rest (k-quants).
+# "auto" keeps float sources as they are and splits every quantized type (legacy and k-quants:
+# bundles never larger than the source's bytes per neuron); Q8_0 columns only where a layer cannot
+# be split (n_embd not a multiple of 8).
 _AUTO_KEEPS = (T.F32, T.F16, T.BF16)
 PLACEMENTS = ("original",)
 
@@ -70,50 +71,34 @@ def down_columns(raw: np.ndarray, src_type: int, dst_type: int, n_ff: int, n_emb
 
 
 def split_values(raw: np.ndarray, src_type: int, n_ff: int, n_embd: int) -> tuple[np.ndarray, np.ndarray]:
-    """The integers and block scales of ffn_down (``raw``: n_embd rows of n_ff values of a
-    ``SPLIT_TYPES`` type): q (n_embd x n_ff; uint8, int8 for Q8_0) and f32 (d, m) per row and
-    block (n_embd x n_ff/32 x 2), such that value = d * (q - offset) + m (ggml's formulas)."""
-    t = T(src_type)
-    nb = n_ff // SPLIT_GROUP
-    blocks = np.ascontiguousarray(raw).reshape(n_embd, nb, row_size(t, SPLIT_GROUP))
-    f16 = lambda a, b: np.ascontiguousarray(blocks[..., a:b]).view("<f2")[..., 0].astype(np.float32)
-    dm = np.zeros((n_embd, nb, 2), dtype=np.float32)
-    dm[..., 0] = f16(0, 2)
-    has_m = t in (T.Q4_1, T.Q5_1)
-    if has_m:
-        dm[..., 1] = f16(2, 4)
-    if t == T.Q8_0:
-        q = blocks[..., 2:].view(np.int8)
-    else:
-        qh_at = 4 if has_m else 2
-        qs_at = qh_at + (4 if t in (T.Q5_0, T.Q5_1) else 0)
-        qs = blocks[..., qs_at:qs_at + 16]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # value j: low nibble of qs[j], j+16: high
-        if t in (T.Q5_0, T.Q5_1):
-            qh = np.ascontiguousarray(blocks[..., qh_at:qh_at + 4]).view("<u4")[..., 0]
-            q = q | (((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
-    return q.reshape(n_embd, n_ff), dm
+    """The integers and group scales of ffn_down (``raw``: n_embd rows of n_ff values of a
+    ``SPLIT_TYPES`` type): q (uint8, n_embd x n_ff; Q8_0: the int8's bytes) and f32 (scale, min)
+    per row and group (n_embd x n_ff/group x 2), such that value = scale * (q - offset) + min,
+    ggml's value bit for bit (the native library's unpacking, csrc/ripple_split.c)."""
+    return rows.split_rows(src_type, raw, n_embd, n_ff)
 
 
 def split_down(raw: np.ndarray, src_type: int, n_ff: int, n_embd: int) -> tuple[np.ndarray, bytes]:
     """Split down columns (uint8, n_ff x split_row_size) and the layer's scale table (f32
-    n_ff/32 x n_embd x 2: (d, m) of row r for the block holding neuron i at [i // 32, r]).
+    n_ff/group x n_embd x 2: (scale, min) of row r for the group holding neuron i at
+    [i // group, r]).
 
-    Column i holds value r = 0..n_embd-1 of neuron i as the source stores it: 4 bits (value r in
-    the low nibble of byte r/2 when r is even, the high one when odd), 8 bits (int8), or 5 bits
-    (4-bit plane as for 4 bits, then bit 4 of value r at bit r%8 of byte n_embd/2 + r/8)."""
-    bits = SPLIT_TYPES[T(src_type)][0]
-    q, dm = split_values(raw, src_type, n_ff, n_embd)
-    qt = np.ascontiguousarray(q.T).view(np.uint8)  # n_ff x n_embd
-    if bits == 8:
-        cols = qt
-    else:
-        lo = qt & 0x0F
-        cols = lo[:, 0::2] | (lo[:, 1::2] << 4)
-        if bits == 5:
-            cols = np.concatenate([cols, np.packbits(qt >> 4, axis=1, bitorder="little")], axis=1)
-    table = np.ascontiguousarray(dm.transpose(1, 0, 2), dtype="<f4")
-    return np.ascontiguousarray(cols), table.tobytes()
+    Column i holds value r = 0..n_embd-1 of neuron i as the source stores it: 8 bits (int8), or
+    the planes of ``split_planes`` one after the other, each holding the next bits of every value,
+    value r at bit width*(r % (8/width)) of byte r/(8/width) of the plane."""
+    q, sm = split_values(raw, src_type, n_ff, n_embd)
+    qt = np.ascontiguousarray(q.T)  # n_ff x n_embd
+    parts, shift = [], 0
+    for width in split_planes(SPLIT_TYPES[T(src_type)].bits):
+        if width == 8:
+            parts.append(qt)
+            break
+        per = 8 // width
+        v = ((qt >> shift) & ((1 << width) - 1)).reshape(n_ff, n_embd // per, per)
+        parts.append(np.bitwise_or.reduce(v << (width * np.arange(per, dtype=np.uint8)), axis=2).astype(np.uint8))
+        shift += width
+    table = np.ascontiguousarray(sm.transpose(1, 0, 2), dtype="<f4")
+    return np.ascontiguousarray(np.concatenate(parts, axis=1)), table.tobytes()
 
 
 def make_layer_bundles(data: np.ndarray, layer: RippleLayer,

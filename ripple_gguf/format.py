@@ -20,7 +20,7 @@ import re
 import stat
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType as V
@@ -86,22 +86,41 @@ def align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-# Split down columns (constants.DOWN_LAYOUTS): source types whose 32-value blocks are one or two
-# scales plus one small integer per value. Per type: bits per stored value, and the offset the
-# integer is shifted by (value = d * (q - offset) + m, as ggml's dequantize_row_* computes it).
-SPLIT_TYPES = {T.Q4_0: (4, 8), T.Q4_1: (4, 0), T.Q5_0: (5, 16), T.Q5_1: (5, 0), T.Q8_0: (8, 0)}
-SPLIT_GROUP = 32  # neurons sharing one scale table entry (the source block)
+class SplitType(NamedTuple):
+    """How a split down column stores a type's values (docs/FORMAT.md section 3)."""
+
+    bits: int  # of each stored integer
+    offset: int  # value = scale * (q - offset) + min
+    group: int  # neurons sharing one scale table entry (a block, or a k-quant sub-block)
+
+
+# Split down columns (constants.DOWN_LAYOUTS): source types whose blocks (or k-quant sub-blocks)
+# are a scale, maybe a minimum, and one small integer per value. The same table is
+# ripple_split_info in csrc/ripple_split.c (tests/test_convert.py checks they agree).
+SPLIT_TYPES = {
+    T.Q4_0: SplitType(4, 8, 32), T.Q4_1: SplitType(4, 0, 32), T.Q5_0: SplitType(5, 16, 32),
+    T.Q5_1: SplitType(5, 0, 32), T.Q8_0: SplitType(8, 0, 32),
+    T.Q2_K: SplitType(2, 0, 16), T.Q3_K: SplitType(3, 4, 16), T.Q4_K: SplitType(4, 0, 32),
+    T.Q5_K: SplitType(5, 0, 32), T.Q6_K: SplitType(6, 32, 16),
+}
+
+
+def split_planes(bits: int) -> list[int]:
+    """Bit widths of a split column's planes, in column order: a nibble plane (bits 0-3) when
+    ``bits`` >= 4, then a 2-bit and a 1-bit plane for the next bits as present (8 bits: int8)."""
+    if bits == 8:
+        return [8]
+    rest = bits - 4 if bits >= 4 else bits
+    return ([4] if bits >= 4 else []) + [w for w in (2, 1) if rest & w]
 
 
 def split_row_size(src_type: int, n_embd: int) -> int:
-    """Bytes of one split down column: n_embd values of the type's bits (5 bits: a nibble plane
-    then a plane of high bits)."""
-    bits = SPLIT_TYPES[T(src_type)][0]
-    return n_embd // 2 if bits == 4 else n_embd // 2 + n_embd // 8 if bits == 5 else n_embd
+    """Bytes of one split down column: n_embd values of the type's bits."""
+    return SPLIT_TYPES[T(src_type)].bits * n_embd // 8
 
 
 def can_split(src_type: int, n_ff: int, n_embd: int) -> bool:
-    return src_type in SPLIT_TYPES and n_ff % SPLIT_GROUP == 0 and n_embd % 8 == 0
+    return src_type in SPLIT_TYPES and n_ff % SPLIT_TYPES[T(src_type)].group == 0 and n_embd % 8 == 0
 
 
 # --- GGUF header parsing ----------------------------------------------------------------------
@@ -325,9 +344,14 @@ class RippleLayer:
         return self.down_layout == C.DOWN_SPLIT
 
     @property
+    def down_group(self) -> int:
+        """Neurons per down scale table entry (split layout)."""
+        return SPLIT_TYPES[T(self.down_type)].group
+
+    @property
     def down_table_size(self) -> int:
-        """f32 (d, m) for every source block of ffn_down: n_ff/32 x n_embd x 2 (split layout)."""
-        return self.n_ff // SPLIT_GROUP * self.n_embd * 8 if self.split else 0
+        """f32 (scale, min) for every group of ffn_down: n_ff/group x n_embd x 2 (split layout)."""
+        return self.n_ff // self.down_group * self.n_embd * 8 if self.split else 0
 
     @property
     def gate_row_size(self) -> int:
@@ -1032,7 +1056,7 @@ class RippleFile:
 
     def read_down_table(self, layer: RippleLayer) -> bytes:
         """The layer's down scale table (split layout; b"" for column layouts), checked: finite,
-        its entries for the first and last row of ffn_down equal that row's block scales, and it
+        its entries for the first and last row of ffn_down equal that row's (scale, min) pairs, and it
         matches the checksum table."""
         from ripple_gguf.convert import split_values  # the converter's own parsing
 
@@ -1042,7 +1066,7 @@ class RippleFile:
         fd = os.open(p, os.O_RDONLY)
         try:
             table = _pread(p, fd, layer.down_table_offset, layer.down_table_size)
-            dm = np.frombuffer(table, dtype="<f4").reshape(layer.n_ff // SPLIT_GROUP, layer.n_embd, 2)
+            dm = np.frombuffer(table, dtype="<f4").reshape(layer.n_ff // layer.down_group, layer.n_embd, 2)
             bad = not np.all(np.isfinite(dm))
             rs = layer.down_src_row_size
             for r in sorted({0, layer.n_embd - 1}):

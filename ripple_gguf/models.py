@@ -57,6 +57,30 @@ def make_float_variant(src: os.PathLike, dst: os.PathLike, dtype: str = "f16") -
     return Path(dst)
 
 
+def make_quantized_variant(src: os.PathLike, dst: os.PathLike, ftype: str = "Q4_K_M", threads: int = 2) -> Path:
+    """Write ``src`` re-quantized by llama.cpp's own quantizer (``llama_model_quantize``, no
+    importance matrix) to the llama.cpp file type ``ftype`` (e.g. Q4_K_M, Q6_K, Q8_0), through an
+    F16 copy: the real weights in any type llama.cpp makes (a Q4_K_M model keeps ffn_down in Q4_K
+    or Q6_K per layer, as llama.cpp chooses)."""
+    import ctypes
+    import tempfile
+
+    import llama_cpp
+
+    code = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}", None)
+    if code is None:
+        raise ValueError(f"unknown llama.cpp file type {ftype!r} (e.g. Q4_K_M, Q5_K_M, Q6_K, Q8_0)")
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(dst))) as d:
+        f16 = make_float_variant(src, Path(d) / "f16.gguf")
+        with atomic_output(dst, sources=[src]) as tmp:
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = code
+            params.nthread = threads
+            if llama_cpp.llama_model_quantize(os.fspath(f16).encode(), os.fspath(tmp).encode(), ctypes.byref(params)) != 0:
+                raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype}")
+    return Path(dst)
+
+
 def _write_float_variant(reader, dst: str, dtype: str) -> None:
     from gguf import GGMLQuantizationType as T, GGUFWriter
     from gguf.constants import GGUFValueType

@@ -36,17 +36,26 @@ def _f32(raw: np.ndarray, qtype: int, shape: tuple[int, int]) -> np.ndarray:
 
 def _split_decode(cols: np.ndarray, table: np.ndarray, l) -> np.ndarray:
     """Split down columns decoded as docs/FORMAT.md section 3 describes them (position order)."""
-    bits, off = {T.Q4_0: (4, 8), T.Q4_1: (4, 0), T.Q5_0: (5, 16), T.Q5_1: (5, 0), T.Q8_0: (8, 0)}[T(l.down_type)]
+    bits, off, group = {T.Q4_0: (4, 8, 32), T.Q4_1: (4, 0, 32), T.Q5_0: (5, 16, 32), T.Q5_1: (5, 0, 32),
+                        T.Q8_0: (8, 0, 32), T.Q2_K: (2, 0, 16), T.Q3_K: (3, 4, 16), T.Q4_K: (4, 0, 32),
+                        T.Q5_K: (5, 0, 32), T.Q6_K: (6, 32, 16)}[T(l.down_type)]
     n = l.n_embd
+    assert cols.shape[1] == bits * n // 8
     if bits == 8:
         q = cols.view(np.int8).astype(np.float32)
     else:
-        q = np.empty((cols.shape[0], n), dtype=np.int32)
-        q[:, 0::2], q[:, 1::2] = cols[:, :n // 2] & 15, cols[:, :n // 2] >> 4
-        if bits == 5:
-            q |= np.unpackbits(cols[:, n // 2:], axis=1, bitorder="little").astype(np.int32) << 4
+        # planes one after the other: 4 bits (if bits >= 4), then 2 and 1 bits as the rest has them
+        widths = ([4] if bits >= 4 else []) + [w for w in (2, 1) if (bits % 4 if bits >= 4 else bits) & w]
+        q = np.zeros((cols.shape[0], n), dtype=np.int32)
+        at = shift = 0
+        for w in widths:
+            plane = cols[:, at:at + n * w // 8].astype(np.int32)
+            for k in range(8 // w):  # value r at bit w * (r % (8/w)) of byte r // (8/w)
+                q[:, k::8 // w] |= ((plane >> (w * k)) & ((1 << w) - 1)) << shift
+            at += n * w // 8
+            shift += w
         q = q.astype(np.float32)
-    dm = table.reshape(l.n_ff // 32, n, 2)[l.order // 32]  # entry of each neuron's block
+    dm = table.reshape(l.n_ff // group, n, 2)[l.order // group]  # entry of each neuron's group
     return (q - np.float32(off)) * dm[..., 0] + dm[..., 1]
 
 
@@ -104,26 +113,32 @@ def test_round_trip_ungated(tmp_path, type_name):
     rf.verify_full()
 
 
-@pytest.mark.parametrize("down_type, expect, layout", [
-    ("f16", T.F16, "column"), ("f32", T.F32, "column"), ("q8_0", T.Q8_0, "column"), ("same", T.Q4_0, "column"),
-    ("auto", T.Q4_0, "split"), ("split", T.Q4_0, "split")])
-def test_down_type_option(tmp_path, down_type, expect, layout):
-    src = make_model(tmp_path / "m.gguf", ffn_type="Q4_0")
+@pytest.mark.parametrize("source, down_type, expect, layout", [
+    ("Q4_0", "f16", T.F16, "column"), ("Q4_0", "f32", T.F32, "column"), ("Q4_0", "q8_0", T.Q8_0, "column"),
+    ("Q4_0", "same", T.Q4_0, "column"), ("Q4_0", "auto", T.Q4_0, "split"), ("Q4_0", "split", T.Q4_0, "split"),
+    ("Q6_K", "auto", T.Q6_K, "split"), ("Q6_K", "same", T.Q6_K, "column"), ("Q6_K", "q8_0", T.Q8_0, "column")])
+def test_down_type_option(tmp_path, source, down_type, expect, layout):
+    src = make_model(tmp_path / "m.gguf", ffn_type=source, **{**_dims(source), "n_layers": 2})
     rf = convert(src, tmp_path / "m.ripple.gguf", down_type=down_type, quiet=True)
     assert [l.down_type for l in rf.layers] == [expect] * 2
     assert [C.DOWN_LAYOUTS[l.down_layout] for l in rf.layers] == [layout] * 2
     _check_bundles(src, rf)
 
 
-@pytest.mark.parametrize("type_name", LEGACY)
+@pytest.mark.parametrize("type_name", LEGACY + KQUANTS)
 def test_split_down_columns_every_type(tmp_path, type_name):
     """Split columns hold the source's own values: decoded, they equal ffn_down's columns bit for
-    bit, and the bundle is smaller than with re-quantized Q8_0 columns (except for Q8_0 itself)."""
-    src = make_model(tmp_path / "m.gguf", ffn_type=type_name, n_embd=64, n_ff=128)
+    bit, with the stored integers' bits per value and one table entry per group of neurons (the
+    block, or the k-quant sub-block)."""
+    dims = _dims(type_name)
+    src = make_model(tmp_path / "m.gguf", ffn_type=type_name, **dims)
     rf = convert(src, tmp_path / "m.ripple.gguf", down_type="split", quiet=True)
+    bits, group = {"Q8_0": (8, 32), "Q5_0": (5, 32), "Q5_1": (5, 32), "Q2_K": (2, 16), "Q3_K": (3, 16),
+                   "Q5_K": (5, 32), "Q6_K": (6, 16)}.get(type_name, (4, 32))
     l = rf.layers[0]
-    assert l.split and l.down_type == getattr(T, type_name) and l.down_table_size == 128 // 32 * 64 * 8
-    assert l.down_row_size == {"Q8_0": 64, "Q5_0": 40, "Q5_1": 40}.get(type_name, 32)
+    assert l.split and l.down_type == getattr(T, type_name)
+    assert l.down_table_size == dims["n_ff"] // group * dims["n_embd"] * 8
+    assert l.down_row_size == bits * dims["n_embd"] // 8
     _check_bundles(src, rf)
     rf.verify_full()
     # a damaged scale table is caught by verify
@@ -134,11 +149,45 @@ def test_split_down_columns_every_type(tmp_path, type_name):
         RippleFile.open(rf.path).verify_full()
 
 
-def test_split_needs_whole_blocks(tmp_path):
-    # n_ff not a multiple of 32 cannot hold Q4_0 rows at all; a Q4_K source cannot be split
-    src = make_model(tmp_path / "m.gguf", n_embd=64, n_ff=256, ffn_type={"gate": "Q8_0", "up": "Q8_0", "down": "Q4_K"})
-    rf = convert(src, tmp_path / "m.ripple.gguf", down_type="split", quiet=True)
-    assert all(not l.split and l.down_type == T.Q8_0 for l in rf.layers)
+def test_split_types_agree_with_the_library():
+    """format.SPLIT_TYPES (the Python reader and writer) and ripple_split_info (the C reader,
+    store and kernels) describe the same types."""
+    from ripple_gguf import _native
+    from ripple_gguf.format import SPLIT_TYPES
+
+    for t in T:
+        info = _native.split_info(t)
+        assert (info[:3] if info else None) == (tuple(SPLIT_TYPES[t]) if t in SPLIT_TYPES else None), t.name
+        if info:  # minimums exactly for the types whose values carry one
+            assert info[3] == (t in (T.Q4_1, T.Q5_1, T.Q2_K, T.Q4_K, T.Q5_K)), t.name
+
+
+@pytest.mark.parametrize("type_name", FLOATS + LEGACY + KQUANTS)
+def test_bundles_never_larger_than_the_source(tmp_path, type_name):
+    """The default conversion stores every neuron in at most the source's bytes per neuron (gate
+    row + up row + its share of ffn_down): float columns transposed, quantized ones split."""
+    dims = _dims(type_name)
+    src = make_model(tmp_path / "m.gguf", ffn_type=type_name, **dims)
+    rf = convert(src, tmp_path / "m.ripple.gguf", quiet=True)
+    for l in rf.layers:
+        assert l.split == (type_name not in FLOATS)
+        source_per_neuron = sum(l.tensor_bytes) / l.n_ff
+        assert l.bundle_size <= source_per_neuron, (type_name, l.bundle_size, source_per_neuron)
+        if l.split:  # strictly smaller: the scales left out of the bundle
+            assert l.bundle_size < source_per_neuron
+    rf.verify_full()
+
+
+def test_split_needs_whole_groups(tmp_path):
+    """A layer whose n_embd is not a multiple of 8 cannot be split (the column's bit planes are
+    whole bytes): "split" and "auto" store Q8_0 columns, or F16 where n_embd is not whole Q8_0
+    blocks either, larger than the source's down column (docs/FORMAT.md section 3)."""
+    src = make_model(tmp_path / "m.gguf", n_embd=36, n_ff=256, n_head=4,
+                     ffn_type={"gate": "F32", "up": "F32", "down": "Q4_K"})
+    for down_type in ("split", "auto"):
+        rf = convert(src, tmp_path / f"{down_type}.ripple.gguf", down_type=down_type, quiet=True)
+        assert all(not l.split and l.down_type == T.F16 for l in rf.layers)
+        _check_bundles(src, rf)
 
 
 def test_kquant_down_falls_back_like_llama_cpp(tmp_path):

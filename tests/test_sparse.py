@@ -76,6 +76,41 @@ def test_sparse_with_every_neuron_equals_dense(packed, tmp_path, settings, down)
     np.testing.assert_allclose(sparse, dense, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("down", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_split_kquant_columns_in_sparse_mode(tmp_path, settings, down):
+    """k-quant ffn_down, converted with the defaults: split columns (groups of 32 or 16 neurons,
+    2-6 bit integers, activations in Q8_K blocks of 256). verify passes; with every neuron selected
+    sparse mode from the bundles' columns gives exact mode's logits from the bundles; with the
+    predictors' selections each token's output is independent of the batch and the thread count."""
+    src = make_model(tmp_path / "src.gguf", ffn_type={"gate": "Q8_0", "up": "Q8_0", "down": down},
+                     n_embd=64, n_ff=256, n_layers=2)
+    cfg = OfflineConfig(calib_tokens=512, chunk_tokens=128, threshold_tokens=256, eval_tokens=256,
+                        predictor_rank=8, active_fraction=0.3, threads=1, quiet=True)
+    rf = convert(src, tmp_path / "m.ripple.gguf", offline=cfg, quiet=True)
+    assert all(l.split and l.down_type == getattr(gguf.GGMLQuantizationType, down) for l in rf.layers)
+    rf.verify_full()
+    full = tmp_path / "all.gguf"
+    select_everything(rf, full)
+    settings.configure(exact_down="bundles", mode="exact")
+    dense = logits(full)
+    settings.configure(mode="sparse", sparse_down="bundles")
+    settings.reset_stats()
+    sparse = logits(full)
+    s = settings.stats()
+    assert s["neurons_computed"] == s["neurons_total"]
+    np.testing.assert_allclose(sparse, dense, rtol=0, atol=1e-5)
+    # the predictors' own selections: tokens of a batch select different neurons of a group
+    tokens = TOKENS * 2
+    ref = _eval_logits(rf.path, tokens, 64)
+    span = float(ref.max() - ref.min())
+    settings.reset_stats()
+    for n_batch, n_threads in ((3, 2), (64, 2)):
+        got = _eval_logits(rf.path, tokens, n_batch, n_threads)
+        assert np.abs(got - ref).max() <= 1e-4 * span, (n_batch, n_threads)
+    s = settings.stats()
+    assert 0 < s["neurons_computed"] < s["neurons_total"]
+
+
 def test_sparse_mode_reads_and_computes_less(packed, settings):
     settings.configure(mode="exact", cache_mb=0)
     exact = logits(packed.path)

@@ -13,7 +13,7 @@ can, ggml's own quantizer (through the converter's row backend) does the K-quant
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import gguf
 import gguf.quants
@@ -21,6 +21,10 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
 TypeSpec = Union[int, str, None]
+# planted outsized neurons: |h| where one fires / an ordinary neuron's, and a factor on its down column.
+# Their |h| reaches 1e8: with a quantized ffn_down, ggml's Q8_0 copy of h overflows its f16 block
+# scale (NaN) beyond 127 x 65504, so such models want an F32 (or F16-free) ffn_down.
+OUTSIZED_GAIN, OUTSIZED_DOWN = 400.0, 1.0
 _GGUFPY_QUANT = {T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
 
 
@@ -55,7 +59,9 @@ def tokenizer_vocab() -> tuple[list[str], list[float], list[int]]:
 def make_model(path: os.PathLike | str, *, n_layers: int = 2, n_embd: int = 64, n_ff: int = 128,
                n_head: int = 4, ffn_type: TypeSpec | Mapping[str, TypeSpec] = None, gated: bool = True,
                arch: str | None = None, seed: int = 0, n_ctx: int = 256,
-               edit: Callable[[dict], None] | None = None) -> str:
+               edit: Callable[[dict], None] | None = None,
+               outsized: Mapping[int, Sequence[int]] | None = None, outsized_gain: float = OUTSIZED_GAIN,
+               outsized_down: float = OUTSIZED_DOWN) -> str:
     """Write a model to ``path``; return the path.
 
     ``ffn_type``: one type for the FFN weights or a mapping {"gate"/"up"/"down": type}.
@@ -63,6 +69,11 @@ def make_model(path: os.PathLike | str, *, n_layers: int = 2, n_embd: int = 64, 
     and "phi3" as the module docstring says (``gated`` is ignored for them).
     ``edit(tensors)`` may change {name: (float32 values or (raw, raw_dtype))} before writing, to make
     broken models for tests.
+    ``outsized`` {block: neurons} plants outsized neurons (gemma2 and qwen2): their gate and up rows
+    are scaled by sqrt(``outsized_gain``) before quantization, so where such a neuron fires its |h| is
+    about ``outsized_gain`` x an ordinary neuron's (the SiLU/GELU of a scaled gate is about linear on
+    the positive side and near 0 on the other), as in trained models where a few neurons of a layer
+    reach 100-1500x the layer's median |h|; their down columns are scaled by ``outsized_down``.
     """
     path = os.fspath(path)
     arch = arch or ("llama" if gated else "gpt2")
@@ -70,10 +81,14 @@ def make_model(path: os.PathLike | str, *, n_layers: int = 2, n_embd: int = 64, 
         raise ValueError("llama has a gated FFN; use arch='gpt2' for an ungated one")
     if arch not in ("llama", "gpt2") + NEW_ARCHS:
         raise ValueError(f"arch {arch!r}: choose from llama, gpt2, {', '.join(NEW_ARCHS)}")
+    if outsized and arch not in ("gemma2", "qwen2"):
+        raise ValueError(f"outsized neurons are planted in gemma2 and qwen2 models, not {arch}")
     if arch in NEW_ARCHS:
         return _make_new_arch(path, arch, n_layers=n_layers, n_embd=n_embd, n_ff=n_ff, n_head=n_head,
                               kinds=ffn_type if isinstance(ffn_type, Mapping) else
-                              {k: ffn_type for k in ("gate", "up", "down")}, seed=seed, n_ctx=n_ctx, edit=edit)
+                              {k: ffn_type for k in ("gate", "up", "down")}, seed=seed, n_ctx=n_ctx, edit=edit,
+                              outsized=outsized or {}, outsized_gain=outsized_gain,
+                              outsized_down=outsized_down)
     rng = np.random.default_rng(seed)
     n_vocab = len(tokenizer_vocab()[0])
     kinds = ffn_type if isinstance(ffn_type, Mapping) else {k: ffn_type for k in ("gate", "up", "down")}
@@ -162,7 +177,8 @@ MASSIVE, TINY = 2000.0, 1e-7  # ffn_norm weights of the massive and the near-dea
 
 def _make_new_arch(path: str, arch: str, *, n_layers: int, n_embd: int, n_ff: int, n_head: int,
                    kinds: Mapping[str, TypeSpec], seed: int, n_ctx: int,
-                   edit: Callable[[dict], None] | None) -> str:
+                   edit: Callable[[dict], None] | None, outsized: Mapping[int, Sequence[int]] = {},
+                   outsized_gain: float = OUTSIZED_GAIN, outsized_down: float = OUTSIZED_DOWN) -> str:
     rng = np.random.default_rng(seed)
     n_vocab = len(tokenizer_vocab()[0])
 
@@ -186,12 +202,18 @@ def _make_new_arch(path: str, arch: str, *, n_layers: int, n_embd: int, n_ff: in
         if arch == "gemma2":
             t[f"{b}.post_attention_norm.weight"] = ones(n_embd)
         t[f"{b}.ffn_norm.weight"] = ffn_norm.copy()
+        planted = np.asarray(outsized.get(i, ()), dtype=np.int64)
         if arch == "phi3":  # gate rows first, then up rows (llama.cpp's swiglu splits the output in halves)
             t[f"{b}.ffn_up.weight"] = encode(w(2 * n_ff, n_embd), _qtype(kinds.get("up")))
         else:
-            t[f"{b}.ffn_gate.weight"] = encode(w(n_ff, n_embd), _qtype(kinds.get("gate")))
-            t[f"{b}.ffn_up.weight"] = encode(w(n_ff, n_embd), _qtype(kinds.get("up")))
-        t[f"{b}.ffn_down.weight"] = encode(w(n_embd, n_ff), _qtype(kinds.get("down")))
+            gate, up = w(n_ff, n_embd), w(n_ff, n_embd)
+            gate[planted] *= np.float32(np.sqrt(outsized_gain))
+            up[planted] *= np.float32(np.sqrt(outsized_gain))
+            t[f"{b}.ffn_gate.weight"] = encode(gate, _qtype(kinds.get("gate")))
+            t[f"{b}.ffn_up.weight"] = encode(up, _qtype(kinds.get("up")))
+        down = w(n_embd, n_ff)
+        down[:, planted] *= np.float32(outsized_down)
+        t[f"{b}.ffn_down.weight"] = encode(down, _qtype(kinds.get("down")))
         if arch == "gemma2":
             t[f"{b}.post_ffw_norm.weight"] = ones(n_embd)
     t["output_norm.weight"] = ones(n_embd)

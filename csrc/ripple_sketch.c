@@ -147,7 +147,8 @@ typedef struct {
     float   d;
     float   sx;
     int8_t * xp;
-    float * y; /* n_out: x[out_k] (scaled per matrix at use) */
+    float * yg; /* n_out: x[out_k] * osg[k] */
+    float * yu; /* n_out: x[out_k] * osu[k] */
 } sketch_token;
 
 static void prepare(const ripple_sketch * s, const float * x, int64_t n_embd, int8_t * xq, sketch_token * tk) {
@@ -184,22 +185,34 @@ static void prepare(const ripple_sketch * s, const float * x, int64_t n_embd, in
         }
     }
     for (int32_t k = 0; k < s->n_out; k++) {
-        tk->y[k] = x[s->out[k]];
+        tk->yu[k] = x[s->out[k]] * s->osu[k];
+        tk->yg[k] = s->gated ? x[s->out[k]] * s->osg[k] : 0.0f;
     }
     tk->d = d;
     tk->sx = (float) sx;
 }
 
 static float estimate(const ripple_sketch * s, const sketch_token * tk, const uint8_t * codes, const ggml_fp16_t * steps,
-                      const int8_t * ow, const float * os, int64_t i) {
+                      const int8_t * ow, const float * y, int64_t i) {
     const int64_t groups = s->n_pad / 64;
     const float acc = (float) row_dot(codes + (size_t) i * (size_t) (s->n_pad / 4), tk->xp, groups);
     float v = ((ggml_fp16_to_fp32(steps[i]) / 2.0f) * tk->d) * (2.0f * acc - 3.0f * tk->sx);
-    float o = 0.0f;
     const int8_t * w = ow + (size_t) i * (size_t) s->n_out;
-    for (int32_t k = 0; k < s->n_out; k++) {
-        o += (float) w[k] * (tk->y[k] * os[k]);
+    int32_t k = 0;
+    float o = 0.0f;
+#ifdef RIPPLE_SKETCH_VNNI
+    __m512 a = _mm512_setzero_ps();
+    for (; k < s->n_out; k += 16) { /* int8 weights x the token's scaled outlier inputs, 16 at a time */
+        const __mmask16 m = s->n_out - k >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (s->n_out - k)) - 1);
+        const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + k)));
+        a = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, y + k), a);
     }
+    o = _mm512_reduce_add_ps(a);
+#else
+    for (; k < s->n_out; k++) {
+        o += (float) w[k] * y[k];
+    }
+#endif
     return v + o;
 }
 
@@ -216,11 +229,11 @@ static float act(int kind, float g) {
 
 float ripple_sketch_score(const ripple_sketch * s, const void * tok, int64_t i) {
     const sketch_token * tk = tok;
-    const float u = estimate(s, tk, s->cu, s->du, s->ou, s->osu, i);
+    const float u = estimate(s, tk, s->cu, s->du, s->ou, tk->yu, i);
     if (!s->gated) {
         return fabsf(act(s->act, u));
     }
-    const float g = estimate(s, tk, s->cg, s->dg, s->og, s->osg, i);
+    const float g = estimate(s, tk, s->cg, s->dg, s->og, tk->yg, i);
     return fabsf(act(s->act, g) * u);
 }
 
@@ -258,7 +271,8 @@ static void sketch_task(void * v, int ith, int nth) {
     const int64_t i0 = split_tokens ? 0 : n_ff * ith / nth, i1 = split_tokens ? n_ff : n_ff * (ith + 1) / nth;
     uint8_t * mine = j->scratch + (size_t) ith * j->scratch_each;
     int8_t * xq = (int8_t *) mine;
-    sketch_token tk = { 0, 0, (int8_t *) mine + s->n_pad, (float *) (mine + 2 * (size_t) s->n_pad) };
+    float * ys = (float *) (mine + 2 * (size_t) s->n_pad);
+    sketch_token tk = { 0, 0, (int8_t *) mine + s->n_pad, ys, ys + s->n_out };
     for (int64_t t = t0; t < t1; t++) {
         const float * x = (const float *) ((const char *) j->src1->data + t * j->src1->nb[1]);
         prepare(s, x, n_embd, xq, &tk); /* each thread its own copy: no barrier for one token */
@@ -278,7 +292,7 @@ void ripple_sketch_predict(ripple_pool * pool, int n_threads, const ripple_predi
                            const struct ggml_tensor * src1, uint8_t * tok, float * scores) {
     const int64_t n_ff = L->d.n_ff, T = src1->ne[1];
     const int nth = n_threads > 1 ? n_threads : 1;
-    const size_t each = (2 * (size_t) p->sk.n_pad + 4 * (size_t) p->sk.n_out + 63) & ~(size_t) 63;
+    const size_t each = (2 * (size_t) p->sk.n_pad + 8 * (size_t) p->sk.n_out + 63) & ~(size_t) 63;
     const double topk = g_topk;
     float * own = topk > 0 && !scores ? malloc(sizeof(float) * (size_t) (n_ff * T)) : NULL;
     uint8_t * scratch = aligned_alloc(64, each * (size_t) nth);

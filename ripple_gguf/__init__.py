@@ -4,8 +4,8 @@
 loaded; after that, ``llama_cpp.Llama(model_path="m.ripple.gguf")`` runs the FFN of a ripple-packed
 file through the backend, and any other GGUF file as before.
 """
-from .constants import TOOL_VERSION as __version__
-from .runtime import configure, last_error, last_load, register, reset_stats, settings, stats
+from .format.constants import TOOL_VERSION as __version__
+from .runtime.backend import configure, last_error, last_load, register, reset_stats, settings, stats
 
 try:
     register()

@@ -1,4 +1,5 @@
-"""Private binding to the native library (cffi, ABI mode) and ggml's row conversions.
+"""Loads the native library (cffi, ABI mode): ``ffi`` (its declarations), ``lib`` and its path.
+Only :mod:`ripple_gguf.binding` calls into ``lib``.
 
 Loading order matters: the ggml that ``libllama.so`` uses must be the one our backend registers
 into. ``llama_cpp`` loads ``libllama.so``, whose ``libggml*.so.0`` we promote to the global symbol
@@ -11,9 +12,8 @@ import glob
 import os
 from pathlib import Path
 
-import numpy as np
-
-from . import constants
+# The C backend is compiled against the internal ggml headers of exactly this release (CMakeLists.txt).
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
 _HERE = Path(__file__).resolve().parent
 
@@ -59,11 +59,11 @@ def _make_ffi():
 def _load_ggml_global():
     import llama_cpp
 
-    if llama_cpp.__version__ != constants.LLAMA_CPP_PYTHON_VERSION:
+    if llama_cpp.__version__ != LLAMA_CPP_PYTHON_VERSION:
         raise NativeLibraryError(
-            f"ripple-gguf was built for llama-cpp-python {constants.LLAMA_CPP_PYTHON_VERSION}, "
+            f"ripple-gguf was built for llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}, "
             f"but {llama_cpp.__version__} is installed ({llama_cpp.__file__}); reinstall "
-            f"llama-cpp-python=={constants.LLAMA_CPP_PYTHON_VERSION} or rebuild ripple-gguf"
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} or rebuild ripple-gguf"
         )
     lib_dir = Path(llama_cpp.__file__).resolve().parent / "lib"
     handles = {}
@@ -101,81 +101,3 @@ def _open():
 
 
 ffi, lib, library_path = _open()
-
-
-def error_text(buf) -> str:
-    return ffi.string(buf).decode(errors="replace")
-
-
-# ---- ggml's own row conversions (used by the converter) ----
-
-def row_size(ggml_type: int, n_per_row: int) -> int:
-    size = lib.ripple_row_size(int(ggml_type), int(n_per_row))
-    if size == 0:
-        raise ValueError(f"ggml type {int(ggml_type)} cannot hold rows of {n_per_row} values")
-    return int(size)
-
-
-def block_size(ggml_type: int) -> int:
-    return int(lib.ripple_block_size(int(ggml_type)))
-
-
-def dequantize(ggml_type: int, raw: np.ndarray, nrows: int, n_per_row: int) -> np.ndarray:
-    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    if raw.size != nrows * row_size(ggml_type, n_per_row):
-        raise ValueError(f"{raw.size} bytes do not hold {nrows} rows of {n_per_row} values of type {ggml_type}")
-    out = np.empty((nrows, n_per_row), dtype=np.float32)
-    rc = lib.ripple_dequantize_rows(int(ggml_type), ffi.from_buffer(raw), ffi.from_buffer("float[]", out), nrows, n_per_row)
-    if rc != 0:
-        raise ValueError(f"ggml has no dequantization for type {ggml_type}")
-    return out
-
-
-def quantize(ggml_type: int, values: np.ndarray) -> np.ndarray:
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    nrows, n_per_row = values.shape
-    out = np.empty((nrows, row_size(ggml_type, n_per_row)), dtype=np.uint8)
-    written = lib.ripple_quantize_rows(int(ggml_type), ffi.from_buffer("float[]", values), ffi.from_buffer(out), nrows, n_per_row)
-    if written != out.size:
-        raise ValueError(f"ggml cannot quantize to type {ggml_type} without an importance matrix")
-    return out
-
-
-def split_info(ggml_type: int) -> tuple[int, int, int, int] | None:
-    """(bits, offset, group, has_min) of a type whose down columns can be split, else None."""
-    out = ffi.new("int32_t[4]")
-    if not lib.ripple_split_info(int(ggml_type), out, out + 1, out + 2, out + 3):
-        return None
-    return tuple(int(x) for x in out)
-
-
-def split_rows(ggml_type: int, raw: np.ndarray, nrows: int, n_per_row: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of a splittable type unpacked (docs/FORMAT.md section 3): the stored integers (uint8,
-    nrows x n_per_row; Q8_0: the int8's bytes) and f32 (scale, min) per group (nrows x
-    n_per_row/group x 2), value = scale * (q - offset) + min as ggml dequantizes it."""
-    info = split_info(ggml_type)
-    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    if info is None or raw.size != nrows * row_size(ggml_type, n_per_row):
-        raise ValueError(f"{raw.size} bytes are not {nrows} rows of {n_per_row} values of a splittable type ({ggml_type})")
-    q = np.empty((nrows, n_per_row), dtype=np.uint8)
-    sm = np.empty((nrows, n_per_row // info[2], 2), dtype=np.float32)
-    if lib.ripple_split_rows(int(ggml_type), ffi.from_buffer(raw), nrows, n_per_row, ffi.from_buffer(q),
-                             ffi.from_buffer("float[]", sm)) != 0:
-        raise ValueError(f"type {ggml_type} rows of {n_per_row} values cannot be split")
-    return q, sm
-
-
-# ---- CRC32C (the checksum table, docs/FORMAT.md section 2b) ----
-
-def crc32c(data) -> int:
-    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else np.ascontiguousarray(data)
-    return int(lib.ripple_crc32c(ffi.from_buffer(buf), buf.nbytes))
-
-
-def crc32c_blocks(data, block: int) -> np.ndarray:
-    """CRC32C of each ``block`` bytes of ``data`` (the last block may be shorter)."""
-    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else np.ascontiguousarray(data)
-    out = np.empty(-(-buf.nbytes // block), dtype=np.uint32)
-    if out.size:
-        lib.ripple_crc32c_blocks(ffi.from_buffer(buf), buf.nbytes, block, ffi.from_buffer("uint32_t[]", out))
-    return out

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
 from typing import Optional, Sequence
 
-from ripple_gguf import constants as C
+from ripple_gguf.format import constants as C
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from ripple_gguf.convert import convert
-    from ripple_gguf.offline import OfflineConfig
-    from ripple_gguf.profile import read_text
+    from ripple_gguf.offline.convert import convert
+    from ripple_gguf.offline.pipeline import OfflineConfig
+    from ripple_gguf.offline.profile import read_text
 
     offline = None
     placement = args.placement or ("original" if args.no_profile else "ripple")
@@ -66,7 +67,7 @@ def _predictor_summary(p: dict, blocks: Sequence[int]) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from ripple_gguf.format import RippleFile
+    from ripple_gguf.format.reader import RippleFile
 
     rf = RippleFile.open(args.file)
     info = rf.to_json()
@@ -93,7 +94,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from ripple_gguf.format import RippleFile
+    from ripple_gguf.format.reader import RippleFile
 
     rf = RippleFile.open(args.file)
     rf.verify_full()
@@ -102,7 +103,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_perplexity(args: argparse.Namespace) -> int:
-    from ripple_gguf import corpora, quality
+    from ripple_gguf.eval import corpora
+    from ripple_gguf.offline import quality
 
     text_name, text = corpora.load_text(args.text, quality.CHARS_PER_TOKEN * args.tokens)
     tokens = quality.heldout_tokens(args.file, args.tokens, text)
@@ -125,8 +127,8 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
 
 
 def _cmd_probe_storage(args: argparse.Namespace) -> int:
-    import os
-    from ripple_gguf import models, storage
+    from ripple_gguf.eval import models
+    from ripple_gguf.runtime import storage
 
     path = args.path
     if path is None:
@@ -181,8 +183,8 @@ def _write_json(out: Optional[str], result) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ripple_gguf import bench
-    from ripple_gguf.profile import read_text
+    from ripple_gguf.eval import bench, report
+    from ripple_gguf.offline.profile import read_text
 
     text, text_name = (read_text(args.text), args.text) if args.text else (None, "held-out pydoc_data.topics")
     calib = [(path, read_text(path)) for path in args.calib] if args.calib else None
@@ -191,17 +193,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     result = bench.run(args.src, text=text, text_name=text_name, calib=calib, tokens=args.tokens,
                        fractions=fractions, rounds=args.rounds, n_threads=args.threads, ppl_tokens=args.ppl_tokens,
                        cross_dataset=not args.no_cross_dataset, work_dir=args.work_dir)
-    print(bench.report(result))
+    print(report.report(result))
     _write_json(args.json, result)
     if args.plot:
-        from ripple_gguf.bench_plot import plot
+        from ripple_gguf.eval.plots import plot
 
         print(f"figure written to {plot(result, args.plot)}")
     return 0
 
 
 def _cmd_membench(args: argparse.Namespace) -> int:
-    from ripple_gguf import membench
+    from ripple_gguf.eval import membench
 
     _check_plot(args.plot)
     fractions = sorted(set(args.memory_fraction or membench.DEFAULT_FRACTIONS))
@@ -215,14 +217,64 @@ def _cmd_membench(args: argparse.Namespace) -> int:
     print(membench.report(result))
     _write_json(args.json, result)
     if args.plot:
-        print(f"figure written to {membench.plot(result, args.plot)}")
+        from ripple_gguf.eval.plots import plot_membench
+
+        print(f"figure written to {plot_membench(result, args.plot)}")
     return 0
 
 
-def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from ripple_gguf import quickstart
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
-    return quickstart.run(args.args)
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    import ripple_gguf
+    from ripple_gguf import quickstart
+    from ripple_gguf.paths import default_cache_dir
+
+    p = argparse.ArgumentParser(prog="ripple-gguf quickstart",
+                                description="Pack the default model (SmolLM2-135M) and generate with the RIPPLE backend.")
+    p.add_argument("--out", metavar="DIR", help=f"where the packed model is kept (default: {default_cache_dir()})")
+    p.add_argument("--prompt", default=quickstart.DEFAULT_PROMPT,
+                   help=f"prompt (default: {quickstart.DEFAULT_PROMPT!r})")
+    p.add_argument("--tokens", type=int, default=quickstart.DEFAULT_TOKENS,
+                   help=f"tokens to generate (default: {quickstart.DEFAULT_TOKENS})")
+    p.add_argument("--cache-mb", type=float, help="neuron cache budget in MiB (default: the runtime's)")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default: llama-cpp-python's)")
+    q = p.parse_args(args.args)
+
+    path = quickstart.ensure_default_ripple(q.out)
+    if q.cache_mb is not None:
+        ripple_gguf.configure(cache_mb=q.cache_mb)
+    r = quickstart.generate(path, q.prompt, q.tokens, threads=q.threads)
+    load, s, settings, usage = r["load"], r["stats"], r["settings"], r["usage"]
+    if load.get("path") != str(path) or not load.get("bound_tensors"):
+        print(f"ripple-gguf: error: the backend did not take over {path}: {load}", file=sys.stderr)
+        return 1
+    print(f"{q.prompt}{r['text']}")
+    print()
+    print(f"model: {path} (loaded in {r['load_s']:.2f} s, {load['bound_tensors']}/{load['expected_tensors']} "
+          f"FFN tensors on the RIPPLE backend, load hook {'on' if settings['load_hook'] else 'off'})")
+    print(f"tokens: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated in {r['gen_s']:.2f} s "
+          f"({usage['completion_tokens'] / r['gen_s']:.1f} tokens/s)")
+    mode = settings["mode"]
+    if mode == "auto":  # the file's own default
+        mode = f"{load.get('default_mode', 'sparse')} (the file's default)"
+    print(f"mode {mode}: FFN matmuls served {s['ffn_matmuls']:,}; neurons computed "
+          f"{s['neurons_computed']:,} of {s['neurons_total']:,} ({s['neurons_computed'] / max(1, s['neurons_total']):.1%}); "
+          f"needed bundles {s['needed_bytes'] / max(1, s['dense_bytes']):.1%} of the dense FFN bytes")
+    print(f"read from the file: {_mib(s['bytes_read'])} in {s['read_ops']:,} reads (mean run of needed bundles "
+          f"{s['mean_run_length']:.1f}, collapse threshold {settings['collapse_bytes']:,} bytes), "
+          f"{s['io_seconds'] * 1e3:.1f} ms of I/O")
+    print(f"neuron cache: {s['cache_hits']:,} hits, {s['cache_misses']:,} misses "
+          f"(hit rate {s['cache_hit_rate']:.1%}), {_mib(s['cache_bytes'])} of {_mib(s['cache_capacity'])} used")
+    if r["error"]:
+        print(f"ripple-gguf: backend error: {r['error']}", file=sys.stderr)
+        return 1
+    if s["ffn_matmuls"] == 0:
+        print("ripple-gguf: error: the backend served no FFN matmul", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="OUT.png", help="write the figures (needs matplotlib: the bench extra)")
     b.set_defaults(func=_cmd_bench)
 
-    from ripple_gguf.synthetic import SHAPES
+    from ripple_gguf.eval.synthetic import SHAPES
 
     mb = sub.add_parser("membench", help="stock llama.cpp and ripple under kernel memory limits (cgroups)")
     mb.add_argument("src", metavar="SRC.gguf", nargs="?",
@@ -359,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_llama_tool(args: argparse.Namespace) -> int:
     """llama.cpp's own llama-server / llama-bench with the backend module: ``[--build] [--build-dir
     DIR]`` first, every other argument is the tool's."""
-    from ripple_gguf import llama_tools
+    from ripple_gguf.runtime import llama_tools
 
     rest, build, build_dir = list(args.args), False, None
     while rest and rest[0] in ("--build", "--build-dir"):
@@ -376,6 +428,14 @@ def _cmd_llama_tool(args: argparse.Namespace) -> int:
     return 0  # not reached: the tool replaced this process
 
 
+class _StderrLines(logging.Handler):
+    """The package's log records (progress, warnings) as lines on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        print(prefix + self.format(record), file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -385,6 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(func=_cmd_llama_tool, tool=argv[0], args=argv[1:])
     else:
         args = parser.parse_args(argv)
+    log, handler = logging.getLogger("ripple_gguf"), _StderrLines()
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
@@ -398,6 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{C.TOOL_NAME}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Offline cost and read quality of the placement methods on synthetic structured activations.
 
-For each layer width n: draw calibration masks from a topic model (tests/synth_activations.py),
+For each layer width n: draw calibration masks from a topic model (ripple_gguf.eval.synthetic.TopicModel),
 count co-activations (n x n uint32; ~822 MB at n = 14,336), time ``ripple_order`` (single-threaded
 C) and report the peak RSS of the process, then the run statistics of every method on a held-out
 draw of the same topics. Sparse topic counts leave most pairs at 0, which the sort skips, so
@@ -23,10 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from synth_activations import TopicModel, counts  # noqa: E402
-
-from ripple_gguf import placement as P  # noqa: E402
+from ripple_gguf.eval.synthetic import TopicModel, counts
+from ripple_gguf.offline import placement as P
 
 
 def peak_rss_mib() -> float:

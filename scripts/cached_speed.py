@@ -23,12 +23,12 @@ def main() -> int:
 
     import ripple_gguf
     import llama_cpp
-    from ripple_gguf import quality
+    from ripple_gguf.offline import quality
 
     if args.files:
         src, packed = args.files
     else:
-        from ripple_gguf import models
+        from ripple_gguf.eval import models
         from ripple_gguf.quickstart import ensure_default_ripple
         src, packed = str(models.default_model_path()), str(ensure_default_ripple(quiet=True))
     ripple_gguf.configure(cache_fraction=1.0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import time
@@ -32,12 +33,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress lines
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before llama_cpp loads libgomp
     import llama_cpp
     import numpy as np
     import ripple_gguf
-    from ripple_gguf import _native, quality
+    from ripple_gguf import binding
+    from ripple_gguf.offline import quality
     from ripple_gguf.quickstart import ensure_default_ripple
 
     path = args.file or str(ensure_default_ripple())
@@ -63,17 +66,17 @@ def main() -> int:
     buf = np.random.default_rng(0).integers(0, 256, 16 << 20, dtype=np.uint8)
     t0 = time.perf_counter()
     for _ in range(20):
-        _native.crc32c_blocks(buf, 64 << 10)
+        binding.crc32c_blocks(buf, 64 << 10)
     crc_bps = 20 * buf.nbytes / (time.perf_counter() - t0)
     times = {c: [] for c in configs}
     try:
         for r in range(args.rounds):
             for mode, verify in configs if r % 2 == 0 else configs[::-1]:
                 ripple_gguf.configure(mode=mode)
-                _native.lib.ripple_set_verify_reads(verify)
+                binding.set_verify_reads(verify)
                 times[(mode, verify)].append(decode())
     finally:
-        _native.lib.ripple_set_verify_reads(1)
+        binding.set_verify_reads(True)
     llm.close()
 
     n = len(toks)

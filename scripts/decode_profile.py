@@ -20,7 +20,7 @@ def main() -> int:
 
     import ripple_gguf
     import llama_cpp
-    from ripple_gguf import quality
+    from ripple_gguf.offline import quality
     from ripple_gguf.quickstart import ensure_default_ripple
 
     path = args.file or str(ensure_default_ripple(quiet=True))

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 import ripple_gguf
-from ripple_gguf import models, quality
-from ripple_gguf.convert import convert
-from ripple_gguf.format import type_name
+from ripple_gguf.eval import models
+from ripple_gguf.offline import quality
+from ripple_gguf.offline.convert import convert
+from ripple_gguf.format.layout import type_name
 
 
 def main() -> int:
@@ -63,7 +64,7 @@ def main() -> int:
 
     offline = None
     if args.profiled:
-        from ripple_gguf.offline import OfflineConfig, run as run_offline
+        from ripple_gguf.offline.pipeline import OfflineConfig, run as run_offline
 
         offline = run_offline(src, OfflineConfig(quiet=True)).for_placement("ripple")
     base = ppl(src, stock=True)

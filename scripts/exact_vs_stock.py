@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 import ripple_gguf
-from ripple_gguf import models, quality
-from ripple_gguf.convert import convert
+from ripple_gguf.eval import models
+from ripple_gguf.offline import quality
+from ripple_gguf.offline.convert import convert
 
 PROMPT = "The capital of France is"
 

@@ -5,7 +5,7 @@ Acceptance measurement of the runtime issue: with the same active sets, ripple p
 collapse + linking-aware cache needs at least 3x fewer read ops per token than the original order
 with the same cache, and its I/O time per token is at least 2.5x lower.
 
-Steps (ripple_gguf.bench): the variants (one offline stage; the same bundles and predictors in the
+Steps (ripple_gguf.eval.variants, .replay): the variants (one offline stage; the same bundles and predictors in the
 ripple, frequency and original orders; cached under the work directory); a decode trace (held-out
 text token by token, n_batch=1, sparse mode on the ripple file: the neurons the predictors
 selected); then, in interleaved rounds, the trace replayed on each system's file with O_DIRECT
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 
-from ripple_gguf import bench
+from ripple_gguf.eval import machine, replay, variants
 
 BASELINE, OURS = "llm-in-a-flash", "ripple"
 
@@ -35,22 +36,25 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads for the trace (default 2)")
     p.add_argument("--json", metavar="OUT", help="write every figure as JSON")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress lines
 
     import ripple_gguf
-    from ripple_gguf import models, quality, storage
+    from ripple_gguf.eval import models
+    from ripple_gguf.offline import quality
+    from ripple_gguf.runtime import storage
 
     src = args.source or models.default_model_path()
-    paths = bench.prepare_variants(src, args.work_dir or bench.default_work_dir())
-    tokens = bench.text_tokens(paths["ripple"], quality.heldout_text(60 * args.tokens), args.tokens)
-    bench._progress(f"recording the decode trace: {len(tokens)} held-out tokens, one at a time")
-    trace = bench.record_decode_trace(paths["ripple"], tokens, n_threads=args.threads)
+    paths = variants.prepare_variants(src, args.work_dir or variants.default_work_dir())
+    tokens = replay.text_tokens(paths["ripple"], quality.heldout_text(60 * args.tokens), args.tokens)
+    machine.progress(f"recording the decode trace: {len(tokens)} held-out tokens, one at a time")
+    trace = replay.record_decode_trace(paths["ripple"], tokens, n_threads=args.threads)
 
-    systems = {"ripple": bench.SYSTEMS["ripple"], "llm-in-a-flash": bench.SYSTEMS["llm-in-a-flash"],
-               **bench.ABLATIONS, "frequency": bench.SYSTEMS["frequency"]}
-    jobs = {n: (lambda s=s: bench.replay_system(paths[s.variant], trace, s, args.cache_fraction, direct_io=True))
+    systems = {"ripple": replay.SYSTEMS["ripple"], "llm-in-a-flash": replay.SYSTEMS["llm-in-a-flash"],
+               **replay.ABLATIONS, "frequency": replay.SYSTEMS["frequency"]}
+    jobs = {n: (lambda s=s: replay.replay_system(paths[s.variant], trace, s, args.cache_fraction, direct_io=True))
             for n, s in systems.items()}
-    res = bench.interleaved(jobs, args.rounds)
-    ripple_gguf.runtime.reset_settings()
+    res = replay.interleaved(jobs, args.rounds)
+    ripple_gguf.runtime.backend.reset_settings()
 
     cm = storage.model_for(paths["ripple"])
     print(f"\n{len(tokens)} held-out tokens decoded one at a time; cache {args.cache_fraction:g} of the FFN; "
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
           f"per round: {', '.join(f'{x:.2f}' for x in io_rounds)} (median {statistics.median(io_rounds):.2f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": bench.machine(), "source": str(src), "files": {k: str(v) for k, v in paths.items()},
+            json.dump({"machine": machine.machine(), "source": str(src), "files": {k: str(v) for k, v in paths.items()},
                        "tokens": len(tokens), "cache_fraction": args.cache_fraction, "rounds": args.rounds,
                        "cost_model": cm.to_dict(), "systems": {n: dataclasses_dict(s) for n, s in systems.items()},
                        "results": res, "read_ops_ratio": ops, "io_time_ratio": io, "io_time_ratio_rounds": io_rounds},

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from ripple_gguf import llama_tools
+from ripple_gguf.runtime import llama_tools
 
 
 def _bench(exe: Path, model: Path, env: dict, p: int, n: int, t: int, reps: int) -> dict:
@@ -48,8 +49,10 @@ def main(argv=None) -> int:
     ap.add_argument("--build-dir", help="llama.cpp build (default: the build script's)")
     ap.add_argument("--json", help="write the figures as JSON")
     a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress lines
 
-    from ripple_gguf import models, quickstart
+    from ripple_gguf.eval import models
+    from ripple_gguf import quickstart
 
     src = Path(a.source) if a.source else models.default_model_path()
     if a.ripple:

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, Optional
 
-from ripple_gguf.pagecache import drop_pages, resident_bytes
+from ripple_gguf.runtime.pagecache import drop_pages, resident_bytes
 
 MiB = 1 << 20
 READ_SLACK = 2 * MiB
@@ -108,7 +109,7 @@ def _child(case: str, path: str) -> dict:
     if ripple_gguf is not None:
         out["eval"]["ripple_bytes_read"] = ripple_gguf.stats()["bytes_read"]
     if spec.get("run_tokens"):
-        from ripple_gguf.quality import heldout_text
+        from ripple_gguf.offline.quality import heldout_text
 
         prompt = llm.tokenize(heldout_text(4000).encode())[:64]
         llm.reset()
@@ -132,7 +133,8 @@ def _child(case: str, path: str) -> dict:
 
 def non_ffn_bytes(path: os.PathLike) -> int:
     """Tensor bytes of the GGUF other than blk.N.ffn_{gate,up,down}.weight."""
-    from ripple_gguf.format import is_ffn_tensor, read_gguf_header
+    from ripple_gguf.format.layout import is_ffn_tensor
+    from ripple_gguf.format.reader import read_gguf_header
 
     return sum(t.nbytes for t in read_gguf_header(path).tensors if not is_ffn_tensor(t.name))
 
@@ -160,7 +162,7 @@ def limits(path: os.PathLike, cache_mb: float) -> dict:
 def run_limit(path: os.PathLike, cache_bytes: int) -> dict:
     """Inference bound: non-FFN bytes + predictors (held as f32 by the backend: twice the f16
     blobs) + the cache budget + 64 MiB."""
-    from ripple_gguf.format import RippleFile
+    from ripple_gguf.format.reader import RippleFile
 
     rf = RippleFile.open(path)
     pred = 2 * sum(l.predictor_size for l in rf.layers)
@@ -195,9 +197,10 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--json", metavar="OUT", help="write all measurements and the verdict as JSON")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress lines
 
-    from ripple_gguf import models
-    from ripple_gguf.format import RippleFile
+    from ripple_gguf.eval import models
+    from ripple_gguf.format.reader import RippleFile
     from ripple_gguf.quickstart import ensure_default_ripple
 
     ripple_path = Path(args.file) if args.file else ensure_default_ripple()

@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ripple_gguf import models
-from ripple_gguf.convert import convert
-from ripple_gguf.offline import OfflineConfig
+from ripple_gguf.eval import models
+from ripple_gguf.offline.convert import convert
+from ripple_gguf.offline.pipeline import OfflineConfig
 
 
 def main() -> int:

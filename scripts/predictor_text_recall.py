@@ -6,7 +6,7 @@ This script measures them on another text, e.g. Debian's fortunes: the source mo
 llama.cpp with its activations captured (as in the offline stage: chunks of 256 tokens), each
 layer's predictor of the file selects neurons from the captured FFN input, and the selection is
 compared with the truly active neurons (the file's activity rule) and with each token's top 2% by
-|h| (``ripple_gguf.quality.top_recall``). With ``--text heldout`` and 1024 tokens it reproduces the
+|h| (``ripple_gguf.offline.quality.top_recall``). With ``--text heldout`` and 1024 tokens it reproduces the
 stored figures.
 
     python scripts/predictor_text_recall.py FILE.ripple.gguf [SRC.gguf] [--text fortunes] [--tokens 1024] [--json OUT]
@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ripple_gguf import corpora, models, quality
-from ripple_gguf.format import RippleFile
-from ripple_gguf.offline import OfflineConfig, activity_score
-from ripple_gguf.predictor import metrics
-from ripple_gguf.profile import ActivationCapture, tokenize_chunks
+from ripple_gguf.eval import corpora, models
+from ripple_gguf.offline import quality
+from ripple_gguf.format.reader import RippleFile
+from ripple_gguf.offline.pipeline import OfflineConfig, activity_score
+from ripple_gguf.offline.predictor import metrics, read_predictor
+from ripple_gguf.offline.profile import ActivationCapture, tokenize_chunks
 
 
 def main() -> int:
@@ -44,7 +45,7 @@ def main() -> int:
         return 2
     sp = rf.sparsity
     layers = {l.block: l for l in rf.layers}
-    preds = {b: rf.read_predictor(l) for b, l in layers.items()}
+    preds = {b: read_predictor(rf, l) for b, l in layers.items()}
     thr = dict(zip(layers, sp["thresholds"]))
     chunk = OfflineConfig().chunk_tokens
     name, text = corpora.load_text(args.text, 40 * args.tokens)  # the converter's 40 characters per token

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 
@@ -28,12 +29,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress lines
 
     import llama_cpp
     import ripple_gguf
-    from ripple_gguf import quality
+    from ripple_gguf.offline import quality
     from ripple_gguf.quickstart import ensure_default_ripple
-    from ripple_gguf.pagecache import drop_pages
+    from ripple_gguf.runtime.pagecache import drop_pages
 
     path = args.file or str(ensure_default_ripple())
     ripple_gguf.configure(mode="sparse", direct_io=True)

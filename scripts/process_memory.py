@@ -27,7 +27,8 @@ def main() -> int:
 
     marks.append(("llama_cpp", anon_mib()))
     import ripple_gguf
-    from ripple_gguf import models, quality
+    from ripple_gguf.eval import models
+    from ripple_gguf.offline import quality
 
     if which != "stock":
         ripple_gguf.configure(mode=which, direct_io=True, cache_mb=0)

@@ -10,6 +10,7 @@ stats (neurons computed, needed bytes against the dense FFN).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import ripple_gguf
@@ -22,6 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="Explain in a few sentences why the sky is blue.")
     ap.add_argument("--tokens", type=int, default=96)
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress lines
     import llama_cpp
 
     path = args.file or str(ensure_default_ripple())

@@ -12,7 +12,8 @@ import argparse
 import sys
 
 import ripple_gguf
-from ripple_gguf import _native, quality
+from ripple_gguf import binding
+from ripple_gguf.offline import quality
 
 
 def main(argv=None) -> int:
@@ -28,12 +29,12 @@ def main(argv=None) -> int:
     print(f"exact {exact:.4f}; thresholds: {thr['ppl']:.4f} ({thr['ppl'] / exact - 1:+.2%}), {kept:.1%} of the neurons")
     try:
         for f in a.fractions:
-            _native.lib.ripple_set_sketch_topk(f)
+            binding.set_sketch_topk(f)
             r = quality.mode_perplexity(a.file, toks, "sparse", chunk=512)
             kept = r["stats"]["neurons_computed"] / r["stats"]["neurons_total"]
             print(f"top-k {f:.2f}: {r['ppl']:.4f} ({r['ppl'] / exact - 1:+.2%}), {kept:.1%} of the neurons")
     finally:
-        _native.lib.ripple_set_sketch_topk(0)
+        binding.set_sketch_topk(0)
     return 0
 
 

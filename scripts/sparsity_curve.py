@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ripple_gguf import constants as C, models, quality
-from ripple_gguf.format import read_gguf_header
-from ripple_gguf.offline import OfflineConfig
-from ripple_gguf.profile import ActivationCapture, calibration_text_default, tokenize_chunks
+from ripple_gguf.format import constants as C
+from ripple_gguf.eval import models
+from ripple_gguf.offline import quality
+from ripple_gguf.format.reader import read_gguf_header
+from ripple_gguf.offline.pipeline import OfflineConfig
+from ripple_gguf.offline.profile import ActivationCapture, calibration_text_default, tokenize_chunks
 
 
 def main() -> int:

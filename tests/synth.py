@@ -43,8 +43,8 @@ def encode(values: np.ndarray, qtype: T) -> tuple[np.ndarray, T | None]:
         return values, None
     if qtype in _GGUFPY_QUANT:
         return gguf.quants.quantize(values, qtype), qtype
-    from ripple_gguf.convert import rows  # ggml's quantizer (K-quants, IQ4_NL, ...)
-    q = rows.quantize(int(qtype), values.reshape(-1, values.shape[-1]))
+    from ripple_gguf import binding  # ggml's quantizer (K-quants, IQ4_NL, ...)
+    q = binding.quantize(int(qtype), values.reshape(-1, values.shape[-1]))
     return q.reshape(*values.shape[:-1], -1), qtype
 
 
@@ -242,7 +242,7 @@ def _make_new_arch(path: str, arch: str, *, n_layers: int, n_embd: int, n_ff: in
 
 def small_offline(**kw):
     """An OfflineConfig small enough for the tiny synthetic models (seconds, one thread)."""
-    from ripple_gguf.offline import OfflineConfig
+    from ripple_gguf.offline.pipeline import OfflineConfig
 
     base = dict(calib_tokens=512, chunk_tokens=128, threshold_tokens=256, eval_tokens=256, predictor_rank=8,
                 threads=1, quiet=True)
@@ -253,7 +253,7 @@ def small_offline(**kw):
 def stock_logits(paths: list, tokens: list[int]) -> list[np.ndarray]:
     """Logits of every position for ``tokens`` from *stock* llama.cpp, one array per model: a fresh
     interpreter that never imports ripple_gguf, n_threads=1 so results are deterministic."""
-    from ripple_gguf import quality
+    from ripple_gguf.offline import quality
 
     return [quality.run(p, tokens=tokens, stock=True, n_ctx=256, n_threads=1, n_batch=64)["logits"] for p in paths]
 
@@ -263,9 +263,10 @@ def reseal(path: os.PathLike | str) -> None:
     sha256 and the header digest recomputed for the bytes it now holds (what the converter writes)."""
     import hashlib
 
-    from ripple_gguf._native import crc32c, crc32c_blocks
-    from ripple_gguf.constants import Keys
-    from ripple_gguf.format import RippleFile, metadata_sha256
+    from ripple_gguf.binding import crc32c, crc32c_blocks
+    from ripple_gguf.format.constants import Keys
+    from ripple_gguf.format.reader import RippleFile
+    from ripple_gguf.format.layout import metadata_sha256
 
     rf = RippleFile.open(path)
     data = bytearray(open(path, "rb").read())

@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from ripple_gguf import bench
-from ripple_gguf.offline import OfflineConfig
-from synth import encode, make_model
+from ripple_gguf.eval import bench
+from ripple_gguf.eval.report import report
+from ripple_gguf.offline.pipeline import OfflineConfig
+from .synth import encode, make_model
 
 N_FF, N_EMBD, GROUPS = 256, 64, 16
 FIELDS = {"system", "storage", "cache_fraction", "io_ms_per_token", "e2e_ms_per_token", "read_ops_per_token",
@@ -60,12 +61,12 @@ def test_same_active_sets_and_placement_structure(result):
             assert get["ripple"]["read_ops_per_token"] <= get["llm-in-a-flash"]["read_ops_per_token"]
     assert [p["mode"] for p in result["perplexity"]] == ["stock", "exact", "sparse"]
     assert {v["system"] for v in result["model_validation"]} == {"llm-in-a-flash", "frequency", "ripple"}
-    assert "ripple" in bench.report(result)
+    assert "ripple" in report(result)
 
 
 def test_plot_writes_a_png(result, tmp_path):
     pytest.importorskip("matplotlib")
-    from ripple_gguf.bench_plot import plot
+    from ripple_gguf.eval.plots import plot
 
     out = plot(result, str(tmp_path / "bench.png"))
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 
-from ripple_gguf import constants as C
+from ripple_gguf.format import constants as C
 from ripple_gguf.cli import main
-from ripple_gguf.convert import convert, from_f32, resolve_down_type
-from ripple_gguf.format import RippleFile, RippleFormatError
-from synth import make_model, stock_logits
+from ripple_gguf.offline.convert import convert, resolve_down_type
+from ripple_gguf.format.bundles import from_f32
+from ripple_gguf.format.reader import RippleFile
+from ripple_gguf.format.layout import RippleFormatError
+from .synth import make_model, stock_logits
 
 FLOATS = ["F32", "F16", "BF16"]
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
@@ -152,11 +154,11 @@ def test_split_down_columns_every_type(tmp_path, type_name):
 def test_split_types_agree_with_the_library():
     """format.SPLIT_TYPES (the Python reader and writer) and ripple_split_info (the C reader,
     store and kernels) describe the same types."""
-    from ripple_gguf import _native
-    from ripple_gguf.format import SPLIT_TYPES
+    from ripple_gguf import binding
+    from ripple_gguf.format.layout import SPLIT_TYPES
 
     for t in T:
-        info = _native.split_info(t)
+        info = binding.split_info(t)
         assert (info[:3] if info else None) == (tuple(SPLIT_TYPES[t]) if t in SPLIT_TYPES else None), t.name
         if info:  # minimums exactly for the types whose values carry one
             assert info[3] == (t in (T.Q4_1, T.Q5_1, T.Q2_K, T.Q4_K, T.Q5_K)), t.name

@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from ripple_gguf import corpora, quality
+from ripple_gguf.eval import corpora
+from ripple_gguf.offline import quality
 from ripple_gguf.cli import main
 
 

@@ -9,11 +9,12 @@ import gguf
 import numpy as np
 import pytest
 
-from ripple_gguf import constants as C
-from ripple_gguf.constants import Keys
-from ripple_gguf.convert import convert
-from ripple_gguf.format import RippleFile, RippleFormatError, read_gguf_header
-from synth import make_model
+from ripple_gguf.format import constants as C
+from ripple_gguf.format.constants import Keys
+from ripple_gguf.offline.convert import convert
+from ripple_gguf.format.reader import RippleFile, read_gguf_header
+from ripple_gguf.format.layout import RippleFormatError
+from .synth import make_model
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +246,7 @@ def test_other_format_version_is_refused(packed, tmp_path, version):
 
 def test_crc32c():
     """CRC32C (Castagnoli) as the checksum table holds it: the standard check value, and blocks."""
-    from ripple_gguf._native import crc32c, crc32c_blocks
+    from ripple_gguf.binding import crc32c, crc32c_blocks
 
     assert crc32c(b"123456789") == 0xE3069283 and crc32c(b"") == 0
     data = np.random.default_rng(0).integers(0, 256, 100_003, dtype=np.uint8)
@@ -256,7 +257,7 @@ def test_crc32c():
 
 def test_checksum_table_covers_every_read(packed):
     """One CRC per bundle and per 64 KiB of each standard FFN tensor, and the header digest."""
-    from ripple_gguf._native import crc32c_blocks
+    from ripple_gguf.binding import crc32c_blocks
 
     _, dst = packed
     rf = RippleFile.open(dst)

@@ -140,10 +140,10 @@ def classify(res: dict, ref: dict) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
-    from synth import make_model
+    from .synth import make_model
 
-    from ripple_gguf.convert import convert
-    from ripple_gguf.offline import OfflineConfig
+    from ripple_gguf.offline.convert import convert
+    from ripple_gguf.offline.pipeline import OfflineConfig
 
     d = tmp_path_factory.mktemp("fuzz")
     src = make_model(d / "src.gguf", ffn_type="Q8_0", n_embd=64, n_ff=128, n_layers=2)
@@ -158,7 +158,7 @@ class Mutator:
     """Mutants of one file: (name, where, bytes of the mutated file)."""
 
     def __init__(self, path: Path, seed: int):
-        from ripple_gguf.format import RippleFile, read_gguf_header
+        from ripple_gguf.format.reader import RippleFile, read_gguf_header
 
         self.path = path
         self.data = path.read_bytes()
@@ -347,7 +347,8 @@ def _patched(src: Path, dst: Path, off: int, raw: bytes) -> Path:
 def test_changed_threshold_or_renamed_key_is_refused(profiled, tmp_path):
     """The ripple.* metadata is inside the digest that load and verify check."""
     import llama_cpp
-    from ripple_gguf.format import RippleFile, RippleFormatError, read_gguf_header
+    from ripple_gguf.format.reader import RippleFile, read_gguf_header
+    from ripple_gguf.format.layout import RippleFormatError
 
     hdr = read_gguf_header(profiled)
     end = hdr.kv["ripple.sparsity.threshold"].span[1]
@@ -370,7 +371,8 @@ def test_changed_threshold_or_renamed_key_is_refused(profiled, tmp_path):
 
 def test_damaged_predictor_or_checksum_table_is_refused_at_load(profiled, tmp_path):
     import llama_cpp
-    from ripple_gguf.format import RippleFile, RippleFormatError
+    from ripple_gguf.format.reader import RippleFile
+    from ripple_gguf.format.layout import RippleFormatError
 
     rf = RippleFile.open(profiled)
     l = rf.layers[1]
@@ -389,8 +391,8 @@ def test_file_overwritten_while_loaded_fails_the_decode(profiled, tmp_path, mode
     and the offset; with the checks off (the diagnostic switch) the same run computes garbage."""
     import llama_cpp
     import ripple_gguf
-    from ripple_gguf import _native
-    from ripple_gguf.format import RippleFile
+    from ripple_gguf import binding
+    from ripple_gguf.format.reader import RippleFile
 
     rf = RippleFile.open(profiled)
     p = tmp_path / "live.gguf"
@@ -420,14 +422,14 @@ def test_file_overwritten_while_loaded_fails_the_decode(profiled, tmp_path, mode
                 llm.eval(PROMPT[:4])
             msg = ripple_gguf.last_error()
             assert str(p) in msg and "blk.1.ffn_down.weight" in msg and "file offset" in msg, msg
-        _native.lib.ripple_set_verify_reads(0)
+        binding.set_verify_reads(False)
         llm.reset()
         llm.eval(PROMPT[:4])  # unchecked: computes from the damaged bytes
         assert not np.array_equal(np.array(llm.scores[llm.n_tokens - 1]), before)
         llm.close()
     finally:
-        _native.lib.ripple_set_verify_reads(1)
-        ripple_gguf.configure(cache_mb=ripple_gguf.runtime.DEFAULT_CACHE_MB, mode="sparse", prefetch=False)
+        binding.set_verify_reads(True)
+        ripple_gguf.configure(cache_mb=64, mode="sparse", prefetch=False)
 
 
 def test_file_truncated_while_loaded_fails_the_decode(profiled, tmp_path):
@@ -435,7 +437,7 @@ def test_file_truncated_while_loaded_fails_the_decode(profiled, tmp_path):
     (its bundles all in the neuron cache) fails llama_decode with the file named, not SIGBUS."""
     import llama_cpp
     import ripple_gguf
-    from ripple_gguf.format import RippleFile
+    from ripple_gguf.format.reader import RippleFile
 
     rf = RippleFile.open(profiled)
     p = tmp_path / "cut-live.gguf"
@@ -452,7 +454,7 @@ def test_file_truncated_while_loaded_fails_the_decode(profiled, tmp_path):
         assert str(p) in msg and "truncated" in msg and "blk.1.ffn_down.weight" in msg, msg
         llm.close()
     finally:
-        ripple_gguf.configure(cache_mb=ripple_gguf.runtime.DEFAULT_CACHE_MB, mode="sparse")
+        ripple_gguf.configure(cache_mb=64, mode="sparse")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
@@ -465,7 +467,7 @@ def test_predictors_and_tables_damaged_after_loading_fail_their_first_use(profil
     the file and the part."""
     import llama_cpp
     import ripple_gguf
-    from ripple_gguf.format import RippleFile
+    from ripple_gguf.format.reader import RippleFile
 
     rf = RippleFile.open(profiled)
     for part in ("predictor blob", "down scale table"):
@@ -489,4 +491,4 @@ def test_predictors_and_tables_damaged_after_loading_fail_their_first_use(profil
             assert str(p) in msg and f"layer {l.block}: {part} does not match its checksum" in msg, msg
             llm.close()
         finally:
-            ripple_gguf.runtime.reset_settings()
+            ripple_gguf.runtime.backend.reset_settings()

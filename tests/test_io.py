@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 import ripple_gguf
-from ripple_gguf import quality, storage
-from ripple_gguf.convert import convert
-from ripple_gguf.trace import Record, Trace, replay
-from synth import make_model, stock_logits
+from ripple_gguf.offline import quality
+from ripple_gguf.runtime import storage
+from ripple_gguf.offline.convert import convert
+from ripple_gguf.runtime.trace import Record, Trace, replay
+from .synth import make_model, stock_logits
 
 TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 200, 3, 17]
 
@@ -25,7 +26,7 @@ def packed(tmp_path_factory):
 @pytest.fixture
 def cfg():
     yield ripple_gguf
-    ripple_gguf.runtime.reset_settings()
+    ripple_gguf.runtime.backend.reset_settings()
 
 
 def fetch(rf, *batches, n_tokens=1):

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from ripple_gguf import llama_tools, pagecache
-from ripple_gguf.constants import Keys
-from ripple_gguf.format import is_ffn_tensor, read_gguf_header
+from ripple_gguf.runtime import llama_tools, pagecache
+from ripple_gguf.format.constants import Keys
+from ripple_gguf.format.layout import is_ffn_tensor
+from ripple_gguf.format.reader import read_gguf_header
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -53,8 +54,8 @@ def server_bin(request) -> Path:
 @pytest.fixture(scope="module")
 def profiled_ripple(real_model, tmp_path_factory) -> Path:
     """SmolLM2 converted with profiling (predictors: sparse mode is its default), small settings."""
-    from ripple_gguf.convert import convert
-    from ripple_gguf.offline import OfflineConfig
+    from ripple_gguf.offline.convert import convert
+    from ripple_gguf.offline.pipeline import OfflineConfig
 
     cfg = OfflineConfig(calib_tokens=1024, threshold_tokens=512, eval_tokens=256, predictor_rank=16, quiet=True)
     return convert(real_model, tmp_path_factory.mktemp("server") / "smol.ripple.gguf", offline=cfg, quiet=True).path

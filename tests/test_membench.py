@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ripple_gguf import membench, synthetic
-from ripple_gguf.offline import OfflineConfig
-from synth import make_model
+from ripple_gguf.eval import membench, synthetic
+from ripple_gguf.offline.pipeline import OfflineConfig
+from .synth import make_model
 
 FIELDS = {"system", "memory_fraction", "memory_limit_mb", "cache_mb", "decode_tok_s", "prompt_tok_s",
           "read_mb_per_token", "peak_mb", "ppl"}
@@ -66,8 +66,9 @@ def test_the_1b_shape_has_the_proportions_of_a_1b_model():
 def test_synthetic_model_loads_in_llama_cpp_and_converts(tmp_path):
     from gguf.constants import GGMLQuantizationType as T
 
-    from ripple_gguf import bench, quality
-    from ripple_gguf.format import RippleFile, read_gguf_header
+    from ripple_gguf.eval.variants import prepare_unprofiled
+    from ripple_gguf.format.reader import RippleFile, read_gguf_header
+    from ripple_gguf.offline import quality
 
     src = synthetic.ensure(TINY, tmp_path, quiet=True)
     mtime = src.stat().st_mtime_ns
@@ -79,16 +80,16 @@ def test_synthetic_model_loads_in_llama_cpp_and_converts(tmp_path):
     assert len(toks) < len(text.encode()) / 2 and max(toks) > 0.9 * TINY.n_vocab
     logits = quality.run(src, tokens=toks[:48], stock=True, n_ctx=64, n_threads=1)["logits"]
     assert logits.shape == (48, TINY.n_vocab) and np.isfinite(logits).all()
-    packed = bench.prepare_unprofiled(src, tmp_path, quiet=True)
+    packed = prepare_unprofiled(src, tmp_path, quiet=True)
     rf = RippleFile.open(packed)
     rf.check_quick()
     assert rf.n_layers == TINY.n_layers and not any(l.predictor_size for l in rf.layers)
     mtime = packed.stat().st_mtime_ns
-    assert bench.prepare_unprofiled(src, tmp_path, quiet=True) == packed and packed.stat().st_mtime_ns == mtime
+    assert prepare_unprofiled(src, tmp_path, quiet=True) == packed and packed.stat().st_mtime_ns == mtime
 
 
 def test_membench_on_a_synthetic_model_runs_exact_only(tmp_path):
-    from ripple_gguf.format import RippleFile
+    from ripple_gguf.format.reader import RippleFile
 
     # a limit far above the footprint: the cache is capped at the bundles' bytes
     result = membench.run(synthetic=TINY, fractions=(4.0,), tokens=8, threads=1, work_dir=tmp_path, quiet=True)

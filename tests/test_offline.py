@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 import ripple_gguf
-from ripple_gguf import quality
+from ripple_gguf.offline import quality
 from ripple_gguf.cli import main
-from ripple_gguf.convert import convert
-from ripple_gguf.format import RippleFile, RippleFormatError
-from ripple_gguf.offline import OfflineConfig
-from ripple_gguf.profile import ActivationCapture, ProfileError, tokenize_chunks
-from synth import make_model, stock_logits, small_offline
+from ripple_gguf.offline.convert import convert
+from ripple_gguf.format.reader import RippleFile
+from ripple_gguf.format.layout import RippleFormatError
+from ripple_gguf.offline.pipeline import OfflineConfig
+from ripple_gguf.offline.predictor import read_predictor
+from ripple_gguf.offline.profile import ActivationCapture, ProfileError, tokenize_chunks
+from .synth import make_model, stock_logits, small_offline
 
 TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 200, 3, 17]
 
@@ -51,7 +53,7 @@ def test_offline_file_contents_and_exactness(model, tmp_path, exact_mode):
     assert rf.has_predictors
     for l in rf.layers:
         assert sorted(l.order.tolist()) == list(range(128))
-        p = rf.read_predictor(l)  # the default kind: a sketch of the layer's own rows
+        p = read_predictor(rf, l)  # the default kind: a sketch of the layer's own rows
         assert (p.n_embd, p.n_ff, p.gated, len(p.out)) == (64, 128, True, 16)
     assert rf.metadata["ripple.predictor.kind"] == "sketch"
     j = rf.to_json()
@@ -89,13 +91,13 @@ def test_predictor_fit_fraction(model, tmp_path):
     top = convert(model, tmp_path / "top.gguf", offline=small_offline(**cfg), quiet=True)
     act = convert(model, tmp_path / "act.gguf", offline=small_offline(predictor_fit_fraction=None, **cfg), quiet=True)
     assert top.predictor_metrics["fit_fraction"] == 0.25 and act.predictor_metrics["fit_fraction"] is None
-    assert any(top.read_predictor(l).to_bytes() != act.read_predictor(l).to_bytes() for l in top.layers)
+    assert any(read_predictor(top, l).to_bytes() != read_predictor(act, l).to_bytes() for l in top.layers)
     for rf in (top, act):
         assert rf.predictor_metrics["recall"] > 0.85  # tuned to 0.96 on validation tokens
     # a fit fraction at or above the active fraction fits the active sets: the same file as None
     same = convert(model, tmp_path / "same.gguf", offline=small_offline(predictor_fit_fraction=0.6, **cfg), quiet=True)
     assert same.predictor_metrics["fit_fraction"] is None
-    assert all(same.read_predictor(l).to_bytes() == act.read_predictor(l).to_bytes() for l in act.layers)
+    assert all(read_predictor(same, l).to_bytes() == read_predictor(act, l).to_bytes() for l in act.layers)
     with pytest.raises(ProfileError, match="predictor-fit-fraction"):
         convert(model, tmp_path / "x.gguf", offline=small_offline(predictor_fit_fraction=0.0), quiet=True)
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ripple_gguf import quality
-from ripple_gguf.convert import convert
-from ripple_gguf.offline import OfflineConfig
-from ripple_gguf.profile import ActivationCapture, tokenize_chunks
-from synth import make_model
+from ripple_gguf.offline import quality
+from ripple_gguf.offline.convert import convert
+from ripple_gguf.offline.pipeline import OfflineConfig
+from ripple_gguf.offline.predictor import read_predictor
+from ripple_gguf.offline.profile import ActivationCapture, tokenize_chunks
+from .synth import make_model
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +83,7 @@ def test_planted_neurons_selected(packed, heldout):
     layers = {l.block: l for l in rf.layers}
     for b, neurons in PLANTED.items():
         X, h = heldout[b]
-        sel = rf.read_predictor(layers[b]).predict(X)
+        sel = read_predictor(rf, layers[b]).predict(X)
         top = quality.top_indices(h)
         big = np.zeros_like(sel)
         np.put_along_axis(big, np.where(top >= 0, top, 0), top >= 0, axis=1)

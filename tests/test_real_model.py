@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import ripple_gguf
-from ripple_gguf import quality
-from ripple_gguf.convert import convert
+from ripple_gguf.offline import quality
+from ripple_gguf.offline.convert import convert
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -25,7 +25,7 @@ def eval_tokens(real_model):
 
 
 def test_f16_exact_mode_matches_stock(real_model, eval_tokens, tmp_path_factory):
-    from ripple_gguf.models import make_float_variant
+    from ripple_gguf.eval.models import make_float_variant
 
     d = tmp_path_factory.mktemp("f16")
     f16 = make_float_variant(real_model, d / "smol-f16.gguf")
@@ -68,7 +68,7 @@ def test_sparse_mode_independent_of_batching(real_model, tmp_path_factory):
     """Sparse mode on the real model: the prompt evaluated in one batch, token by token, and with its
     prefix from the KV cache gives the same logits (flash attention makes stock llama.cpp's own
     attention independent of the batch on this model)."""
-    from ripple_gguf.offline import OfflineConfig
+    from ripple_gguf.offline.pipeline import OfflineConfig
     from test_sparse import _eval_logits
 
     d = tmp_path_factory.mktemp("batching")

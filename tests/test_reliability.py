@@ -15,12 +15,15 @@ import llama_cpp
 import pytest
 
 import ripple_gguf
-from ripple_gguf import constants as C, runtime
 from ripple_gguf.atomic import atomic_output
 from ripple_gguf.cli import main
-from ripple_gguf.convert import convert
-from ripple_gguf.format import RippleFile, RippleFormatError, read_gguf_header
-from synth import make_model, small_offline
+from ripple_gguf.format import constants as C
+from ripple_gguf.format.layout import RippleFormatError
+from ripple_gguf.format.reader import RippleFile, read_gguf_header
+from ripple_gguf.offline.convert import convert
+from ripple_gguf.runtime import backend as runtime
+from ripple_gguf.runtime.settings import MAX_COLLAPSE_BYTES
+from .synth import make_model, small_offline
 
 Keys = C.Keys
 
@@ -175,7 +178,7 @@ def test_configure_huge_collapse_is_a_clear_error_and_leaves_state_clean(restore
         ripple_gguf.configure(collapse=10 ** 30)  # used to raise OverflowError and poison later calls
     assert _state() == before
     assert ripple_gguf.configure(io_threads=4)["io_threads"] == 4
-    assert ripple_gguf.configure(collapse=runtime.MAX_COLLAPSE_BYTES)["collapse_bytes"] == runtime.MAX_COLLAPSE_BYTES
+    assert ripple_gguf.configure(collapse=MAX_COLLAPSE_BYTES)["collapse_bytes"] == MAX_COLLAPSE_BYTES
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -13,10 +13,11 @@ import pytest
 
 import llama_cpp
 import ripple_gguf
-from ripple_gguf import quality
-from ripple_gguf.convert import convert
-from ripple_gguf.format import RippleFile, RippleFormatError
-from synth import make_model, stock_logits
+from ripple_gguf.offline import quality
+from ripple_gguf.offline.convert import convert
+from ripple_gguf.format.reader import RippleFile
+from ripple_gguf.format.layout import RippleFormatError
+from .synth import make_model, stock_logits
 
 TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 200, 3, 17]
 FLOATS = ["F32", "F16", "BF16"]
@@ -145,7 +146,7 @@ def test_counters_and_cache(tmp_path):
         assert second["cache_hits"] - first["cache_hits"] == sum(l.n_ff for l in rf.layers)
         assert 0 < second["cache_bytes"] <= second["cache_capacity"] <= 1024 * 1024
     finally:
-        ripple_gguf.runtime.reset_settings()
+        ripple_gguf.runtime.backend.reset_settings()
 
 
 def test_exact_mode_reads_the_standard_tensors(tmp_path):
@@ -182,7 +183,7 @@ def test_exact_mode_reads_the_standard_tensors(tmp_path):
         assert s["cache_hits"] == 5 * rf.layers[0].n_ff and s["cache_misses"] == rf.layers[0].n_ff + 6 * 2 * 128
         assert s["io_exposed_seconds"] > 0
     finally:
-        ripple_gguf.runtime.reset_settings()
+        ripple_gguf.runtime.backend.reset_settings()
 
 
 def test_other_gguf_files_are_left_to_llama_cpp(tmp_path):
@@ -214,7 +215,7 @@ def test_io_error_fails_the_request(tmp_path, source):
         assert str(dst) in msg and "end of the file" in msg
         llm.close()
     finally:
-        ripple_gguf.runtime.reset_settings()
+        ripple_gguf.runtime.backend.reset_settings()
 
 
 def test_modified_file_is_refused_at_load(tmp_path):
@@ -248,7 +249,7 @@ def test_kquant_scale_tables_are_checked_at_load(tmp_path):
     """A k-quant table (Q6_K: groups of 16, no minimums) is checked against ffn_down's own
     super-blocks at load, and a minimum where the type has none is refused even with the
     checksums made to match."""
-    from synth import reseal
+    from .synth import reseal
 
     src = make_model(tmp_path / "src.gguf", ffn_type="Q6_K", **_dims("Q6_K"))
     dst = tmp_path / "m.ripple.gguf"
@@ -351,7 +352,7 @@ def test_paired_gate_up_equals_each_matmul_alone(tmp_path, type_name, gated):
     """Gate and up computed in one pass give the logits of each MUL_MAT computed alone (the path a
     graph the backend does not recognise takes), from the standard tensors and from the bundles,
     in a batch and token by token."""
-    from ripple_gguf import _native
+    from ripple_gguf import binding
 
     src = make_model(tmp_path / "src.gguf", ffn_type=type_name, gated=gated, **_dims(type_name))
     dst = tmp_path / "m.ripple.gguf"
@@ -361,10 +362,10 @@ def test_paired_gate_up_equals_each_matmul_alone(tmp_path, type_name, gated):
             ripple_gguf.configure(exact_down=exact_down)
             got = {}
             for pair in (1, 0):
-                _native.lib.ripple_set_pair_matmuls(pair)
+                binding.set_pair_matmuls(pair)
                 got[pair] = [plugin_logits(dst, n_batch=n) for n in (64, 1)]
             for a, b in zip(got[1], got[0]):
                 assert np.array_equal(a, b), (type_name, gated, exact_down)
     finally:
-        _native.lib.ripple_set_pair_matmuls(1)
-        ripple_gguf.runtime.reset_settings()
+        binding.set_pair_matmuls(True)
+        ripple_gguf.runtime.backend.reset_settings()

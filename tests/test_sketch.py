@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ripple_gguf import _native, sketch as SK
+from ripple_gguf import binding
+from ripple_gguf.offline import sketch as SK
 
 
 def _layer(rng, n_embd, n_ff, gated=True, heavy=()):
@@ -15,19 +16,6 @@ def _layer(rng, n_embd, n_ff, gated=True, heavy=()):
     for j in heavy:  # outlier input channels, as real models have
         X[:, j] *= 40
     return W_up, W_gate, X
-
-
-def _c_scores(blob: bytes, X: np.ndarray, n_embd: int, n_ff: int):
-    X = np.ascontiguousarray(X, np.float32)
-    scores = np.empty((X.shape[0], n_ff), np.float32)
-    sel = np.empty((X.shape[0], n_ff), np.uint8)
-    err = _native.ffi.new("char[]", 512)
-    rc = _native.lib.ripple_sketch_scores(blob, len(blob), n_embd, n_ff, _native.ffi.from_buffer("float[]", X),
-                                          X.shape[0], _native.ffi.from_buffer("float[]", scores),
-                                          _native.ffi.from_buffer("uint8_t[]", sel), err, 512)
-    if rc != 0:
-        raise ValueError(_native.error_text(err))
-    return scores, sel.astype(bool)
 
 
 @pytest.mark.parametrize("n_embd, n_ff, gated, act, k", [
@@ -44,7 +32,7 @@ def test_c_scores_equal_the_reference(n_embd, n_ff, gated, act, k):
         assert {3, n_embd - 5} <= set(sk.out.tolist())  # the heavy channels are kept exact
     blob = sk.to_bytes()
     ref = sk.scores(X)
-    got, sel = _c_scores(blob, X, n_embd, n_ff)
+    got, sel = binding.sketch_scores(blob, n_embd, n_ff, X)
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-6 * float(np.abs(ref).max()))
     agree = np.mean(sel == (ref > np.float32(sk.threshold)))
     assert agree > 0.999, agree  # only scores within rounding of the threshold may differ
@@ -70,14 +58,14 @@ def test_bad_sketch_blobs_are_refused():
     W_up, W_gate, X = _layer(rng, 128, 64)
     blob = bytearray(SK.Sketch.build(W_up, W_gate, (X * X).mean(axis=0), n_out=4).calibrate(X, 0.5).to_bytes())
     with pytest.raises(ValueError, match="does not fit a layer of 128 x 32"):
-        _c_scores(bytes(blob), X, 128, 32)
+        binding.sketch_scores(bytes(blob), 128, 32, X)
     bad = bytearray(blob)
     bad[4] = 9  # version
     with pytest.raises(ValueError, match="version 9 .* not supported"):
-        _c_scores(bytes(bad), X, 128, 64)
+        binding.sketch_scores(bytes(bad), 128, 64, X)
     bad = bytearray(blob)
     bad[64:68] = (500).to_bytes(4, "little")  # an outlier channel past n_embd
     with pytest.raises(ValueError, match="outlier channel list"):
-        _c_scores(bytes(bad), X, 128, 64)
+        binding.sketch_scores(bytes(bad), 128, 64, X)
     with pytest.raises(ValueError, match="version 9"):
         SK.Sketch.from_bytes(bytes(bad[:4]) + (9).to_bytes(4, "little") + bytes(bad[8:]), 128, 64)

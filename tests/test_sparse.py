@@ -9,12 +9,12 @@ import pytest
 
 import llama_cpp
 import ripple_gguf
-from ripple_gguf import constants as C
-from ripple_gguf import quality
-from ripple_gguf.convert import convert
-from ripple_gguf.format import RippleFile
-from ripple_gguf.offline import OfflineConfig
-from synth import make_model, reseal
+from ripple_gguf.format import constants as C
+from ripple_gguf.offline import quality
+from ripple_gguf.offline.convert import convert
+from ripple_gguf.format.reader import RippleFile
+from ripple_gguf.offline.pipeline import OfflineConfig
+from .synth import make_model, reseal
 
 TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 200, 3, 17]
 
@@ -31,7 +31,7 @@ def packed(tmp_path_factory):
 @pytest.fixture
 def settings():
     yield ripple_gguf
-    ripple_gguf.runtime.reset_settings()
+    ripple_gguf.runtime.backend.reset_settings()
 
 
 def logits(path, tokens=TOKENS, n_batch=64):
@@ -179,7 +179,7 @@ def test_bad_settings_are_refused(settings):
 
 def test_trace_replay_reproduces_the_live_reads(packed, settings):
     """A recorded activity trace replayed on the same file performs the same reads as inference."""
-    from ripple_gguf import trace
+    from ripple_gguf.runtime import trace
 
     settings.configure(mode="sparse", cache_mb=0, collapse=False)
     trace.start()
@@ -285,15 +285,15 @@ def test_pinned_cache_keeps_its_share_under_cyclic_reads(packed, settings):
 
 
 def test_sparse_paired_gate_up_equals_each_matmul_alone(packed, settings):
-    from ripple_gguf import _native
+    from ripple_gguf import binding
 
     settings.configure(mode="sparse")
     try:
         got = {}
         for pair in (1, 0):
-            _native.lib.ripple_set_pair_matmuls(pair)
+            binding.set_pair_matmuls(pair)
             got[pair] = [_eval_logits(packed.path, TOKENS, n, 2) for n in (64, 1)]
         for a, b in zip(got[1], got[0]):
             assert np.array_equal(a, b)
     finally:
-        _native.lib.ripple_set_pair_matmuls(1)
+        binding.set_pair_matmuls(True)

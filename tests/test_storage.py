@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from ripple_gguf import storage as S
+from ripple_gguf.runtime import storage as S
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +24,8 @@ def quick_probe(tmp_path_factory):
 
 def test_quick_probe_is_sane(quick_probe):
     r = quick_probe
-    assert r["elapsed_s"] < 10
+    # quick: few short points on a small file (a few seconds; not timed here, the machine is shared)
+    assert r["quick"] and r["file_bytes"] <= 64 << 20 and r["seconds_per_point"] <= 0.2 and r["windows"] <= 2
     pts = r["points"]
     assert {p["queue_depth"] for p in pts} == {1, 8, 32}
     for p in pts:

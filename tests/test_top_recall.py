@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ripple_gguf.quality import TOP_RECALL_FRACTION, index_recall, top_indices, top_recall
+from ripple_gguf.offline.quality import TOP_RECALL_FRACTION, index_recall, top_indices, top_recall
 
 
 def test_hand_made_case():

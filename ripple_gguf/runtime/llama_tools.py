@@ -9,16 +9,18 @@ file and the problem in the program's log) and writes ``RIPPLE_STATS_FILE``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import constants as C
+from .. import binding
+from ..format.constants import TOOL_NAME
 
-TOOLS = ("llama-server", "llama-bench")
-BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "build_llama_server.sh"
+log = logging.getLogger(__name__)
+
+BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build_llama_server.sh"
 
 
 def default_build_dir() -> Path:
@@ -26,7 +28,7 @@ def default_build_dir() -> Path:
     override = os.environ.get("RIPPLE_LLAMA_BUILD_DIR")
     if override:
         return Path(override)
-    return Path.home() / ".cache" / "ripple-gguf" / f"llama-server-{C.LLAMA_CPP_PYTHON_VERSION}"
+    return Path.home() / ".cache" / "ripple-gguf" / f"llama-server-{binding.LLAMA_CPP_PYTHON_VERSION}"
 
 
 def binary(tool: str, build_dir: Optional[os.PathLike] = None) -> Path:
@@ -47,9 +49,7 @@ def build(build_dir: Optional[os.PathLike] = None, quiet: bool = False) -> Path:
 
 def library_path() -> Path:
     """This package's native library: the module GGML_BACKEND_PATH names."""
-    from . import _native
-
-    return Path(_native.library_path)
+    return Path(binding.library_path)
 
 
 def environment(base: Optional[dict] = None) -> dict:
@@ -62,7 +62,7 @@ def command(tool: str, args: Sequence[str], build_dir: Optional[os.PathLike] = N
     exe = binary(tool, build_dir)
     if not exe.exists():
         raise RuntimeError(f"{exe} is not built: run `bash {BUILD_SCRIPT}` (about 7 minutes on 2 cores) or "
-                           f"`{C.TOOL_NAME} {tool} --build ...`")
+                           f"`{TOOL_NAME} {tool} --build ...`")
     return [str(exe), *args]
 
 
@@ -70,5 +70,5 @@ def run(tool: str, args: Sequence[str], build_dir: Optional[os.PathLike] = None)
     """Replace this process with the tool, the backend module named in its environment."""
     cmd = command(tool, args, build_dir)
     env = environment()
-    print(f"{C.TOOL_NAME}: GGML_BACKEND_PATH={env['GGML_BACKEND_PATH']} {' '.join(cmd)}", file=sys.stderr, flush=True)
+    log.info("%s: GGML_BACKEND_PATH=%s %s", TOOL_NAME, env["GGML_BACKEND_PATH"], " ".join(cmd))
     os.execve(cmd[0], cmd, env)

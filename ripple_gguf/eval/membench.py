@@ -11,7 +11,7 @@ Reported: decode and prompt tokens/s, MB read from the disk per decoded token (/
 peak memory of the cgroup, perplexity.
 
 Besides a real model, a random-weight Q4_0 llama with the proportions of a 1B model
-(:mod:`ripple_gguf.synthetic`, ``--synthetic 1b``): its FFN is about two thirds of the weights,
+(:mod:`ripple_gguf.eval.synthetic`, ``--synthetic 1b``): its FFN is about two thirds of the weights,
 where SmolLM2's is under half of its file, so it measures exact mode at a realistic scale. It is
 packed without the offline stage (random weights have no co-activation structure to profile), so
 it has no predictors: ripple runs exact and ripple-sparse is reported as not applicable.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import subprocess
@@ -29,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from . import pagecache
+from ..runtime import pagecache
+
+log = logging.getLogger(__name__)
 
 SYSTEMS = ("llama.cpp", "ripple-sparse", "ripple-exact")
 FIGURES = ("decode_tok_s", "prompt_tok_s", "read_mb_per_token", "peak_mb", "ppl")
@@ -211,7 +214,7 @@ def run_confined(spec: dict, limit_bytes: Optional[int], *, timeout: float = 300
             spec_file.write_text(json.dumps(spec))
             # the child joins the cgroup before it imports or loads anything
             code = (f"import os; open({str(cg.path / 'cgroup.procs')!r}, 'w').write(str(os.getpid()));"
-                    f"import json, ripple_gguf.membench as m; "
+                    f"import json, ripple_gguf.eval.membench as m; "
                     f"r = m._child(json.load(open({str(spec_file)!r})));"
                     f"open({str(out)!r}, 'w').write(json.dumps(r))")
             try:
@@ -238,35 +241,38 @@ def run(src: Optional[os.PathLike] = None, *, synthetic=None, fractions: Sequenc
         quiet: bool = False) -> Dict[str, object]:
     """The measurements on ``src`` (a GGUF model), packed with the offline stage (``offline``: its
     OfflineConfig, default settings when None); or, with ``synthetic`` (a name in
-    :data:`ripple_gguf.synthetic.SHAPES` such as "1b", or a Shape), on a random-weight model of
+    :data:`ripple_gguf.eval.synthetic.SHAPES` such as "1b", or a Shape), on a random-weight model of
     that shape built in the work directory and packed without the offline stage: no predictors,
     so ripple-sparse is reported as not applicable and ripple runs exact. Ripple runs once per
     cache policy."""
-    from . import bench, quality
+    # here, not at the top: the confined children import this module and measure their own memory
+    from ..format.layout import is_ffn_tensor
+    from ..format.reader import RippleFile, read_gguf_header
+    from ..offline.quality import heldout_text, tokenize
+    from . import synthetic as synth
+    from .machine import machine
+    from .variants import default_work_dir, prepare_unprofiled, prepare_variants
 
     if (src is None) == (synthetic is None):
         raise ValueError("give either a source model or synthetic=, not both")
     if synthetic is not None and offline is not None:
         raise ValueError("a synthetic model is packed without the offline stage: offline= does not apply")
-    say = (lambda msg: None) if quiet else (lambda msg: print(f"membench: {msg}", file=sys.stderr, flush=True))
+    say = (lambda msg: None) if quiet else (lambda msg: log.info("membench: %s", msg))
     MemoryCgroup(None).close()  # fails early, with the reason, where no memory cgroup can be made
-    work = work_dir or bench.default_work_dir()
+    work = work_dir or default_work_dir()
     if synthetic is not None:
-        from . import synthetic as synth
-
         src = synth.ensure(synthetic, work, quiet=quiet)
-        packed = bench.prepare_unprofiled(src, work, quiet=quiet)
+        packed = prepare_unprofiled(src, work, quiet=quiet)
     else:
-        packed = bench.prepare_variants(src, work, offline, placements=("ripple",), quiet=quiet)["ripple"]
+        packed = prepare_variants(src, work, offline, placements=("ripple",), quiet=quiet)["ripple"]
     src = Path(src)
-    from .format import RippleFile, is_ffn_tensor, read_gguf_header
 
     # sparse mode needs predictors (without them it runs exact: the same figures under another name)
     layers = RippleFile.open(packed).layers
     has_predictors = any(l.predictor_size for l in layers)
     bundles_mb = sum(l.block_bytes for l in layers) / 2**20  # a larger cache would stay unused
     ripple_systems = [s for s in SYSTEMS[1:] if has_predictors or s != "ripple-sparse"]
-    toks = quality.tokenize(src, quality.heldout_text(), PROMPT_TOKENS + tokens)
+    toks = tokenize(src, heldout_text(), PROMPT_TOKENS + tokens)
     base = {"tokens": toks, "prompt": PROMPT_TOKENS, "threads": threads}
     say(f"stock llama.cpp unconfined on {src.name}")
     ref = run_confined(dict(base, system="llama.cpp", path=os.fspath(src), file_pages=True), None, timeout=timeout)
@@ -302,7 +308,7 @@ def run(src: Optional[os.PathLike] = None, *, synthetic=None, fractions: Sequenc
             if "error" in r:
                 row["error"] = r["error"]
             results.append(row)
-    return {"machine": bench.machine(), "model": {"source": os.fspath(src), "packed": os.fspath(packed),
+    return {"machine": machine(), "model": {"source": os.fspath(src), "packed": os.fspath(packed),
                                                   "synthetic": synthetic if synthetic is None or isinstance(synthetic, str)
                                                   else dataclasses.asdict(synthetic),
                                                   "predictors": has_predictors,
@@ -338,28 +344,3 @@ def report(result: Mapping[str, object]) -> str:
                      f"{fmt(r['read_mb_per_token'], '11.2f'):>11} {fmt(r['peak_mb'], '8.1f'):>8} {fmt(r['ppl'], '8.3f'):>8}"
                      + (f"  ({r['error']})" if r.get("error") else "") + (f"  ({r['skipped']})" if r.get("skipped") else ""))
     return "\n".join(lines)
-
-
-def plot(result: Mapping[str, object], out: os.PathLike) -> Path:
-    """Decode tokens/s of each system against the memory limit."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    runs = dict.fromkeys((r["system"], r.get("cache_policy")) for r in result["results"])
-    for system, policy in runs:
-        rows = [r for r in result["results"] if r["system"] == system and r.get("cache_policy") == policy
-                and r["memory_fraction"] is not None and r.get("decode_tok_s")]
-        label = system if policy is None or len({p for s, p in runs if s == system}) == 1 else f"{system} ({policy})"
-        ax.plot([r["memory_fraction"] for r in rows], [r["decode_tok_s"] for r in rows], marker="o", label=label)
-    ax.set_xlabel("memory limit / stock's unconfined peak")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_yscale("log")
-    ax.set_title(Path(result["model"]["source"]).name)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return Path(out)

@@ -15,7 +15,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import _native, pagecache
+from .. import binding
+from . import pagecache
 
 
 @dataclass
@@ -61,22 +62,18 @@ class Trace(List[Record]):
 
 def start(max_mb: float = 256) -> None:
     """Start recording (clears what was recorded); at most ``max_mb`` MiB are kept."""
-    if _native.lib.ripple_trace_start(int(max_mb * 1024 * 1024 / 4)) != 0:
-        raise MemoryError(f"cannot allocate a {max_mb} MiB activity trace")
+    binding.trace_start(int(max_mb * 1024 * 1024 / 4))
 
 
 def stop() -> Trace:
     """Stop recording and return what was recorded."""
-    _native.lib.ripple_trace_stop()
+    binding.trace_stop()
     return read()
 
 
 def read() -> Trace:
-    n = _native.lib.ripple_trace_read(_native.ffi.NULL, 0)
-    buf = np.zeros(n, np.int32)
-    if n:
-        _native.lib.ripple_trace_read(_native.ffi.cast("int32_t *", buf.ctypes.data), n)
-    dropped = _native.lib.ripple_trace_dropped()
+    buf = binding.trace_read()
+    dropped = binding.trace_dropped()
     if dropped:
         raise RuntimeError(f"activity trace full: {dropped} records dropped (start(max_mb=...) larger)")
     return Trace.from_array(buf)
@@ -86,29 +83,23 @@ class Store:
     """A ripple-packed file opened for reads without llama.cpp (the backend's standalone store)."""
 
     def __init__(self, path: os.PathLike):
-        from .format import RippleFile
-        from .runtime import _apply_storage, _err_buf
+        from ..format.reader import RippleFile
+        from .backend import _apply_storage
 
         self.file = RippleFile.open(path)  # the layers' shapes, for callers
         _apply_storage(self.file.path)
-        err = _err_buf()
         # the library reads and checks the file itself (csrc/ripple_file.c), as at a llama.cpp load
-        self.handle = _native.lib.ripple_store_open_file(os.fsencode(self.file.path), err, 1024)
-        if self.handle < 0:
-            raise RuntimeError(_native.error_text(err))
+        self.handle = binding.store_open_file(os.fsencode(self.file.path))
 
     def fetch(self, layer: int, neurons: np.ndarray, n_tokens: int = 1) -> None:
-        ids = np.ascontiguousarray(neurons, dtype=np.int32)
-        rc = _native.lib.ripple_store_fetch(self.handle, layer, _native.ffi.cast("int32_t *", ids.ctypes.data),
-                                            len(ids), n_tokens)
-        if rc != 0:
-            from .runtime import last_error
-
-            raise OSError(f"{self.file.path}: {last_error()}")
+        try:
+            binding.store_fetch(self.handle, layer, neurons, n_tokens)
+        except OSError as e:
+            raise OSError(f"{self.file.path}: {e}") from None
 
     def close(self) -> None:
         if self.handle > 0:
-            _native.lib.ripple_store_close(self.handle)
+            binding.store_close(self.handle)
             self.handle = -1
 
     def __enter__(self) -> "Store":
@@ -127,10 +118,8 @@ class Batch:
 
 def read_iolog() -> List[Batch]:
     """The read requests of every layer fetch since :func:`start` (recorded while tracing)."""
-    n = _native.lib.ripple_iolog_read(_native.ffi.NULL, 0)
-    a = np.zeros(n, np.int64)
-    if n:
-        _native.lib.ripple_iolog_read(_native.ffi.cast("int64_t *", a.ctypes.data), n)
+    a = binding.iolog_read()
+    n = len(a)
     out, i = [], 0
     while i < n:
         k = int(a[i + 2])
@@ -150,7 +139,7 @@ def replay(path: os.PathLike, trace: Trace, *, handle: Optional[int] = None, dro
     ripple file ``path`` under the current settings (cache, collapse, direct I/O, I/O threads)
     and return the backend's counters for exactly that replay (with ``log``, also its read log
     under "iolog"). The store's cache starts empty. Resets the process-wide counters."""
-    from .runtime import reset_stats, stats
+    from .backend import reset_stats, stats
 
     with Store(path) as st:
         n_layers = len(st.file.layers)
@@ -169,7 +158,7 @@ def replay(path: os.PathLike, trace: Trace, *, handle: Optional[int] = None, dro
             out: Dict[str, object] = dict(stats())
         finally:
             if log:
-                _native.lib.ripple_trace_stop()
+                binding.trace_stop()
         if log:
             out["iolog"] = read_iolog()
         return out

@@ -1,4 +1,6 @@
-"""Random-weight llama models with the proportions of real ones, for speed at a realistic scale.
+"""Synthetic inputs for benchmarks and tests: random-weight llama models with the proportions of
+real ones, for speed at a realistic scale; and activation masks with co-activation structure, for
+placement (:class:`TopicModel`, at the end).
 
 SmolLM2-135M's FFN is under half of its file and a process's own overheads are as large as its
 weights; a 1B llama's FFN is about two thirds of its weights. :data:`SHAPES` ``["1b"]`` is
@@ -26,12 +28,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 import numpy as np
+
+from .machine import progress
 
 # bump when the bytes written for the same inputs change (cached models are then rebuilt)
 BUILDER_VERSION = 1
@@ -127,8 +130,8 @@ def write_model(path: os.PathLike, shape: Shape, *, seed: int = 0,
     chunks and streamed to the file, so memory stays far below the model's size."""
     import gguf
 
-    from ._native import quantize, row_size
-    from .atomic import atomic_output
+    from .. import binding
+    from ..atomic import atomic_output
 
     q4_1 = int(gguf.GGMLQuantizationType.Q4_1)
     rng = np.random.default_rng(seed)
@@ -155,7 +158,7 @@ def write_model(path: os.PathLike, shape: Shape, *, seed: int = 0,
         wr.add_unk_token_id(0)
         for name, dims, quantized in specs:
             if quantized:
-                wr.add_tensor_info(name, dims, np.dtype(np.float32), dims[0] * row_size(q4_1, dims[1]),
+                wr.add_tensor_info(name, dims, np.dtype(np.float32), dims[0] * binding.row_size(q4_1, dims[1]),
                                    raw_dtype=gguf.GGMLQuantizationType.Q4_1)
             else:
                 wr.add_tensor_info(name, dims, np.dtype(np.float32), 4 * dims[0])
@@ -168,12 +171,12 @@ def write_model(path: os.PathLike, shape: Shape, *, seed: int = 0,
                 wr.write_tensor_data(np.ones(dims, dtype=np.float32))
                 continue
             rows, cols = dims
-            out = np.empty((rows, row_size(q4_1, cols)), dtype=np.uint8)
+            out = np.empty((rows, binding.row_size(q4_1, cols)), dtype=np.uint8)
             step = max(1, (1 << 22) // cols)  # 16 MiB of float32 at a time
             for r in range(0, rows, step):
                 x = rng.standard_normal((min(step, rows - r), cols), dtype=np.float32)
                 x *= WEIGHT_STD
-                out[r:r + len(x)] = quantize(q4_1, x)
+                out[r:r + len(x)] = binding.quantize(q4_1, x)
             wr.write_tensor_data(out)
             if progress is not None and name.endswith(".ffn_down.weight"):
                 layer = int(name.split(".")[1])
@@ -202,10 +205,45 @@ def ensure(shape: Union[str, Shape], work_dir: os.PathLike, *, seed: int = 0, qu
     path = work / f"synthetic-{name}.{model_key(shape, seed)}.gguf"
     if path.exists():  # written atomically: present means complete
         return path
-    say = (lambda msg: None) if quiet else \
-        (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] synthetic {name}: {msg}", file=sys.stderr, flush=True))
+    say = lambda msg: progress(f"synthetic {name}: {msg}", quiet)
     say(f"writing {path.name}: {shape.n_params / 1e6:,.0f} M random Q4_1 weights "
         f"(FFN {shape.ffn_params / shape.n_params:.0%}), {shape.n_layers} layers")
     write_model(path, shape, seed=seed, progress=say)
     say(f"{path.stat().st_size / 2**20:.0f} MiB written")
     return path
+
+
+# ---- activation masks with co-activation structure (placement tests, scripts/bench_placement.py) ----
+#
+# A layer has ``n_topics`` topics, each a random group of ``group`` neurons (groups may overlap).
+# Each token picks ``topics_per_token`` topics; every neuron of a picked topic fires with
+# probability ``keep``, and every other neuron with probability ``noise``. Draws from one
+# :class:`TopicModel` share the topics, so one draw calibrates and another evaluates.
+
+class TopicModel:
+    def __init__(self, n: int, n_topics: int = 64, group: int = 32, *, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.n = n
+        self.groups = np.stack([rng.choice(n, size=group, replace=False) for _ in range(n_topics)])
+        # a skewed topic popularity, as real text has
+        w = 1.0 / np.arange(1, n_topics + 1)
+        self.topic_p = w / w.sum()
+
+    def masks(self, tokens: int, *, topics_per_token: int = 3, keep: float = 0.9,
+              noise: float = 0.003, seed: int = 1) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        out = rng.random((tokens, self.n)) < noise
+        picks = rng.choice(len(self.groups), size=(tokens, topics_per_token), p=self.topic_p)
+        cols = self.groups[picks].reshape(tokens, -1)
+        rows = np.repeat(np.arange(tokens), cols.shape[1])
+        fire = rng.random(cols.size) < keep
+        out[rows[fire], cols.reshape(-1)[fire]] = True
+        return out
+
+
+def counts(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(freq int64, co uint32) of bool masks (tokens x n): co = masks^T masks, exact in float32
+    below 2**24 tokens."""
+    m = masks.astype(np.float32)
+    co = (m.T @ m).astype(np.uint32)
+    return masks.sum(axis=0, dtype=np.int64), co

@@ -1,7 +1,7 @@
 """Sketch predictor: which FFN neurons a token needs, from a 2-bit copy of the layer's own gate and
 up rows with a few input channels kept (nearly) exact.
 
-The low-rank predictor (:mod:`ripple_gguf.predictor`) learns *whether* a neuron is active; what
+The low-rank predictor (:mod:`ripple_gguf.offline.predictor`) learns *whether* a neuron is active; what
 decides perplexity is whether the few neurons with the largest |h| are kept, and h is computed from
 the gate and up rows themselves. A sketch estimates h directly::
 

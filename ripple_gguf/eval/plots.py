@@ -1,12 +1,16 @@
-"""Figures of a ``ripple-gguf bench`` result (the JSON it writes), drawn with matplotlib.
+"""Figures of ``ripple-gguf bench`` and ``ripple-gguf membench`` results (the JSON they write),
+drawn with matplotlib.
 
-Needs only the JSON, numpy and matplotlib (``pip install ".[bench]"``); also runs as a script:
-``python ripple_gguf/bench_plot.py RESULT.json OUT.png``.
+Needs only the JSON, numpy and matplotlib (``pip install ".[bench]"``); also runs as a script on a
+bench result: ``python ripple_gguf/eval/plots.py RESULT.json OUT.png``.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
+from typing import Mapping
 
 SYSTEM_ORDER = ("llama.cpp", "llm-in-a-flash", "frequency", "ripple")
 STORAGE_ORDER = ("local-disk", "ufs4.0", "ufs3.1")
@@ -100,9 +104,32 @@ def plot(result: dict, out: str) -> str:
     return out
 
 
-if __name__ == "__main__":
-    import os
+def plot_membench(result: Mapping[str, object], out: os.PathLike) -> Path:
+    """A ``ripple-gguf membench`` result: decode tokens/s of each system against the memory limit."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    runs = dict.fromkeys((r["system"], r.get("cache_policy")) for r in result["results"])
+    for system, policy in runs:
+        rows = [r for r in result["results"] if r["system"] == system and r.get("cache_policy") == policy
+                and r["memory_fraction"] is not None and r.get("decode_tok_s")]
+        label = system if policy is None or len({p for s, p in runs if s == system}) == 1 else f"{system} ({policy})"
+        ax.plot([r["memory_fraction"] for r in rows], [r["decode_tok_s"] for r in rows], marker="o", label=label)
+    ax.set_xlabel("memory limit / stock's unconfined peak")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.set_title(Path(result["model"]["source"]).name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+if __name__ == "__main__":
     if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
         sys.path.pop(0)  # the package's modules must not shadow the stdlib's
     with open(sys.argv[1]) as f:

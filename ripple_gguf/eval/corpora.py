@@ -1,4 +1,5 @@
-"""Evaluation text beyond the held-out Python documentation: English prose of another domain.
+"""Evaluation text beyond the held-out Python documentation: English prose of another domain,
+and the standard library's own docstrings.
 
 ``fortunes_text`` is Debian's ``fortunes`` package (some 15,000 quotations, jokes, definitions and
 passages of literature) as plain prose. The package comes from the Debian package registry with
@@ -10,18 +11,27 @@ apt index lists the package), unless the package is installed (its files in
 ``load_text`` resolves what ``ripple-gguf perplexity --text`` and ``scripts/sparsity_sweep.py
 --text`` take: ``heldout`` (the end of CPython's ``pydoc_data`` topics, never used for
 calibration), ``fortunes``, or the path of a UTF-8 text file.
+
+``stdlib_docstrings`` reads the docstrings of CPython's own modules, in two disjoint halves (the
+placement robustness table of ``ripple-gguf bench`` calibrates on one and evaluates on the other).
 """
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import os
 import re
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
+
+from ..offline.profile import read_text
+from ..offline.quality import heldout_text
+from ..paths import cache_subdir
 
 FORTUNES_PACKAGE = "fortunes"
 _PACKAGE_SUBDIR = "usr/share/games/fortunes"  # where the package puts its files
@@ -54,8 +64,6 @@ class CorpusUnavailable(RuntimeError):
 
 def corpora_dir() -> Path:
     """$RIPPLE_CORPORA_DIR, else $XDG_CACHE_HOME/ripple-gguf/corpora (~/.cache/...)."""
-    from ripple_gguf.quickstart import cache_subdir
-
     return cache_subdir("corpora", "RIPPLE_CORPORA_DIR")
 
 
@@ -203,15 +211,34 @@ def fortunes_text(n_chars: int = 20000, **where) -> str:
 
 
 def load_text(spec: str, n_chars: int) -> Tuple[str, str]:
-    """(name, text) for ``spec``: ``heldout`` (quality.heldout_text), ``fortunes``
+    """(name, text) for ``spec``: ``heldout`` (:func:`ripple_gguf.offline.quality.heldout_text`), ``fortunes``
     (:func:`fortunes_text`), each of at most ``n_chars`` characters, or the path of a UTF-8 text
     file (the whole file; ``./fortunes`` for a file of that name)."""
     if spec == "heldout":
-        from ripple_gguf.quality import heldout_text
-
         return "held-out pydoc_data.topics", heldout_text(n_chars)
     if spec == "fortunes":
         return "Debian fortunes", fortunes_text(n_chars)
-    from ripple_gguf.profile import read_text
-
     return spec, read_text(spec)
+
+
+def stdlib_docstrings(part: int) -> tuple:
+    """(name, text): the docstrings (module, classes, functions) of the standard library's top-level
+    pure-Python modules, read with ``ast`` (nothing is imported). ``part`` 0 takes the modules in the
+    first half of the sorted file names, 1 the second half, so a calibration on one part never sees
+    the other. Another register than ``pydoc_data``'s topics: API reference prose, not tutorials."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.stem not in ("this", "antigravity"))
+    half = files[: len(files) // 2] if part == 0 else files[len(files) // 2:]
+    texts = []
+    for p in half:
+        try:
+            tree = ast.parse(p.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in [tree] + [n for n in ast.walk(tree)
+                              if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]:
+            doc = ast.get_docstring(node)
+            if doc and len(doc) > 40:
+                texts.append(doc)
+    name = f"stdlib docstrings ({'first' if part == 0 else 'second'} half of {len(files)} modules)"
+    return name, "\n\n".join(texts)

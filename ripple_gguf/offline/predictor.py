@@ -439,3 +439,20 @@ def _as_mask(Y, n_ff: Optional[int], name: str) -> np.ndarray:
         return np.unpackbits(Y, axis=1, count=n_ff).astype(bool)
     raise ValueError(f"{name}: dtype {Y.dtype}; expected a bool mask, or np.packbits(mask, axis=1) "
                      "(uint8) together with n_ff")
+
+
+def read_predictor(rf, layer):
+    """The predictor of ``layer`` of the ripple file ``rf`` (a
+    :class:`~ripple_gguf.format.reader.RippleFile`; its blob read and checked): a
+    :class:`Predictor` (low rank) or a :class:`~ripple_gguf.offline.sketch.Sketch`, by the blob's
+    magic. RippleFormatError naming the layer for a blob that does not parse."""
+    from ..format.layout import RippleFormatError
+    from . import sketch
+
+    blob = rf.read_predictor_blob(layer)
+    try:
+        if blob[:4] == sketch.MAGIC:
+            return sketch.Sketch.from_bytes(blob, layer.n_embd, layer.n_ff)
+        return Predictor.from_bytes(blob, layer.n_embd, layer.n_ff)
+    except ValueError as e:
+        raise RippleFormatError(rf.path, f"layer {layer.block}: bad predictor: {e}") from None

@@ -1,6 +1,6 @@
 """The offline stage: profile -> activity rule -> co-activation -> placement -> predictors -> quality.
 
-One pass of the source model over the calibration text (:mod:`ripple_gguf.profile`) streams, per
+One pass of the source model over the calibration text (:mod:`ripple_gguf.offline.profile`) streams, per
 FFN layer, the co-activation counts f(i, j) (diagonal f(i)) and a capped sample of (FFN input,
 active mask) pairs for the predictors; nothing grows with the corpus but those fixed-size sums and
 the capped sample. A second, short pass over held-out text (never the calibration text) measures
@@ -18,11 +18,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import constants as C
+from ..format import constants as C
+from ..format.layout import OfflineData
 from . import placement as P
 from . import predictor as PR
 from . import sketch as SK
-from .format import OfflineData
 from .profile import ActivationCapture, ProfileError, calibration_text_default, check_tokens, tokenize_chunks
 
 # A layer whose post-activation is exactly zero this often is of the ReLU family: "active" is then
@@ -153,7 +153,7 @@ class _SketchSource:
     """The source's gate and up rows as floats, for sketch predictors."""
 
     def __init__(self, src: os.PathLike, rule: str):
-        from .format import read_gguf_header
+        from ..format.reader import read_gguf_header
 
         self.path = os.fspath(src)
         self.hdr = read_gguf_header(self.path)
@@ -163,7 +163,7 @@ class _SketchSource:
         self.act = C.ARCH_GLU_ACTIVATION.get(arch) or ("relu" if rule == "nonzero" else "silu")
 
     def _rows(self, name: str) -> Optional[np.ndarray]:
-        from .convert import to_f32
+        from ..format.bundles import to_f32
 
         t = self.hdr.tensor(name)
         if t is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ripple_gguf.predictor import Predictor, metrics, train, tune_threshold
+from ripple_gguf.offline.predictor import Predictor, metrics, train, tune_threshold
 
 N_EMBD, N_FF = 48, 200
 
@@ -139,7 +139,6 @@ def test_tune_threshold_exact():
     (dict(recall_target=0.0), "recall_target"),
     (dict(recall_target=1.5), "recall_target"),
     (dict(rank=0), "rank"),
-    (dict(loss="hinge"), "loss"),
     (dict(val_fraction=1.0), "val_fraction"),
 ])
 def test_bad_arguments(data, kwargs, message):

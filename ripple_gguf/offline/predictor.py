@@ -63,7 +63,7 @@ _HEADER = struct.Struct("<4sIIIIfI")
 
 # Defaults measured on SmolLM2-135M (30 layers, n_embd 576, n_ff 1536, ~7.4k training tokens per layer):
 # rank 128 cuts over-prediction by only ~5% against rank 64 at twice the cost; plain BCE beat
-# per-neuron pos_weight and focal loss (the tuned threshold already handles the imbalance);
+# per-neuron pos_weight and focal loss (the tuned threshold already handles the imbalance; so BCE only);
 # lr 8e-3 beat 1e-3..4e-3. ~0.8 s per layer on 2 idle cores. Fitting to the strongly activated
 # neurons only (``Y_fit``, the offline stage's top 25% of |h|) is what helped most: sparse-mode
 # perplexity +2.3% instead of +14.8% at ~86% of the bundles (docs/BENCHMARKS.md).
@@ -71,8 +71,6 @@ DEFAULT_RANK = 64
 DEFAULT_EPOCHS = 12
 DEFAULT_BATCH = 256
 DEFAULT_LR = 8e-3
-LOSSES = ("bce", "bce_pos_weight", "focal")
-DEFAULT_LOSS = "bce"
 
 
 def _pad64(n: int) -> int:
@@ -239,7 +237,7 @@ def tune_threshold(logits: np.ndarray, true_mask: np.ndarray, recall_target: flo
 
 def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optional[int] = None,
           recall_target: float = 0.95, seed: int = 0, epochs: int = DEFAULT_EPOCHS,
-          batch: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, loss: str = DEFAULT_LOSS,
+          batch: int = DEFAULT_BATCH, lr: float = DEFAULT_LR,
           val_fraction: float = 0.1, X_val: Optional[np.ndarray] = None,
           Y_val: Optional[np.ndarray] = None, Y_fit: Optional[np.ndarray] = None,
           ) -> Tuple[Predictor, Dict[str, float]]:
@@ -254,14 +252,11 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
     neurons only (a subset of Y), which ranks the neurons a token must not miss above the barely
     active ones (measured on SmolLM2: docs/BENCHMARKS.md, sparse mode).
 
-    Adam with a linearly decaying learning rate over ``epochs`` passes of shuffled minibatches; the
-    output biases start at the per-neuron log-odds of the training set. ``loss``: "bce" (plain
-    binary cross-entropy; the threshold handles the imbalance), "bce_pos_weight" (positives
-    weighted by (1-p)/p per neuron) or "focal" (gamma 2). The result is deterministic for a seed.
+    Adam with a linearly decaying learning rate over ``epochs`` passes of shuffled minibatches on
+    binary cross-entropy (the threshold handles the imbalance); the output biases start at the
+    per-neuron log-odds of the training set. The result is deterministic for a seed.
     Returns the predictor and a metrics dict (validation metrics, threshold, timings)."""
     _check_recall_target(recall_target)
-    if loss not in LOSSES:
-        raise ValueError(f"train: loss {loss!r}, expected one of {LOSSES}")
     if not (isinstance(rank, (int, np.integer)) and rank >= 1):
         raise ValueError(f"train: rank must be a positive integer, got {rank!r}")
     if epochs < 1 or batch < 1 or not lr > 0:
@@ -299,7 +294,6 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
     Xf -= mu
     Xf *= inv_sd
     p = Y_tr.mean(axis=0, dtype=np.float64).clip(1.0 / (Y_tr.shape[0] + 2), 1 - 1.0 / (Y_tr.shape[0] + 2))
-    pos_weight = ((1 - p) / p).astype(np.float32) if loss == "bce_pos_weight" else None
 
     params = [(rng.standard_normal((n_embd, rank)) * math.sqrt(2.0 / n_embd)).astype(np.float32),
               np.zeros(rank, np.float32),
@@ -312,7 +306,7 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
     steps_per_epoch = math.ceil(n / batch)
     total_steps, step = epochs * steps_per_epoch, 0
     probe = np.linspace(0, n - 1, min(n, 1024)).astype(np.int64)  # fixed sample to report the loss on
-    loss_first = _train_loss(params, Xf[probe], Y_tr[probe], loss, pos_weight)
+    loss_first = _train_loss(params, Xf[probe], Y_tr[probe])
     for _ in range(epochs):
         order = rng.permutation(n)
         for s in range(0, n, batch):
@@ -324,7 +318,7 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
             a1 = np.maximum(z1, 0)
             lg = a1 @ W2
             lg += b2
-            g = _loss_grad(lg, yb, loss, pos_weight)
+            g = _bce_grad(lg, yb)
             g *= np.float32(1.0 / len(idx))
             da1 = g @ W2.T
             da1 *= z1 > 0
@@ -339,7 +333,7 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
                 vv += (1 - b2_) * (gr * gr)
                 a -= (lr_t * corr) * mm / (np.sqrt(vv) + eps)
     train_seconds = time.perf_counter() - t0
-    loss_last = _train_loss(params, Xf[probe], Y_tr[probe], loss, pos_weight)
+    loss_last = _train_loss(params, Xf[probe], Y_tr[probe])
 
     W1, b1, W2, b2 = params
     exact = Predictor(rank=rank, n_embd=n_embd, n_ff=n_ff, W1=W1, b1=b1, W2=W2, b2=b2, x_shift=mu, x_scale=inv_sd)
@@ -350,43 +344,26 @@ def train(X: np.ndarray, Y: np.ndarray, *, rank: int = DEFAULT_RANK, n_ff: Optio
     exact.threshold = pred.threshold
     out = {f"val_{k}": v for k, v in metrics(val_logits > np.float32(pred.threshold), Y_val).items()}
     out.update({f"val_f32_{k}": v for k, v in metrics(exact.predict(X_val), Y_val).items()})
-    out.update(threshold=pred.threshold, rank=rank, epochs=epochs, batch=batch, lr=lr, loss=loss,
+    out.update(threshold=pred.threshold, rank=rank, epochs=epochs, batch=batch, lr=lr, loss="bce",
                fit_fraction=float(Y_tr.mean()), n_train=int(n), n_val=int(X_val.shape[0]), train_loss_first=loss_first,
                train_loss_last=loss_last, train_seconds=train_seconds,
                total_seconds=time.perf_counter() - t0)
     return pred, out
 
 
-def _loss_grad(lg: np.ndarray, yb: np.ndarray, loss: str, pos_weight: Optional[np.ndarray]) -> np.ndarray:
-    """d loss / d logits for a batch of logits lg and bool targets yb (loss summed over pairs)."""
+def _bce_grad(lg: np.ndarray, yb: np.ndarray) -> np.ndarray:
+    """d BCE / d logits for a batch of logits lg and bool targets yb (loss summed over pairs)."""
     sig = np.tanh(lg * np.float32(0.5))
     sig += 1
     sig *= np.float32(0.5)  # sigmoid, without overflow
-    y = yb.astype(np.float32)
-    if loss == "bce":
-        return sig - y
-    if loss == "bce_pos_weight":
-        return (1 + (pos_weight - 1) * y) * (sig - y)  # pos_weight on positives, 1 on negatives
-    # focal, gamma 2: L = -(1-pt)^2 log pt, pt = probability of the correct class, dpt/dl = +-pt(1-pt)
-    pt = np.where(yb, sig, 1 - sig)
-    q = 1 - pt
-    d = q * q * (2 * pt * -np.log(np.maximum(pt, np.float32(1e-30))) + q)
-    return np.where(yb, -d, d)
+    return sig - yb.astype(np.float32)
 
 
-def _loss_value(lg: np.ndarray, yb: np.ndarray, loss: str, pos_weight: Optional[np.ndarray]) -> float:
-    """Mean loss per (token, neuron) pair; for reporting only (logaddexp is slow)."""
-    ce = np.logaddexp(0, np.where(yb, -lg, lg))  # -log p(correct class)
-    if loss == "bce":
-        return float(ce.mean())
-    if loss == "bce_pos_weight":
-        return float(((1 + (pos_weight - 1) * yb) * ce).mean())
-    return float(((1 - np.exp(-ce)) ** 2 * ce).mean())
-
-
-def _train_loss(params, x, y, loss, pos_weight) -> float:
+def _train_loss(params, x, y) -> float:
+    """Mean BCE per (token, neuron) pair; for reporting only (logaddexp is slow)."""
     W1, b1, W2, b2 = params
-    return _loss_value(np.maximum(x @ W1 + b1, 0) @ W2 + b2, y, loss, pos_weight)
+    lg = np.maximum(x @ W1 + b1, 0) @ W2 + b2
+    return float(np.logaddexp(0, np.where(y, -lg, lg)).mean())  # -log p(correct class)
 
 
 def _standardisation(X: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

@@ -475,7 +475,7 @@ class Capture:
     def __init__(self, max_tokens: int, x: Mapping[int, np.ndarray], h: Mapping[int, np.ndarray],
                  g: Mapping[int, np.ndarray]):
         n = max(x) + 1
-        self._keep = (x, h, g)
+        self._blocks = list(x)
         xs, hs, gs = ffi.new("float *[]", n), ffi.new("float *[]", n), ffi.new("float *[]", n)
         xl, hl = ffi.new("int64_t[]", n), ffi.new("int64_t[]", n)
         self._xr, self._hr, self._gr = ffi.new("int32_t[]", n), ffi.new("int32_t[]", n), ffi.new("int32_t[]", n)
@@ -485,14 +485,14 @@ class Capture:
             if b in g:
                 gs[b] = ffi.cast("float *", ffi.from_buffer(g[b]))
             xl[b], hl[b] = x[b].shape[1], h[b].shape[1]
-        self._arrays = (xs, hs, gs, xl, hl)
+        self._alive = (x, h, g, xs, hs, gs, xl, hl)  # what the struct points into
         self._c = ffi.new("ripple_capture *", dict(n_blocks=n, max_tokens=max_tokens, x=xs, h=hs, x_len=xl,
                                                    h_len=hl, x_rows=self._xr, h_rows=self._hr, g=gs, g_len=hl,
                                                    g_rows=self._gr))
         self.user_data = _address(self._c)
 
     def clear(self) -> None:
-        for b in self._keep[0]:
+        for b in self._blocks:
             self._xr[b] = self._hr[b] = self._gr[b] = 0
 
     def rows(self, b: int) -> Tuple[int, int, int]:

@@ -26,9 +26,9 @@ import numpy as np
 
 import ripple_gguf
 from ripple_gguf.eval import models
+from ripple_gguf.format.layout import type_name
 from ripple_gguf.offline import quality
 from ripple_gguf.offline.convert import convert
-from ripple_gguf.format.layout import type_name
 
 
 def main() -> int:

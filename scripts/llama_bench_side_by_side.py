@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress lines
 
-    from ripple_gguf.eval import models
     from ripple_gguf import quickstart
+    from ripple_gguf.eval import models
 
     src = Path(a.source) if a.source else models.default_model_path()
     if a.ripple:

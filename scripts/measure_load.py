@@ -32,7 +32,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 from ripple_gguf.runtime.pagecache import drop_pages, resident_bytes
 

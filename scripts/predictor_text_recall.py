@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ripple_gguf.eval import corpora, models
-from ripple_gguf.offline import quality
 from ripple_gguf.format.reader import RippleFile
+from ripple_gguf.offline import quality
 from ripple_gguf.offline.pipeline import OfflineConfig, activity_score
 from ripple_gguf.offline.predictor import metrics, read_predictor
 from ripple_gguf.offline.profile import ActivationCapture, tokenize_chunks

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ripple_gguf.format import constants as C
 from ripple_gguf.eval import models
-from ripple_gguf.offline import quality
+from ripple_gguf.format import constants as C
 from ripple_gguf.format.reader import read_gguf_header
+from ripple_gguf.offline import quality
 from ripple_gguf.offline.pipeline import OfflineConfig
 from ripple_gguf.offline.profile import ActivationCapture, calibration_text_default, tokenize_chunks
 

@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 
 import ripple_gguf
-from ripple_gguf.format import constants as C
 from ripple_gguf.eval import corpora, models
+from ripple_gguf.format import constants as C
+from ripple_gguf.format.reader import RippleFile
 from ripple_gguf.offline import quality
 from ripple_gguf.offline.convert import convert
-from ripple_gguf.format.reader import RippleFile
 from ripple_gguf.offline.pipeline import OfflineConfig
 
 # the code whose change makes a cached conversion stale; of offline.py the functions only (the

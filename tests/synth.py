@@ -258,6 +258,23 @@ def stock_logits(paths: list, tokens: list[int]) -> list[np.ndarray]:
     return [quality.run(p, tokens=tokens, stock=True, n_ctx=256, n_threads=1, n_batch=64)["logits"] for p in paths]
 
 
+def eval_logits(path, tokens, n_batch, n_threads=1, split=None):
+    """Logits of every position of tokens, evaluated in batches of n_batch; with split, the first
+    `split` tokens are evaluated first and the rest after (a prompt whose prefix is in the KV cache).
+    Flash attention makes stock llama.cpp's own attention independent of the batch size."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=n_batch, n_ubatch=n_batch, logits_all=True,
+                          n_threads=n_threads, flash_attn=True, verbose=False)
+    try:
+        if split:
+            llm.eval(tokens[:split])
+        llm.eval(tokens[split or 0:] if split else tokens)
+        return np.array(llm.scores[:len(tokens)])
+    finally:
+        llm.close()
+
+
 def reseal(path: os.PathLike | str) -> None:
     """After a test's deliberate edit of a ripple-packed file: the checksum table, the region
     sha256 and the header digest recomputed for the bytes it now holds (what the converter writes)."""
@@ -265,8 +282,8 @@ def reseal(path: os.PathLike | str) -> None:
 
     from ripple_gguf.binding import crc32c, crc32c_blocks
     from ripple_gguf.format.constants import Keys
-    from ripple_gguf.format.reader import RippleFile
     from ripple_gguf.format.layout import metadata_sha256
+    from ripple_gguf.format.reader import RippleFile
 
     rf = RippleFile.open(path)
     data = bytearray(open(path, "rb").read())

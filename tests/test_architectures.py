@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import ripple_gguf
-from ripple_gguf.offline import quality
 from ripple_gguf.cli import main
-from ripple_gguf.offline.convert import convert
 from ripple_gguf.format.layout import RippleFormatError
+from ripple_gguf.offline import quality
+from ripple_gguf.offline.convert import convert
 from ripple_gguf.offline.pipeline import OfflineConfig
 from ripple_gguf.offline.predictor import read_predictor
 from ripple_gguf.offline.profile import ActivationCapture, tokenize_chunks

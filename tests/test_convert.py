@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 
-from ripple_gguf.format import constants as C
 from ripple_gguf.cli import main
-from ripple_gguf.offline.convert import convert, resolve_down_type
+from ripple_gguf.format import constants as C
 from ripple_gguf.format.bundles import from_f32
-from ripple_gguf.format.reader import RippleFile
 from ripple_gguf.format.layout import RippleFormatError
+from ripple_gguf.format.reader import RippleFile
+from ripple_gguf.offline.convert import convert, resolve_down_type
 from .synth import make_model, stock_logits
 
 FLOATS = ["F32", "F16", "BF16"]

@@ -10,9 +10,9 @@ import subprocess
 
 import pytest
 
+from ripple_gguf.cli import main
 from ripple_gguf.eval import corpora
 from ripple_gguf.offline import quality
-from ripple_gguf.cli import main
 
 
 def _apt_update_or_skip(why: corpora.CorpusUnavailable) -> None:

@@ -11,9 +11,9 @@ import pytest
 
 from ripple_gguf.format import constants as C
 from ripple_gguf.format.constants import Keys
-from ripple_gguf.offline.convert import convert
-from ripple_gguf.format.reader import RippleFile, read_gguf_header
 from ripple_gguf.format.layout import RippleFormatError
+from ripple_gguf.format.reader import RippleFile, read_gguf_header
+from ripple_gguf.offline.convert import convert
 from .synth import make_model
 
 

@@ -347,8 +347,8 @@ def _patched(src: Path, dst: Path, off: int, raw: bytes) -> Path:
 def test_changed_threshold_or_renamed_key_is_refused(profiled, tmp_path):
     """The ripple.* metadata is inside the digest that load and verify check."""
     import llama_cpp
-    from ripple_gguf.format.reader import RippleFile, read_gguf_header
     from ripple_gguf.format.layout import RippleFormatError
+    from ripple_gguf.format.reader import RippleFile, read_gguf_header
 
     hdr = read_gguf_header(profiled)
     end = hdr.kv["ripple.sparsity.threshold"].span[1]
@@ -371,8 +371,8 @@ def test_changed_threshold_or_renamed_key_is_refused(profiled, tmp_path):
 
 def test_damaged_predictor_or_checksum_table_is_refused_at_load(profiled, tmp_path):
     import llama_cpp
-    from ripple_gguf.format.reader import RippleFile
     from ripple_gguf.format.layout import RippleFormatError
+    from ripple_gguf.format.reader import RippleFile
 
     rf = RippleFile.open(profiled)
     l = rf.layers[1]

@@ -7,8 +7,8 @@ import pytest
 
 import ripple_gguf
 from ripple_gguf.offline import quality
-from ripple_gguf.runtime import storage
 from ripple_gguf.offline.convert import convert
+from ripple_gguf.runtime import storage
 from ripple_gguf.runtime.trace import Record, Trace, replay
 from .synth import make_model, stock_logits
 

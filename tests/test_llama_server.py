@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from ripple_gguf.runtime import llama_tools, pagecache
 from ripple_gguf.format.constants import Keys
 from ripple_gguf.format.layout import is_ffn_tensor
 from ripple_gguf.format.reader import read_gguf_header
+from ripple_gguf.runtime import llama_tools, pagecache
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ripple_gguf.offline import placement as P
 from ripple_gguf.eval.synthetic import TopicModel, counts
+from ripple_gguf.offline import placement as P
 
 
 def reference_greedy_path(co: np.ndarray) -> np.ndarray:

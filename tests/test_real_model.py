@@ -69,7 +69,8 @@ def test_sparse_mode_independent_of_batching(real_model, tmp_path_factory):
     prefix from the KV cache gives the same logits (flash attention makes stock llama.cpp's own
     attention independent of the batch on this model)."""
     from ripple_gguf.offline.pipeline import OfflineConfig
-    from test_sparse import _eval_logits
+
+    from .synth import eval_logits
 
     d = tmp_path_factory.mktemp("batching")
     cfg = OfflineConfig(calib_tokens=1024, threshold_tokens=512, eval_tokens=256, predictor_rank=16, quiet=True)
@@ -78,11 +79,11 @@ def test_sparse_mode_independent_of_batching(real_model, tmp_path_factory):
     before = ripple_gguf.settings()["mode"]
     ripple_gguf.configure(mode="sparse")
     try:
-        ref = _eval_logits(packed, tokens, 512, n_threads=2)
+        ref = eval_logits(packed, tokens, 512, n_threads=2)
         span = float(ref.max() - ref.min())
         ripple_gguf.reset_stats()
         for n_batch, split in ((1, None), (512, 17), (7, 39)):
-            got = _eval_logits(packed, tokens, n_batch, n_threads=2, split=split)
+            got = eval_logits(packed, tokens, n_batch, n_threads=2, split=split)
             err = np.abs(got - ref).max() / span
             print(f"sparse n_batch {n_batch} split {split}: max |logit diff| / range = {err:.2e}")
             assert err <= 1e-4, (n_batch, split)

@@ -13,10 +13,9 @@ import pytest
 
 import llama_cpp
 import ripple_gguf
+from ripple_gguf.format.layout import RippleFormatError
 from ripple_gguf.offline import quality
 from ripple_gguf.offline.convert import convert
-from ripple_gguf.format.reader import RippleFile
-from ripple_gguf.format.layout import RippleFormatError
 from .synth import make_model, stock_logits
 
 TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 200, 3, 17]

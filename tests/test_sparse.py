@@ -10,11 +10,11 @@ import pytest
 import llama_cpp
 import ripple_gguf
 from ripple_gguf.format import constants as C
+from ripple_gguf.format.reader import RippleFile
 from ripple_gguf.offline import quality
 from ripple_gguf.offline.convert import convert
-from ripple_gguf.format.reader import RippleFile
 from ripple_gguf.offline.pipeline import OfflineConfig
-from .synth import make_model, reseal
+from .synth import eval_logits, make_model, reseal
 
 TOKENS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 200, 3, 17]
 
@@ -101,11 +101,11 @@ def test_split_kquant_columns_in_sparse_mode(tmp_path, settings, down):
     np.testing.assert_allclose(sparse, dense, rtol=0, atol=1e-5)
     # the predictors' own selections: tokens of a batch select different neurons of a group
     tokens = TOKENS * 2
-    ref = _eval_logits(rf.path, tokens, 64)
+    ref = eval_logits(rf.path, tokens, 64)
     span = float(ref.max() - ref.min())
     settings.reset_stats()
     for n_batch, n_threads in ((3, 2), (64, 2)):
-        got = _eval_logits(rf.path, tokens, n_batch, n_threads)
+        got = eval_logits(rf.path, tokens, n_batch, n_threads)
         assert np.abs(got - ref).max() <= 1e-4 * span, (n_batch, n_threads)
     s = settings.stats()
     assert 0 < s["neurons_computed"] < s["neurons_total"]
@@ -211,21 +211,6 @@ def test_prefetch_changes_where_bytes_come_from_not_the_result(packed, settings)
     assert s["prefetch_seconds"] > 0
 
 
-def _eval_logits(path, tokens, n_batch, n_threads=1, split=None):
-    """Logits of every position of tokens, evaluated in batches of n_batch; with split, the first
-    `split` tokens are evaluated first and the rest after (a prompt whose prefix is in the KV cache).
-    Flash attention makes stock llama.cpp's own attention independent of the batch size."""
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=n_batch, n_ubatch=n_batch, logits_all=True,
-                          n_threads=n_threads, flash_attn=True, verbose=False)
-    try:
-        if split:
-            llm.eval(tokens[:split])
-        llm.eval(tokens[split or 0:] if split else tokens)
-        return np.array(llm.scores[:len(tokens)])
-    finally:
-        llm.close()
-
-
 def test_sparse_output_independent_of_batching_and_threads(packed, settings):
     """A token's selection and its FFN output are functions of its own FFN input: the same logits
     whatever the batch size, the thread count, or whether its prefix came from the KV cache. (Batches
@@ -233,11 +218,11 @@ def test_sparse_output_independent_of_batching_and_threads(packed, settings):
     llama.cpp's own single-token matmuls already round differently from its batched ones.)"""
     settings.configure(mode="sparse")
     tokens = TOKENS * 2
-    ref = _eval_logits(packed.path, tokens, 64)
+    ref = eval_logits(packed.path, tokens, 64)
     span = float(ref.max() - ref.min())
     settings.reset_stats()
     for n_batch, n_threads, split in ((2, 1, None), (3, 2, None), (64, 2, None), (64, 1, 13), (5, 2, 29)):
-        got = _eval_logits(packed.path, tokens, n_batch, n_threads, split)
+        got = eval_logits(packed.path, tokens, n_batch, n_threads, split)
         assert np.abs(got - ref).max() <= 1e-4 * span, (n_batch, n_threads, split)
     s = settings.stats()
     assert s["neurons_computed"] < s["neurons_total"]  # sparse mode really selected
@@ -254,7 +239,7 @@ def test_overlapped_reads_do_not_change_logits(packed, settings, mode, cache_fra
         # (exact mode from the bundles: its default computes on the standard tensors, mapped)
         settings.configure(mode=mode, exact_down="bundles", collapse=False, overlap=overlap, prefetch=False, **cache)
         settings.reset_stats()
-        out[overlap] = [_eval_logits(packed.path, TOKENS, n_batch, 2) for n_batch in (64, 1)]
+        out[overlap] = [eval_logits(packed.path, TOKENS, n_batch, 2) for n_batch in (64, 1)]
         s = settings.stats()
         assert s["bytes_read"] > 0 and s["read_ops"] > 2 * len(packed.layers)  # several requests per layer
         if overlap:
@@ -292,7 +277,7 @@ def test_sparse_paired_gate_up_equals_each_matmul_alone(packed, settings):
         got = {}
         for pair in (1, 0):
             binding.set_pair_matmuls(pair)
-            got[pair] = [_eval_logits(packed.path, TOKENS, n, 2) for n in (64, 1)]
+            got[pair] = [eval_logits(packed.path, TOKENS, n, 2) for n in (64, 1)]
         for a, b in zip(got[1], got[0]):
             assert np.array_equal(a, b)
     finally:

@@ -45,11 +45,6 @@ ABLATIONS: Dict[str, System] = {
     "original+collapse": System("original", True, "s3fifo", "original order, access collapse, S3-FIFO cache"),
 }
 
-# Figures reported per system (per token unless said otherwise).
-METRICS = ("io_ms_per_token", "read_ops_per_token", "bytes_read_per_token", "needed_bytes_per_token",
-           "effective_bandwidth_mb_s", "mean_run_length", "max_run_length", "cache_hit_rate",
-           "collapse_extra_bytes_per_token")
-
 
 # ---- the decode trace ----
 

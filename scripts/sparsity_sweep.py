@@ -42,9 +42,10 @@ from ripple_gguf.offline import quality
 from ripple_gguf.offline.convert import convert
 from ripple_gguf.offline.pipeline import OfflineConfig
 
-# the code whose change makes a cached conversion stale; of offline.py the functions only (the
-# cache key holds every OfflineConfig value, so a change of the defaults keeps the cache valid)
-CODE = ("predictor.py", "placement.py", "profile.py", "convert.py", "format.py")
+# the code whose change makes a cached conversion stale; of offline/pipeline.py the functions only
+# (the cache key holds every OfflineConfig value, so a change of the defaults keeps the cache valid)
+CODE = ("offline/predictor.py", "offline/sketch.py", "offline/placement.py", "offline/profile.py",
+        "offline/convert.py", "format/layout.py", "format/bundles.py", "format/writer.py")
 
 
 DEFAULT_POINTS = ("0.5/64/0.96,0.5/64/0.9,0.5/64/0.8,0.7/64/0.9,0.7/64/0.85,0.7/64/0.8,"

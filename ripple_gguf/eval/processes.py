@@ -13,8 +13,6 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from ..format.layout import is_ffn_tensor
-from ..format.reader import read_gguf_header
 from ..runtime import backend as runtime
 from .machine import peak_rss_bytes
 from .replay import System, apply_system
@@ -24,6 +22,10 @@ from .replay import System, apply_system
 
 def ffn_ranges(src: os.PathLike) -> List[List[int]]:
     """[offset, size] in the file of every FFN weight tensor of a GGUF."""
+    # here, not at the top: the decode child imports this module, and its peak memory is measured
+    from ..format.layout import is_ffn_tensor
+    from ..format.reader import read_gguf_header
+
     hdr = read_gguf_header(src)
     return [[hdr.data_offset + t.offset, t.nbytes] for t in hdr.tensors if is_ffn_tensor(t.name)]
 

@@ -17,7 +17,6 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..offline.quality import tokenize
 from ..runtime import backend as runtime, trace as tr
 from .machine import progress
 
@@ -49,6 +48,8 @@ ABLATIONS: Dict[str, System] = {
 # ---- the decode trace ----
 
 def text_tokens(model: os.PathLike, text: str, n: int) -> List[int]:
+    from ..offline.quality import tokenize  # not at the top: the decode child imports this module
+
     return tokenize(model, text, n)
 
 

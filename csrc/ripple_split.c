@@ -5,7 +5,9 @@
  * Written from the block layouts ggml documents in ggml-common.h and dequantizes in
  * dequantize_row_* (ggml-quants.c); the pairs are computed with the same float operations as
  * those functions, so scale * (q - offset) + min is bit for bit ggml's value. */
-#include "ripple_internal.h"
+#include "ripple.h"
+
+#include "ggml.h"
 
 #include <string.h>
 

@@ -172,7 +172,7 @@ def oracle_perplexity(src: os.PathLike, chunks: Sequence[Sequence[int]], thresho
     if rule not in ("gate", "magnitude"):
         raise ValueError(f"oracle sparsity supports the rules gate and magnitude, not {rule!r}")
     s = ffi.new("ripple_sparsify *", dict(n_blocks=n_blocks, thresholds=ffi.from_buffer("float[]", thr),
-                                          rule=0 if rule == "gate" else 1,
+                                          rule=_native.lib.RIPPLE_RULE_GATE if rule == "gate" else _native.lib.RIPPLE_RULE_MAGNITUDE,
                                           activation=GLU_ACTIVATIONS.index(activation)))
     with EvalContext(src, _native.lib.ripple_sparsify_eval, s, chunk_tokens=chunk_tokens, n_threads=n_threads) as ctx:
         nll = chunks_nll(ctx, chunks)

@@ -17,7 +17,8 @@ import numpy as np
 
 from ripple_gguf import _native
 
-POLICIES = {"lru": 0, "s3fifo": 1, "linking": 2}
+POLICIES = {"lru": _native.lib.RIPPLE_CACHE_LRU, "s3fifo": _native.lib.RIPPLE_CACHE_S3FIFO,
+            "linking": _native.lib.RIPPLE_CACHE_LINKING}
 BUNDLE = 16  # bytes: the content does not matter here
 
 
@@ -54,7 +55,7 @@ def make_trace(args, rng: np.random.Generator) -> list[list[np.ndarray]]:
 
 
 def replay(trace, n_ff: int, n_layers: int, slots: int, policy: int) -> tuple[float, float, float]:
-    lib, ffi = _native.lib, _native.ffi
+    ffi, lib = _native.cache_test_library()
     h = lib.ripple_cache_test_new(n_layers, ffi.new("int32_t[]", [n_ff] * n_layers), BUNDLE, slots * BUNDLE, policy)
     hits = needed = reads = bundles = 0
     try:

@@ -376,7 +376,7 @@ static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, cons
         }
         ctx->n_selected = ripple_predict(ctx->pool, ctx->n_threads, pred, L, src1, need_neuron, ctx->tokmask);
         RIPPLE_COUNT(predictor_ns, ripple_now_ns() - t0);
-        /* positions flagged in place of neurons: the store works on positions */
+        /* positions flagged in place of neurons: the fetch works on positions */
         uint8_t * need_pos = (uint8_t *) neurons; /* scratch, rewritten below */
         for (int64_t p = 0; p < n; p++) {
             need_pos[p] = need_neuron[L->order[p]];

@@ -1,6 +1,6 @@
 /* Split down columns (docs/FORMAT.md section 3): which ggml types can be split, and the one
  * unpacking of their blocks into the stored integers and the per-group (scale, min) pairs, used by
- * the converter (through ripple_split_rows), the file reader's table check and the store.
+ * the converter (through ripple_split_rows), the file reader's table check and the registry.
  *
  * Written from the block layouts ggml documents in ggml-common.h and dequantizes in
  * dequantize_row_* (ggml-quants.c); the pairs are computed with the same float operations as

@@ -24,7 +24,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         offline = OfflineConfig(calib=calib, calib_tokens=args.calib_tokens, placement=placement,
                                 active_fraction=args.active_fraction, predictor_rank=args.predictor_rank,
                                 predictor=args.predictor, sketch_outliers=args.sketch_outliers,
-                                sketch_budget=args.sketch_budget,
+                                sketch_budget=args.sketch_budget, sketch_allocation=args.sketch_allocation,
                                 predictor_recall=args.predictor_recall,
                                 predictor_fit_fraction=args.predictor_fit_fraction or None, seed=args.seed,
                                 threads=args.threads, quiet=args.quiet)
@@ -244,11 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--predictor", choices=("sketch", "lowrank"), default="sketch",
                    help="predictor kind: sketch (a 2-bit copy of each layer's gate and up rows with outlier input "
                         "channels exact; default) or lowrank (a trained n_embd -> rank -> n_ff MLP)")
-    c.add_argument("--sketch-outliers", type=int, default=16,
-                   help="sketch: input channels kept exact per layer (default 16)")
+    c.add_argument("--sketch-outliers", type=int, default=12,
+                   help="sketch: input channels kept exact per layer (default 12)")
     c.add_argument("--sketch-budget", type=float, default=0.75,
                    help="sketch: mean fraction of the neurons selected, the threshold's calibration target "
                         "(default 0.75)")
+    c.add_argument("--sketch-allocation", choices=("uniform", "relative"), default="uniform",
+                   help="sketch: how the budget is shared among layers: uniform (each layer keeps the budget's "
+                        "fraction; default) or relative (thresholds at one multiple of each layer's RMS score)")
     c.add_argument("--predictor-rank", type=int, default=64,
                    help="lowrank: hidden width; 0 = no predictors, either kind (default 64)")
     c.add_argument("--predictor-recall", type=float, default=0.9,

@@ -48,6 +48,11 @@ class OfflineConfig:
     # sketch: score |h_i| x ||ffn_down column i|| rather than |h_i| (measured: +4.29% against +4.10%
     # perplexity at budget 0.7 on SmolLM2, so off)
     sketch_down_norm: bool = False
+    # sketch: how the budget is shared among layers. "uniform": every layer's threshold keeps the
+    # budget's fraction of its calibration scores; "relative": one constant times each layer's RMS
+    # score, the constant set so the model's mean fraction is the budget (a layer whose scores are
+    # spread keeps more neurons, one whose few large scores dominate keeps fewer)
+    sketch_allocation: str = "uniform"
     # the predictors are fitted to the neurons of the top fraction of |h| (magnitude rule; at most
     # active_fraction; None: the active ones) and tuned for recall of all active neurons
     predictor_fit_fraction: Optional[float] = 0.25
@@ -71,6 +76,8 @@ class OfflineConfig:
             raise ProfileError(f"--predictor {self.predictor!r}: choose from {', '.join(C.PREDICTOR_KINDS)}")
         if not 0.0 < self.sketch_budget <= 1.0:
             raise ProfileError(f"--sketch-budget must be in (0, 1], got {self.sketch_budget}")
+        if self.sketch_allocation not in SK.ALLOCATIONS:
+            raise ProfileError(f"--sketch-allocation {self.sketch_allocation!r}: choose from {', '.join(SK.ALLOCATIONS)}")
         if self.sketch_outliers < 0:
             raise ProfileError(f"--sketch-outliers must be >= 0, got {self.sketch_outliers}")
         if self.predictor_rank < 0:
@@ -289,6 +296,22 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
     pm = {"recall": [], "precision": [], "over_prediction": [], "predicted_fraction": [], "true_fraction": [],
           "top2_recall": []}
     sketch_src = _SketchSource(src, rule) if cfg.predictor == "sketch" and cfg.predictor_rank > 0 else None
+    sketches: Dict[int, SK.Sketch] = {}
+    if sketch_src is not None and cfg.sketch_allocation != "uniform":
+        # thresholds that depend on every layer's scores: build all sketches first
+        samples = {}
+        for b in progress(blocks, desc="sketches", unit="layer"):
+            X_raw = np.concatenate(xs[b]).astype(np.float32) / np.float32(x_mul[b])
+            try:
+                sketches[b] = sketch_src.build(b, X_raw, cfg.sketch_outliers, cfg.sketch_down_norm)
+            except ValueError as e:
+                raise ProfileError(f"{src}: layer {b}: predictor: {e}") from None
+            sc = sketches[b].scores(X_raw).ravel()
+            samples[b] = sc[::max(1, sc.size >> 20)].copy()  # about 1M values per layer are enough
+        thr = SK.allocate(samples, cfg.sketch_budget, cfg.sketch_allocation)
+        del samples
+        for b in blocks:
+            sketches[b].threshold = thr[b]
     for b in progress(blocks if cfg.predictor_rank > 0 else [], desc="predictors", unit="layer"):
         n_ff = eval_m[b].shape[1]
         X, Y = np.concatenate(xs.pop(b)), np.concatenate(ys.pop(b))
@@ -296,8 +319,8 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
         try:
             if sketch_src is not None:
                 X_raw = X.astype(np.float32) / np.float32(x_mul[b])  # the sample is kept scaled (step 2)
-                pred = sketch_src.build(b, X_raw, cfg.sketch_outliers, cfg.sketch_down_norm).calibrate(
-                    X_raw, cfg.sketch_budget)
+                pred = sketches.pop(b, None) or sketch_src.build(b, X_raw, cfg.sketch_outliers,
+                                                                  cfg.sketch_down_norm).calibrate(X_raw, cfg.sketch_budget)
                 sample_pred = pred.predict(X_raw)
             else:
                 scaled, _ = PR.train(X, Y, rank=cfg.predictor_rank, n_ff=n_ff, recall_target=cfg.predictor_recall,

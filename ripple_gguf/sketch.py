@@ -64,7 +64,8 @@ HEADER_SIZE = 64
 ACTS = ("silu", "gelu", "relu")
 _HEADER = struct.Struct("<4sIIIIfIIII")
 
-DEFAULT_OUTLIERS = 16
+ALLOCATIONS = ("uniform", "relative")
+DEFAULT_OUTLIERS = 12  # 29.3% of the FFN bytes in memory on SmolLM2; 8 lost more, 14 and 16 no less (docs/BENCHMARKS.md)
 DEFAULT_BUDGET = 0.75  # mean fraction of the neurons selected: the smallest budget within 3% perplexity on SmolLM2 (docs/BENCHMARKS.md)
 
 
@@ -293,3 +294,25 @@ class Sketch:
         return cls(n_embd=e, n_ff=f, out=a(0, "<i4", k).astype(np.int32), osu=a(2, "<f4", k).astype(np.float32),
                    du=a(4, "<f2", f).astype(np.float16), cu=unpack_codes(a(6, np.uint8, f * row).reshape(f, row), e),
                    ou=a(8, np.int8, f * k).reshape(f, k), act=ACTS[act_id], threshold=thr, **kw)
+
+
+def allocate(scores: "dict[int, np.ndarray]", budget: float, how: str) -> "dict[int, float]":
+    """Per-layer thresholds from a sample of each layer's calibration scores (equal-sized samples
+    for layers of equal width) such that the mean selected fraction over all (token, neuron) pairs
+    of the model is ``budget``.
+
+    ``uniform``: every layer keeps the same fraction. ``relative``: threshold = c x the layer's RMS
+    score, one c for the model: it sets every layer's cut at the same size relative to the layer's
+    typical score (the split of a fixed budget that minimises the sum over layers of the relative
+    squared score mass dropped)."""
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"sketch budget must be in (0, 1], got {budget}")
+    if how == "uniform" or budget >= 1.0:
+        return {b: (float(np.float32(np.quantile(s, 1.0 - budget))) if budget < 1.0 else -1.0)
+                for b, s in scores.items()}
+    if how != "relative":
+        raise ValueError(f"sketch allocation {how!r}: choose from {', '.join(ALLOCATIONS)}")
+    rms = {b: float(np.sqrt(np.mean(np.square(s, dtype=np.float64)))) or 1.0 for b, s in scores.items()}
+    pool = np.concatenate([(s / np.float32(rms[b])).ravel() for b, s in scores.items()])
+    c = float(np.quantile(pool, 1.0 - budget))
+    return {b: float(np.float32(c * rms[b])) for b in scores}

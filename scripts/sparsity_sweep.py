@@ -42,7 +42,7 @@ from ripple_gguf.offline import OfflineConfig
 
 # the code whose change makes a cached conversion stale; of offline.py the functions only (the
 # cache key holds every OfflineConfig value, so a change of the defaults keeps the cache valid)
-CODE = ("predictor.py", "placement.py", "profile.py", "convert.py", "format.py")
+CODE = ("predictor.py", "sketch.py", "placement.py", "profile.py", "convert.py", "format.py")
 
 
 DEFAULT_POINTS = ("0.5/64/0.96,0.5/64/0.9,0.5/64/0.8,0.7/64/0.9,0.7/64/0.85,0.7/64/0.8,"

@@ -52,7 +52,7 @@ def test_offline_file_contents_and_exactness(model, tmp_path, exact_mode):
     for l in rf.layers:
         assert sorted(l.order.tolist()) == list(range(128))
         p = rf.read_predictor(l)  # the default kind: a sketch of the layer's own rows
-        assert (p.n_embd, p.n_ff, p.gated, len(p.out)) == (64, 128, True, 16)
+        assert (p.n_embd, p.n_ff, p.gated, len(p.out)) == (64, 128, True, OfflineConfig().sketch_outliers)
     assert rf.metadata["ripple.predictor.kind"] == "sketch"
     j = rf.to_json()
     q, pr = j["placement_quality"], j["predictor"]

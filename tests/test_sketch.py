@@ -81,3 +81,23 @@ def test_bad_sketch_blobs_are_refused():
         _c_scores(bytes(bad), X, 128, 64)
     with pytest.raises(ValueError, match="version 9"):
         SK.Sketch.from_bytes(bytes(bad[:4]) + (9).to_bytes(4, "little") + bytes(bad[8:]), 128, 64)
+
+
+def test_allocation_shares_the_budget():
+    """uniform: every layer keeps the budget's fraction; relative: thresholds in the ratio of the
+    layers' RMS scores, the model's mean fraction still the budget."""
+    rng = np.random.default_rng(3)
+    scores = {0: np.abs(rng.standard_normal(40000)).astype(np.float32),  # spread
+              1: (np.abs(rng.standard_normal(40000)) ** 3 * 5).astype(np.float32)}  # a few large ones dominate
+    uni = SK.allocate(scores, 0.6, "uniform")
+    for b, s in scores.items():
+        assert abs(np.mean(s > uni[b]) - 0.6) < 0.01
+    rel = SK.allocate(scores, 0.6, "relative")
+    frac = {b: float(np.mean(s > rel[b])) for b, s in scores.items()}
+    assert abs(np.mean(list(frac.values())) - 0.6) < 0.01
+    assert frac[0] > 0.7 and frac[1] < 0.5, frac  # the heavy-tailed layer gives up neurons
+    rms = {b: np.sqrt(np.mean(s.astype(np.float64) ** 2)) for b, s in scores.items()}
+    assert abs(rel[0] / rel[1] - rms[0] / rms[1]) < 1e-4 * rms[0] / rms[1]
+    assert SK.allocate(scores, 1.0, "relative") == {0: -1.0, 1: -1.0}
+    with pytest.raises(ValueError, match="allocation 'bogus'"):
+        SK.allocate(scores, 0.6, "bogus")

@@ -17,6 +17,45 @@ extern "C" {
 #pragma GCC visibility push(default)
 /* RIPPLE_CDEF_BEGIN */
 
+/* The numbering of every choice the API takes or reports, declared here only (Python reads the
+ * values through the binding). */
+enum ripple_mode {
+    RIPPLE_MODE_EXACT = 0,  /* every neuron computed */
+    RIPPLE_MODE_SPARSE = 1, /* per token and layer only the bundles the layer's predictor selects */
+    RIPPLE_MODE_AUTO = 2,   /* each model's own default (sparse unless its file says exact) */
+};
+enum ripple_cache_policy {
+    RIPPLE_CACHE_LRU = 0,     /* least recently used evicted first */
+    RIPPLE_CACHE_S3FIFO = 1,  /* S3-FIFO (SOSP'23): small FIFO + main 2-bit CLOCK FIFO + ghost */
+    RIPPLE_CACHE_LINKING = 2, /* S3-FIFO admitting a bundle read in a run of L with probability 1/L */
+    RIPPLE_CACHE_PINNED = 3,  /* the most frequently needed bundles, kept once read, never evicted */
+};
+/* When a neuron counts as active (ripple.sparsity.rule in the file, constants.SPARSITY_RULES; the
+ * gate rule only for oracle sparsity, ripple_sparsify) */
+enum ripple_activity_rule {
+    RIPPLE_RULE_NONE = -1,     /* none: the file was packed without profiling */
+    RIPPLE_RULE_NONZERO = 0,   /* "nonzero": h != 0 */
+    RIPPLE_RULE_MAGNITUDE = 1, /* "magnitude": |h| > the layer's threshold */
+    RIPPLE_RULE_GATE = 2,      /* "gate" (CATS): |act(gate)| > the layer's threshold */
+};
+/* where exact mode takes the down projection from: the standard ffn_down tensor (stock's own
+ * arithmetic, the default) or the down columns of the bundles (what sparse mode reads) */
+enum ripple_exact_down {
+    RIPPLE_EXACT_DOWN_TENSOR = 0,
+    RIPPLE_EXACT_DOWN_BUNDLES = 1,
+};
+/* sparse mode's down projection (ripple_set_sparse_down_rows) */
+enum ripple_sparse_down {
+    RIPPLE_SPARSE_DOWN_BUNDLES = 0, /* always from the bundles' down columns */
+    RIPPLE_SPARSE_DOWN_AUTO = 1,    /* the standard ffn_down rows when the file is read through the page cache */
+};
+/* the I/O engine (ripple_set_io_engine) */
+enum ripple_io_engine {
+    RIPPLE_IO_ENGINE_THREADS = 0, /* reader threads */
+    RIPPLE_IO_ENGINE_URING = 1,   /* io_uring (raw system calls, used when the kernel allows it) */
+    RIPPLE_IO_ENGINE_AUTO = 2,    /* io_uring for batches of small requests (mean < 64 KiB), threads for large ones */
+};
+
 typedef struct ripple_layer_desc {
     int32_t  block;          /* N of blk.N.ffn_* */
     int32_t  n_ff;           /* neurons (bundles) in the layer */
@@ -31,8 +70,8 @@ typedef struct ripple_layer_desc {
     uint64_t up_offset;
     uint64_t down_offset;
     int32_t  down_src_type;  /* ggml type of the standard ffn_down tensor */
-    int32_t  act_rule;       /* activity rule: -1 none (file packed without profiling), 0 nonzero, 1 magnitude */
-    float    act_threshold;  /* rule magnitude: a neuron is active iff |h| > act_threshold */
+    int32_t  act_rule;       /* enum ripple_activity_rule: NONE, NONZERO or MAGNITUDE */
+    float    act_threshold;  /* RIPPLE_RULE_MAGNITUDE: a neuron is active iff |h| > act_threshold */
     const uint8_t * predictor; /* predictor blob (ripple_gguf/predictor.py layout), NULL = none; copied */
     uint64_t predictor_size;
     int32_t  down_layout;    /* 0 column (a row of down_type), 1 split (the source's integers; scales in down_table) */
@@ -112,10 +151,16 @@ typedef struct ripple_model_info {
 /* Returns 0, -1 for an unknown handle. */
 int ripple_model_get_info(int handle, ripple_model_info * out);
 
+/* Defaults and bounds of the settings (README, Settings): beyond a bound a value is a typo. */
+#define RIPPLE_DEFAULT_CACHE_MB 64
+#define RIPPLE_MAX_CACHE_MB 1048576 /* 1 TiB */
+#define RIPPLE_DEFAULT_IO_THREADS 8
+#define RIPPLE_MAX_IO_THREADS 64
+
 /* Settings from the RIPPLE_* environment variables (README, Settings), every one checked: 0, or -1
- * with "<VARIABLE> must be <rule>, got '<value>'" in err. Indices: mode RIPPLE_MODE_*, cache_policy
- * 0 lru 1 s3fifo 2 linking 3 pinned, io_engine 0 threads 1 uring 2 auto, exact_down
- * RIPPLE_EXACT_DOWN_*, sparse_down 0 bundles 1 auto. */
+ * with "<VARIABLE> must be <rule>, got '<value>'" in err. Values: mode enum ripple_mode,
+ * cache_policy enum ripple_cache_policy, io_engine enum ripple_io_engine, exact_down enum
+ * ripple_exact_down, sparse_down enum ripple_sparse_down. */
 typedef struct ripple_env_settings {
     int32_t mode;
     double  cache_mb;       /* -1 when RIPPLE_CACHE_FRACTION gives the budget */
@@ -139,20 +184,14 @@ void ripple_settings_apply(const ripple_env_settings * s);
 /* Close the load window of ripple_load_begin. `ok` = 0 when llama.cpp failed to load the model. */
 void ripple_model_end_load(int handle, int ok);
 
-/* Settings. The cache budget and policy apply to every model's neuron cache (existing caches are
- * emptied and re-made). policy: 0 lru, 1 s3fifo, 2 linking (S3-FIFO with Ripple's linking-aware
- * admission). Returns 0, -1 for an unknown policy. */
+/* Settings. The cache budget and policy (enum ripple_cache_policy) apply to every model's neuron
+ * cache (existing caches are emptied and re-made). Returns 0, -1 for an unknown policy. */
 int ripple_set_cache(int64_t cache_bytes, int policy);
 int ripple_get_cache_policy(void);
 int64_t ripple_get_cache_bytes(void);
 
-/* Where exact mode takes the down projection from: the standard ffn_down tensor (stock's own
- * arithmetic, the default) or the down columns of the bundles (what sparse mode reads). */
-/* exact: every neuron computed; sparse: per token and layer only the bundles the layer's
- * predictor selects (layers without a predictor stay exact), the activity rule applied to h. */
-#define RIPPLE_MODE_EXACT 0
-#define RIPPLE_MODE_SPARSE 1
-#define RIPPLE_MODE_AUTO 2 /* each model's own default (ripple_model_set_default_mode; sparse unless set) */
+/* Mode (enum ripple_mode). Sparse: layers without a predictor stay exact, the activity rule is
+ * applied to h. Returns 0, -1 for an unknown mode. */
 int ripple_set_mode(int mode);
 int ripple_get_mode(void);
 /* Access collapse: two runs of bundles to read whose gap is at most gap_bytes are read as one
@@ -170,12 +209,21 @@ double ripple_get_cache_fraction(void); /* 0 when the budget is absolute */
  * warning), and the storage cost model: a batch of n requests of B bytes issued together takes
  * n / min(threads, parallelism) * latency_s + B / bandwidth. It decides, for batches of several
  * tokens, between reading the union of the needed bundles and streaming the whole layer. */
+typedef struct ripple_cost_model {
+    double latency_s;     /* fixed cost of one request at queue depth 1 */
+    double bandwidth_bps; /* sequential bandwidth */
+    double parallelism;   /* requests the device serves at once */
+} ripple_cost_model;
+/* The model of a device without a probe-storage profile (ripple_gguf.storage.DEFAULT), what the
+ * backend starts with: a mainstream PCIe 3 NVMe SSD through its published figures (Samsung 970 EVO
+ * Plus 1 TB: 3,500 MB/s sequential read, 4 KB random read 19,000 IOPS at QD1 and 600,000 IOPS at
+ * QD32 x 4 workers). */
+void ripple_storage_default_model(ripple_cost_model * out);
 int ripple_set_io_threads(int n);
 int ripple_get_io_threads(void);
-/* Engine: 0 reader threads, 1 io_uring (raw system calls, used when the kernel allows it), 2 auto
- * (default: io_uring for batches of small requests, mean < 64 KiB, threads for large ones).
- * ripple_get_io_engine returns the engine in force (0 when io_uring is wanted but refused, the
- * reason in why). ripple_set_io_engine returns -1 for io_uring in a build without it. */
+/* Engine: enum ripple_io_engine (default auto). ripple_get_io_engine returns the engine in force
+ * (threads when io_uring is wanted but refused, the reason in why). ripple_set_io_engine returns -1
+ * for io_uring in a build without it. */
 int ripple_set_io_engine(int engine);
 int ripple_get_io_engine(char * why, size_t why_len);
 void ripple_set_direct_io(int on);
@@ -191,9 +239,10 @@ int ripple_get_prefetch(void);
  * bundles already in memory, then of each piece as it lands, are computed while the rest are read. */
 void ripple_set_overlap(int on);
 int ripple_get_overlap(void);
-/* Sparse mode's down projection: 1 (auto, default) on the standard ffn_down rows when the file is
- * read through the page cache (no direct_io), with the activations not selected set to 0 (stock's
- * dot products); 0 always from the bundles' down columns (what direct_io always does). */
+/* Sparse mode's down projection (enum ripple_sparse_down): auto (default) on the standard ffn_down
+ * rows when the file is read through the page cache (no direct_io), with the activations not
+ * selected set to 0 (stock's dot products); bundles: always from the bundles' down columns (what
+ * direct_io always does). */
 void ripple_set_sparse_down_rows(int on);
 int ripple_get_sparse_down_rows(void);
 
@@ -216,8 +265,8 @@ int ripple_store_open_file(const char * path, char * err, size_t err_len);
 int ripple_store_fetch(int handle, int32_t layer, const int32_t * neurons, int64_t n, int64_t n_tokens);
 void ripple_store_close(int handle);
 
-#define RIPPLE_EXACT_DOWN_TENSOR 0
-#define RIPPLE_EXACT_DOWN_BUNDLES 1
+/* Where exact mode takes the down projection from (enum ripple_exact_down). Returns 0, -1 for an
+ * unknown source. */
 int ripple_set_exact_down(int source);
 int ripple_get_exact_down(void);
 
@@ -304,35 +353,19 @@ typedef struct ripple_capture {
 bool ripple_capture_eval(void * tensor, bool ask, void * user_data);
 
 /* Oracle sparsity (measurement only): as cb_eval with a ripple_sparsify as user data, drops the
- * neurons of block b at or below thresholds[b] (< 0: block untouched) in a gated FFN: rule 0
- * ("gate") zeroes gate pre-activations g with |act(g)| <= threshold right after the ffn_gate matmul;
- * rule 1 ("magnitude") zeroes GLU outputs h with |h| <= threshold. */
+ * neurons of block b at or below thresholds[b] (< 0: block untouched) in a gated FFN: rule
+ * RIPPLE_RULE_GATE zeroes gate pre-activations g with |act(g)| <= threshold right after the
+ * ffn_gate matmul; RIPPLE_RULE_MAGNITUDE zeroes GLU outputs h with |h| <= threshold. */
 typedef struct ripple_sparsify {
     int32_t       n_blocks;
     const float * thresholds;
-    int32_t       rule;       /* 0 gate, 1 magnitude */
-    int32_t       activation; /* rule 0: 0 silu, 1 gelu */
+    int32_t       rule;       /* RIPPLE_RULE_GATE or RIPPLE_RULE_MAGNITUDE */
+    int32_t       activation; /* gate rule: 0 silu, 1 gelu */
     int32_t       errors;
     int64_t       zeroed;     /* gate values zeroed so far */
     int64_t       total;      /* gate values seen so far */
 } ripple_sparsify;
 bool ripple_sparsify_eval(void * tensor, bool ask, void * user_data);
-
-/* Neuron cache test harness (tests/test_cache.py, scripts/bench_cache.py; not used by the runtime):
- * a cache (policy 0 lru, 1 s3fifo, 2 linking) over n_layers fake layers of n_ff[l] bundles of
- * bundle_size bytes, each holding a pattern derived from (layer, position). */
-void *  ripple_cache_test_new(int n_layers, const int32_t * n_ff, size_t bundle_size, size_t budget, int policy);
-/* the same with each bundle's frequency (flat u8 over the layers, position order; NULL = unknown) */
-void *  ripple_cache_test_new_freq(int n_layers, const int32_t * n_ff, const uint8_t * freq, size_t bundle_size,
-                                   size_t budget, int policy);
-void    ripple_cache_test_free(void * t);
-/* 1 hit with the right bytes, 0 miss, -1 hit with wrong bytes, -2 out of range. Updates the policy. */
-int     ripple_cache_test_get(void * t, int layer, int64_t pos);
-void    ripple_cache_test_put(void * t, int layer, int64_t pos, int32_t run_length);
-/* Without touching the policy: 0 in the small queue, 1 in main (lru: 1), 2 ghost, -1 absent. */
-int     ripple_cache_test_where(void * t, int layer, int64_t pos);
-int64_t ripple_cache_test_used_bytes(void * t); /* bytes of the slots in use */
-int64_t ripple_cache_test_capacity(void * t);   /* slots */
 
 /* RIPPLE_CDEF_END */
 #pragma GCC visibility pop

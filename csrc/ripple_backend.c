@@ -2,7 +2,22 @@
  * of ripple-packed files and computes their MUL_MATs from neuron bundles read from the file.
  * Layout after ggml-blas: backend interface, device interface, registry interface. */
 #define _GNU_SOURCE
-#include "ripple_internal.h"
+#include "ripple.h"
+#include "ripple_base.h"
+#include "ripple_cache.h"
+#include "ripple_fetch.h"
+#include "ripple_io.h"
+#include "ripple_kernels.h"
+#include "ripple_loadhook.h"
+#include "ripple_model.h"
+#include "ripple_predict.h"
+#include "ripple_prefetch.h"
+#include "ripple_settings.h"
+#include "ripple_stats.h"
+#include "ripple_trace.h"
+#include "ripple_verify.h"
+
+#include <pthread.h>
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,8 +54,9 @@ typedef struct {
 static void ggml_backend_ripple_buffer_free_buffer(ggml_backend_buffer_t buffer) {
     ripple_buffer_ctx * ctx = buffer->context;
     munmap(ctx->base, ctx->size);
-    if (ctx->model) {
-        ripple_store_buffer_unref(ctx->model);
+    char path[1024];
+    if (ctx->model && ripple_model_buffer_unref(ctx->model, path, sizeof(path))) {
+        ripple_stats_report(path); /* the model's last buffer: it is freed */
     }
     free(ctx);
 }
@@ -59,7 +75,7 @@ static const ripple_binding * binding_of(const struct ggml_tensor * t) {
 static enum ggml_status ggml_backend_ripple_buffer_init_tensor(ggml_backend_buffer_t buffer, struct ggml_tensor * tensor) {
     ripple_buffer_ctx * ctx = buffer->context;
     if (ctx->model && tensor->view_src == NULL) {
-        const ripple_binding * b = ripple_store_claim(ctx->model, tensor);
+        const ripple_binding * b = ripple_model_claim(ctx->model, tensor);
         if (b) {
             tensor->extra = (void *) b;
             __atomic_fetch_add(&ctx->model->n_bound, 1, __ATOMIC_RELAXED);
@@ -92,7 +108,7 @@ static void ggml_backend_ripple_buffer_get_tensor(ggml_backend_buffer_t buffer, 
     const ripple_binding * b = binding_of(tensor);
     if (b) {
         /* a scheduler fallback wants the weight itself: read the standard tensor's bytes */
-        if (ripple_store_read_tensor(b, data, offset, size) != 0) {
+        if (ripple_read_tensor(b, data, offset, size) != 0) {
             GGML_ABORT("ripple: cannot read weight %s from %s", tensor->name, b->model->path);
         }
         return;
@@ -141,9 +157,9 @@ static ggml_backend_buffer_t ggml_backend_ripple_buffer_type_alloc_buffer(ggml_b
         free(ctx);
         return NULL;
     }
-    ctx->model = ripple_store_loading();
+    ctx->model = ripple_registry_loading();
     if (ctx->model) {
-        ripple_store_buffer_ref(ctx->model);
+        ripple_model_buffer_ref(ctx->model);
     }
     return ggml_backend_buffer_init(buft, ggml_backend_ripple_buffer_i, ctx, size);
 }
@@ -360,7 +376,7 @@ static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, cons
         }
         ctx->n_selected = ripple_predict(ctx->pool, ctx->n_threads, pred, L, src1, need_neuron, ctx->tokmask);
         RIPPLE_COUNT(predictor_ns, ripple_now_ns() - t0);
-        /* positions flagged in place of neurons: the store works on positions */
+        /* positions flagged in place of neurons: the fetch works on positions */
         uint8_t * need_pos = (uint8_t *) neurons; /* scratch, rewritten below */
         for (int64_t p = 0; p < n; p++) {
             need_pos[p] = need_neuron[L->order[p]];
@@ -740,7 +756,7 @@ static int down_masked_rows(ripple_backend_ctx * ctx, const ripple_binding * b, 
         reserve((uint8_t **) &ctx->hbuf, &ctx->hbuf_cap, sizeof(float) * (size_t) (n_ff * T), "activations") != 0) {
         return -1;
     }
-    const int rule = L->d.act_rule == 1;
+    const int rule = L->d.act_rule == RIPPLE_RULE_MAGNITUDE;
     for (int64_t t = 0; t < T; t++) {
         ripple_mask_activations(L, (const float *) ((const char *) src1->data + t * src1->nb[1]), ctx->tokmask + t * n_ff,
                                 rule, ctx->hbuf + t * n_ff);
@@ -1031,8 +1047,8 @@ static bool ggml_backend_ripple_device_supports_op(ggml_backend_dev_t dev, const
         return true; /* a bound weight: src0->extra was set by init_tensor */
     }
     /* llama.cpp's weight_buft_supported probe: a named weight in a 0-size buffer of our type */
-    ripple_model * m = ripple_store_loading();
-    return m && src0->buffer->size == 0 && ripple_store_claim(m, src0) != NULL;
+    ripple_model * m = ripple_registry_loading();
+    return m && src0->buffer->size == 0 && ripple_model_claim(m, src0) != NULL;
 }
 
 static bool ggml_backend_ripple_device_supports_buft(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft) {
@@ -1099,7 +1115,7 @@ static struct ggml_backend_reg g_reg = {
     /* .context     = */ NULL,
 };
 
-ggml_backend_reg_t ggml_backend_ripple_reg(void) {
+static ggml_backend_reg_t ggml_backend_ripple_reg(void) {
     g_device = (struct ggml_backend_device){
         /* .iface   = */ ggml_backend_ripple_device_i,
         /* .reg     = */ &g_reg,
@@ -1150,27 +1166,27 @@ ggml_backend_reg_t ggml_backend_init(void) {
     char err[512];
     ripple_env_settings s;
     if (strcmp(ggml_version(), RIPPLE_GGML_VERSION) != 0) {
-        ggml_log_internal(GGML_LOG_LEVEL_ERROR, "ripple: not loaded: ggml %s is loaded but this library was built "
+        RIPPLE_LOG_ERROR("ripple: not loaded: ggml %s is loaded but this library was built "
                           "against ggml %s\n", ggml_version(), RIPPLE_GGML_VERSION);
         return NULL;
     }
     if (ripple_cpu_init() != 0) {
-        ggml_log_internal(GGML_LOG_LEVEL_ERROR, "ripple: not loaded: ggml's CPU backend is not loaded in this process\n");
+        RIPPLE_LOG_ERROR("ripple: not loaded: ggml's CPU backend is not loaded in this process\n");
         return NULL;
     }
     if (ripple_settings_from_env(&s, err, sizeof(err)) != 0) {
-        ggml_log_internal(GGML_LOG_LEVEL_ERROR, "ripple: not loaded: %s\n", err);
+        RIPPLE_LOG_ERROR("ripple: not loaded: %s\n", err);
         return NULL;
     }
     if (ripple_loadfn_hook_install(err, sizeof(err)) != 0) {
-        ggml_log_internal(GGML_LOG_LEVEL_ERROR, "ripple: not loaded: cannot see which model the host loads: %s\n", err);
+        RIPPLE_LOG_ERROR("ripple: not loaded: cannot see which model the host loads: %s\n", err);
         return NULL;
     }
     ripple_settings_apply(&s);
     if (s.no_load_hook) {
-        ggml_log_internal(GGML_LOG_LEVEL_INFO, "ripple: load hook disabled by RIPPLE_NO_LOAD_HOOK\n");
+        RIPPLE_LOG_INFO("ripple: load hook disabled by RIPPLE_NO_LOAD_HOOK\n");
     } else if (ripple_loadhook_install(err, sizeof(err)) != 0) {
-        ggml_log_internal(GGML_LOG_LEVEL_WARN, "ripple: load hook unavailable, llama.cpp will read whole ripple files "
+        RIPPLE_LOG_WARN("ripple: load hook unavailable, llama.cpp will read whole ripple files "
                           "at load: %s\n", err);
     }
     reg = ggml_backend_ripple_reg();

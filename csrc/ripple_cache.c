@@ -21,7 +21,8 @@
  *          always admitted. The coin is a xorshift64 with a fixed seed, so runs are reproducible.
  */
 #define _GNU_SOURCE
-#include "ripple_internal.h"
+#include "ripple.h"
+#include "ripple_cache.h"
 
 #include <stdlib.h>
 #include <string.h>

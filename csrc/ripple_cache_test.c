@@ -1,7 +1,8 @@
 /* Test harness for the neuron cache (tests/test_cache.py, scripts/bench_cache.py): a cache over
  * fake layers whose bundles hold a pattern derived from (layer, position), so a hit can be checked
  * byte for byte. Not used by the runtime. */
-#include "ripple_internal.h"
+#include "ripple_cache.h"
+#include "ripple_cache_test.h"
 
 #include <stdlib.h>
 #include <string.h>

@@ -2,7 +2,8 @@
  * runtime reads from a ripple file, checked against the file's checksum table (docs/FORMAT.md
  * section 2b). The SSE4.2 / ARMv8 CRC instruction when the CPU has it (three independent pieces
  * interleaved, so the instruction's 3-cycle latency is hidden), else slicing-by-8 tables. */
-#include "ripple_internal.h"
+#include "ripple.h"
+#include "ripple_crc.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -17,7 +18,6 @@
 
 static uint32_t g_table[8][256];
 static int      g_hw = -1; /* -1 not decided, 0 tables, 1 instruction */
-static int      g_verify = 1;
 
 static void init_tables(void) {
     for (uint32_t i = 0; i < 256; i++) {
@@ -156,12 +156,4 @@ void ripple_crc32c_blocks(const void * data, uint64_t len, uint64_t block, uint3
     if (len % block) {
         out[whole] = ripple_crc32c((const uint8_t *) data + (uint64_t) whole * block, (size_t) (len % block));
     }
-}
-
-void ripple_set_verify_reads(int on) {
-    __atomic_store_n(&g_verify, on ? 1 : 0, __ATOMIC_RELAXED);
-}
-
-int ripple_get_verify_reads(void) {
-    return __atomic_load_n(&g_verify, __ATOMIC_RELAXED);
 }

@@ -8,7 +8,9 @@
  * ripple_file_load_blobs reads and checks the down scale tables and predictor blobs. Every error
  * names the file and the problem. */
 #define _GNU_SOURCE
-#include "ripple_internal.h"
+#include "ripple.h"
+#include "ripple_file.h"
+#include "ripple_sha256.h"
 
 #include "gguf.h"
 
@@ -102,24 +104,6 @@ static const struct { const char * key; int type, sub; } KEY_TYPES[] = {
 static const char * PROFILE_KEYS[] = { K_QUALITY, K_RULE, K_ACTIVE_FRACTION, K_THRESHOLD, K_CAL_TEXT, K_CAL_TOKENS,
                                        K_CAL_SEED, NULL };
 static const char * PREDICTOR_KEYS[] = { K_RANK, K_RECALL_TARGET, K_PRED_OFFSET, K_PRED_SIZE, K_METRICS, NULL };
-
-struct ripple_file {
-    char *                path;
-    struct gguf_context * g;
-    int                   fd;
-    uint64_t              file_size;      /* ripple.file_size (= the file's size once checked) */
-    uint64_t              region_offset, region_size;
-    uint64_t              ck_offset, ck_size, ck_block; /* absolute offset of the checksum table */
-    int32_t               n_layers;
-    ripple_layer_desc *   descs;
-    int32_t *             order;          /* flat, as in the file */
-    uint32_t *            crc;            /* the checksum table, once read */
-    uint8_t **            blobs;          /* per layer: down table then predictor (load_blobs) */
-    int                   default_mode;   /* RIPPLE_MODE_EXACT / SPARSE */
-    char                  default_mode_reason[256];
-    int                   expected_tensors;
-    uint32_t              version;        /* ripple.format_version */
-};
 
 static int fail(char * err, size_t err_len, const char * path, const char * fmt, ...) __attribute__((format(printf, 4, 5)));
 static int fail(char * err, size_t err_len, const char * path, const char * fmt, ...) {
@@ -533,7 +517,7 @@ static int parse_layers(struct ripple_file * f, uint64_t data_offset, uint64_t d
         d->up_offset = data_offset + gguf_get_tensor_offset(f->g, tu);
         d->down_offset = data_offset + gguf_get_tensor_offset(f->g, td);
         d->frequency = freq ? freq + (start - (uint64_t) n_ff[l]) : NULL;
-        d->act_rule = -1;
+        d->act_rule = RIPPLE_RULE_NONE;
         if (layout[l] != 0 && layout[l] != 1) {
             return fail(err, err_len, p, "layer %d: unknown down layout %d", blk, layout[l]);
         }
@@ -589,8 +573,9 @@ static int parse_layers(struct ripple_file * f, uint64_t data_offset, uint64_t d
     const int64_t id_rule = key(f, K_RULE);
     if (id_rule >= 0) {
         const char * rule = gguf_get_val_str(f->g, id_rule);
-        const int r = !strcmp(rule, "nonzero") ? 0 : !strcmp(rule, "magnitude") ? 1 : -1;
-        if (r < 0) {
+        const int r = !strcmp(rule, "nonzero") ? RIPPLE_RULE_NONZERO : !strcmp(rule, "magnitude") ? RIPPLE_RULE_MAGNITUDE
+                                                                                            : RIPPLE_RULE_NONE;
+        if (r == RIPPLE_RULE_NONE) {
             return fail(err, err_len, p, "unknown sparsity rule '%s'", rule);
         }
         const int64_t id_thr = key(f, K_THRESHOLD);
@@ -950,11 +935,9 @@ int ripple_file_load_blobs(struct ripple_file * f, char * err, size_t err_len) {
     return 0;
 }
 
-/* ---- public entry points ---- */
-
 /* The file read and checked for a model or a standalone store (1), not ripple (0), or -1. */
-static int read_checked(const char * path, int blobs, struct ripple_file ** out, char * err, size_t err_len) {
-    struct ripple_file * f = NULL;
+int ripple_file_read(const char * path, int blobs, ripple_file ** out, char * err, size_t err_len) {
+    ripple_file * f = NULL;
     const int r = ripple_file_open(path, &f, err, err_len);
     if (r <= 0 || ripple_file_check_quick(f, err, err_len) != 0 ||
         (blobs && ripple_file_load_blobs(f, err, err_len) != 0)) {
@@ -963,36 +946,4 @@ static int read_checked(const char * path, int blobs, struct ripple_file ** out,
     }
     *out = f;
     return 1;
-}
-
-int ripple_load_begin(const char * path, int claim, char * err, size_t err_len) {
-    const int64_t io0 = ripple_proc_read_bytes();
-    const uint64_t t0 = ripple_now_ns();
-    struct ripple_file * f = NULL;
-    const int r = read_checked(path, claim, &f, err, err_len);
-    if (r <= 0 || !claim) {
-        ripple_file_free(f);
-        return r < 0 ? -1 : 0;
-    }
-    const int handle = ripple_model_begin_load(path, f->file_size, f->n_layers, f->descs, err, err_len);
-    if (handle > 0) {
-        ripple_model_set_default_mode(handle, f->default_mode);
-        ripple_store_set_info(handle, f->expected_tensors, f->default_mode_reason, io0, t0);
-    }
-    ripple_file_free(f);
-    return handle > 0 ? handle : -1;
-}
-
-int ripple_store_open_file(const char * path, char * err, size_t err_len) {
-    struct ripple_file * f = NULL;
-    const int r = read_checked(path, 1, &f, err, err_len);
-    if (r <= 0) {
-        if (r == 0) {
-            fail(err, err_len, path, "not a ripple-packed GGUF");
-        }
-        return -1;
-    }
-    const int handle = ripple_store_open(path, f->file_size, f->n_layers, f->descs, err, err_len);
-    ripple_file_free(f);
-    return handle;
 }

@@ -3,7 +3,11 @@
  * through a pool of reader threads (a batch of one request is read by the caller itself). With
  * O_DIRECT, transfers go through 4 KiB-aligned bounce buffers. */
 #define _GNU_SOURCE
-#include "ripple_internal.h"
+#include "ripple.h"
+#include "ripple_base.h"
+#include "ripple_io.h"
+
+#include <pthread.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -15,15 +19,14 @@
 
 #define RIPPLE_IO_ALIGN 4096u              /* O_DIRECT offset/length/buffer alignment (>= logical block) */
 #define RIPPLE_IO_BOUNCE (1u << 20)        /* largest O_DIRECT transfer per pread through a bounce buffer (each reader thread and io_uring slot has one; touched as used) */
-#define RIPPLE_IO_MAX_THREADS 64
 
 static pthread_mutex_t g_io_mu = PTHREAD_MUTEX_INITIALIZER;   /* pool state */
 static pthread_mutex_t g_batch_mu = PTHREAD_MUTEX_INITIALIZER; /* one batch at a time */
 static pthread_cond_t  g_io_work = PTHREAD_COND_INITIALIZER;
 static pthread_cond_t  g_io_done = PTHREAD_COND_INITIALIZER;
-static int             g_io_threads = 8; /* setting: queue depth */
+static int             g_io_threads = RIPPLE_DEFAULT_IO_THREADS; /* setting: queue depth */
 static int             g_io_started;     /* workers running */
-static pthread_t       g_io_tid[RIPPLE_IO_MAX_THREADS];
+static pthread_t       g_io_tid[RIPPLE_MAX_IO_THREADS];
 static uint64_t        g_io_gen;         /* batch generation */
 static const ripple_io_req * g_io_reqs;
 static int             g_io_n;
@@ -107,6 +110,31 @@ static int read_direct(int fd, uint8_t * dst, size_t len, uint64_t off, const ch
         dst += chunk;
         off += chunk;
         len -= chunk;
+    }
+    return 0;
+}
+
+/* a buffered read: pread until done */
+int ripple_pread_full(int fd, void * dst, size_t size, uint64_t offset, const char * path) {
+    uint8_t * p = dst;
+    size_t done = 0;
+    while (done < size) {
+        ssize_t r = pread(fd, p + done, size - done, (off_t) (offset + done));
+        if (r < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            ripple_set_error("%s: read of %zu bytes at offset %llu failed: %s", path, size,
+                             (unsigned long long) offset, strerror(errno));
+            return -1;
+        }
+        if (r == 0) {
+            ripple_set_error("%s: read of %zu bytes at offset %llu hit the end of the file after %zu bytes "
+                             "(file truncated or modified after loading?)",
+                             path, size, (unsigned long long) offset, done);
+            return -1;
+        }
+        done += (size_t) r;
     }
     return 0;
 }
@@ -195,7 +223,7 @@ typedef struct {
 static ripple_uring g_uring;
 static int          g_uring_state; /* 0 not tried, 1 ready, -1 unavailable */
 static char         g_uring_why[128];
-static int          g_engine = 2;  /* setting: 0 threads, 1 io_uring, 2 auto (io_uring for small requests) */
+static int          g_engine = RIPPLE_IO_ENGINE_AUTO; /* setting (enum ripple_io_engine) */
 /* auto: batches whose mean request is below this go to io_uring (one thread keeps many small reads
  * in flight at less cost than waking threads), larger ones to the threads, which also copy the
  * O_DIRECT bounce buffers out in parallel (docs/BENCHMARKS.md, "I/O engines") */
@@ -404,18 +432,18 @@ static ripple_uring * uring_get(void) {
 #endif /* RIPPLE_HAVE_URING */
 
 int ripple_set_io_engine(int engine) {
-    if (engine < 0 || engine > 2) {
+    if (engine < RIPPLE_IO_ENGINE_THREADS || engine > RIPPLE_IO_ENGINE_AUTO) {
         return -1;
     }
 #ifdef RIPPLE_HAVE_URING
     __atomic_store_n(&g_engine, engine, __ATOMIC_RELAXED);
     return 0;
 #else
-    return engine ? -1 : 0;
+    return engine != RIPPLE_IO_ENGINE_THREADS ? -1 : 0;
 #endif
 }
 
-/* The engine in force: the setting, or 0 (threads) when io_uring is wanted but unavailable (the
+/* The engine in force: the setting, or threads when io_uring is wanted but unavailable (the
  * reason in why). */
 int ripple_get_io_engine(char * why, size_t why_len) {
     if (why && why_len) {
@@ -423,8 +451,8 @@ int ripple_get_io_engine(char * why, size_t why_len) {
     }
 #ifdef RIPPLE_HAVE_URING
     const int engine = __atomic_load_n(&g_engine, __ATOMIC_RELAXED);
-    if (!engine) {
-        return 0;
+    if (engine == RIPPLE_IO_ENGINE_THREADS) {
+        return engine;
     }
     pthread_mutex_lock(&g_batch_mu);
     ripple_uring * r = uring_get();
@@ -432,12 +460,12 @@ int ripple_get_io_engine(char * why, size_t why_len) {
     if (!r && why && why_len) {
         snprintf(why, why_len, "%s", g_uring_why);
     }
-    return r ? engine : 0;
+    return r ? engine : RIPPLE_IO_ENGINE_THREADS;
 #else
     if (why && why_len) {
         snprintf(why, why_len, "built without <linux/io_uring.h>");
     }
-    return 0;
+    return RIPPLE_IO_ENGINE_THREADS;
 #endif
 }
 
@@ -456,7 +484,8 @@ int ripple_io_run(const ripple_io_req * reqs, int n, const char * path, uint64_t
         total += reqs[i].len;
         in_place |= reqs[i].direct == 2;
     }
-    if (n > 1 && !in_place && (engine == 1 || (engine == 2 && total / (uint64_t) n < RIPPLE_URING_AUTO_MAX_MEAN))) {
+    if (n > 1 && !in_place && (engine == RIPPLE_IO_ENGINE_URING ||
+                               (engine == RIPPLE_IO_ENGINE_AUTO && total / (uint64_t) n < RIPPLE_URING_AUTO_MAX_MEAN))) {
         pthread_mutex_lock(&g_batch_mu);
         ripple_uring * r = uring_get();
         int rc = 0;
@@ -502,7 +531,7 @@ int ripple_io_run(const ripple_io_req * reqs, int n, const char * path, uint64_t
 }
 
 int ripple_set_io_threads(int n) {
-    if (n < 1 || n > RIPPLE_IO_MAX_THREADS) {
+    if (n < 1 || n > RIPPLE_MAX_IO_THREADS) {
         return -1;
     }
     pthread_mutex_lock(&g_io_mu);

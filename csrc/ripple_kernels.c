@@ -1,9 +1,12 @@
 /* FFN kernels computed from bundles, with ggml's own type traits for every weight type,
  * and the small thread pool that runs them (the CPU backend's pool is idle meanwhile). */
 #define _GNU_SOURCE
-#include "ripple_internal.h"
+#include "ripple.h"
+#include "ripple_base.h"
+#include "ripple_kernels.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -804,7 +807,7 @@ int ripple_kernel_down(ripple_pool * pool, int n_threads, const ripple_layer * L
         ripple_set_error("out of memory for the down projection");
         return -1;
     }
-    const int rule = apply_rule && L->d.act_rule == 1; /* magnitude: |h| <= threshold is not active */
+    const int rule = apply_rule && L->d.act_rule == RIPPLE_RULE_MAGNITUDE; /* magnitude: |h| <= threshold is not active */
     const ggml_from_float_t from_float = vt == GGML_TYPE_F32 ? NULL : ripple_cpu_traits(vt)->from_float;
     for (int64_t t = 0; t < n_tokens; t++) {
         ripple_mask_activations(L, (const float *) ((const char *) src1->data + t * src1->nb[1]),

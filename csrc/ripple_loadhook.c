@@ -4,7 +4,10 @@
  * posix_madvise are pointed at wrappers that drop the prefetch for that file only. Other files
  * (and every other caller) see the libc functions unchanged. Linux/glibc, x86_64 and aarch64. */
 #define _GNU_SOURCE
-#include "ripple_internal.h"
+#include "ripple.h"
+#include "ripple_base.h"
+#include "ripple_loadhook.h"
+#include "ripple_model.h"
 
 #include "llama.h"
 
@@ -12,6 +15,7 @@
 #include <elf.h>
 #include <errno.h>
 #include <link.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -31,15 +35,20 @@ static pthread_mutex_t g_hook_mu = PTHREAD_MUTEX_INITIALIZER;
 static int             g_active;
 static struct { uintptr_t begin, end; } g_maps[MAX_MAPS]; /* ripple mappings made in the load window */
 static int             g_n_maps;
+static int             g_maps_handle; /* the model whose load window made them (they count only inside it) */
 
 static void * hook_mmap(void * addr, size_t len, int prot, int flags, int fd, off_t off) {
-    int ours = (flags & MAP_POPULATE) && ripple_store_is_ripple_fd(fd);
-    if (ours) {
+    const int handle = (flags & MAP_POPULATE) ? ripple_registry_loading_file(fd) : 0;
+    if (handle) {
         flags &= ~MAP_POPULATE;
     }
     void * r = mmap(addr, len, prot, flags, fd, off);
-    if (ours && r != MAP_FAILED) {
+    if (handle && r != MAP_FAILED) {
         pthread_mutex_lock(&g_hook_mu);
+        if (g_maps_handle != handle) { /* a new load window: the mappings of earlier ones are gone */
+            g_maps_handle = handle;
+            g_n_maps = 0;
+        }
         if (g_n_maps < MAX_MAPS) {
             g_maps[g_n_maps].begin = (uintptr_t) r;
             g_maps[g_n_maps].end = (uintptr_t) r + len;
@@ -52,10 +61,11 @@ static void * hook_mmap(void * addr, size_t len, int prot, int flags, int fd, of
 
 static int hook_posix_madvise(void * addr, size_t len, int advice) {
     if (advice == POSIX_MADV_WILLNEED) {
+        const int handle = ripple_registry_loading_handle();
         uintptr_t a = (uintptr_t) addr;
         int skip = 0;
         pthread_mutex_lock(&g_hook_mu);
-        for (int i = 0; i < g_n_maps; i++) {
+        for (int i = 0; handle && handle == g_maps_handle && i < g_n_maps; i++) {
             if (a >= g_maps[i].begin && a + len <= g_maps[i].end) {
                 skip = 1;
             }
@@ -66,12 +76,6 @@ static int hook_posix_madvise(void * addr, size_t len, int advice) {
         }
     }
     return posix_madvise(addr, len, advice);
-}
-
-void ripple_loadhook_end_load(void) {
-    pthread_mutex_lock(&g_hook_mu);
-    g_n_maps = 0;
-    pthread_mutex_unlock(&g_hook_mu);
 }
 
 int ripple_loadhook_active(void) {
@@ -214,7 +218,7 @@ static struct llama_model * hook_load_from_file(const char * path, struct llama_
     /* vocabulary-only loads and llama-server's memory-fit pass (no_alloc) are checked, not claimed */
     const int h = path ? ripple_load_begin(path, !params.vocab_only && !params.no_alloc, err, sizeof(err)) : 0;
     if (h < 0) {
-        ggml_log_internal(GGML_LOG_LEVEL_ERROR, "ripple: refusing to load the model: %s\n", err);
+        RIPPLE_LOG_ERROR("ripple: refusing to load the model: %s\n", err);
         return NULL;
     }
     struct llama_model * model = g_real_load(path, params);

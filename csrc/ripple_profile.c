@@ -1,7 +1,10 @@
 /* Activation capture for the offline stage: a ggml scheduler eval callback (llama.cpp's
  * cb_eval) that copies, per layer, the input of the ffn_up matmul (the FFN input) and the input of
  * the ffn_down matmul (the post-activation FFN vector) into buffers the Python profiler owns. */
-#include "ripple_internal.h"
+#include "ripple.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -74,7 +77,7 @@ bool ripple_capture_eval(void * tensor, bool ask, void * user_data) {
  * pre-activations whose activation is at or below the layer's threshold, so act(0) * up = 0 drops
  * the neuron. Rule "magnitude": zero the GLU outputs (the down matmul's input) at or below it. */
 static int sparsify_block(const ripple_sparsify * s, const struct ggml_tensor * t) {
-    if (s->rule == 0) {
+    if (s->rule == RIPPLE_RULE_GATE) {
         return t->op == GGML_OP_MUL_MAT && t->src[0] ? parse_block(t->src[0]->name, "gate") : -1;
     }
     /* the GLU node: its first input is the gate matmul (split form) */
@@ -105,7 +108,7 @@ bool ripple_sparsify_eval(void * tensor, bool ask, void * user_data) {
     int64_t zeroed = 0;
     for (int64_t i = 0; i < n; i++) {
         const float x = v[i];
-        const float a = s->rule != 0 ? x
+        const float a = s->rule != RIPPLE_RULE_GATE ? x
                       : s->activation == 0 ? x / (1.0f + expf(-x))
                                            : 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
         if (fabsf(a) <= thr) {

@@ -1,8 +1,9 @@
 /* SHA-256 (FIPS 180-4), for the digests a ripple-packed file carries in its metadata
  * (ripple.metadata.sha256, ripple.checksum.sha256: docs/FORMAT.md). Checked once per load over a
  * few hundred KiB, so a plain portable implementation. */
-#include "ripple_internal.h"
+#include "ripple_sha256.h"
 
+#include <stdio.h>
 #include <string.h>
 
 static const uint32_t K[64] = {

@@ -4,7 +4,8 @@
  * (u~ likewise), score = |act(g~) u~|, selected iff score > threshold. The integer sums use
  * AVX-512 VNNI (u8 codes x s8 activations) when the build has it; the float steps are done in the
  * order sketch.py's reference does them. */
-#include "ripple_internal.h"
+#include "ripple_kernels.h"
+#include "ripple_predict.h"
 
 #include <math.h>
 #include <stdlib.h>

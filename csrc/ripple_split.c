@@ -1,11 +1,13 @@
 /* Split down columns (docs/FORMAT.md section 3): which ggml types can be split, and the one
  * unpacking of their blocks into the stored integers and the per-group (scale, min) pairs, used by
- * the converter (through ripple_split_rows), the file reader's table check and the store.
+ * the converter (through ripple_split_rows), the file reader's table check and the registry.
  *
  * Written from the block layouts ggml documents in ggml-common.h and dequantizes in
  * dequantize_row_* (ggml-quants.c); the pairs are computed with the same float operations as
  * those functions, so scale * (q - offset) + min is bit for bit ggml's value. */
-#include "ripple_internal.h"
+#include "ripple.h"
+
+#include "ggml.h"
 
 #include <string.h>
 

@@ -1,5 +1,6 @@
 """Loads the native library (cffi, ABI mode): ``ffi`` (its declarations), ``lib`` and its path.
-Only :mod:`ripple_gguf.binding` calls into ``lib``.
+Only :mod:`ripple_gguf.binding` calls into ``lib``; :func:`cache_test_library` opens the neuron
+cache's test harness, a library of its own (tests and scripts only).
 
 Loading order matters: the ggml that ``libllama.so`` uses must be the one our backend registers
 into. ``llama_cpp`` loads ``libllama.so``, whose ``libggml*.so.0`` we promote to the global symbol
@@ -8,6 +9,7 @@ scope before opening our library, whose ggml symbols are left undefined at build
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 from pathlib import Path
@@ -35,6 +37,20 @@ def _find_library() -> Path:
     return Path(found[0])
 
 
+def _parse_header(name: str, source: str):
+    """A cffi FFI of a header of the package (next to the library, else in the source tree)."""
+    import cffi
+
+    from ._cdef import cdef_text
+
+    for header in (_HERE / name, _HERE.parent / "csrc" / source):
+        if header.exists():
+            ffi = cffi.FFI()
+            ffi.cdef(cdef_text(header))
+            return ffi
+    raise NativeLibraryError(f"{source} is missing next to {_HERE}")
+
+
 def _make_ffi():
     """The binding's types: the module the build pre-compiled (no C parsing at import), else the
     header parsed now (a source tree whose build predates it)."""
@@ -44,16 +60,7 @@ def _make_ffi():
         return ffi
     except ImportError:
         pass
-    import cffi
-
-    from ._cdef import cdef_text
-
-    for header in (_HERE / "_ripple.h", _HERE.parent / "csrc" / "ripple.h"):
-        if header.exists():
-            ffi = cffi.FFI()
-            ffi.cdef(cdef_text(header))
-            return ffi
-    raise NativeLibraryError(f"ripple.h is missing next to {_HERE}")
+    return _parse_header("_ripple.h", "ripple.h")
 
 
 def _load_ggml_global():
@@ -101,3 +108,14 @@ def _open():
 
 
 ffi, lib, library_path = _open()
+
+
+@functools.lru_cache(maxsize=None)
+def cache_test_library():
+    """The neuron cache's test harness (csrc/ripple_cache_test.h; tests and scripts/bench_cache.py):
+    a library of its own beside this one, (ffi, lib)."""
+    path = _HERE / "_ripple_cache_test.so"
+    if not path.exists():
+        raise NativeLibraryError(f"{path} is missing: the package was built without the cache test harness")
+    test_ffi = _parse_header("_ripple_cache_test.h", "ripple_cache_test.h")
+    return test_ffi, test_ffi.dlopen(str(path))

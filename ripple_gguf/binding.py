@@ -36,34 +36,22 @@ def _refused(func: str, *args) -> RuntimeError:
 
 # ---- the header's constants ----
 
-def _declared(prefix: str) -> Dict[str, int]:
-    """{NAME in lower case: value} of the header's integer constants (#define or enum) named
-    ``<prefix><NAME>``, in value order."""
-    found = {k[len(prefix):].lower(): int(getattr(lib, k)) for k in dir(lib) if k.startswith(prefix)}
-    return dict(sorted(found.items(), key=lambda kv: kv[1]))
+def _enum(name: str, prefix: str) -> Dict[str, int]:
+    """{member without ``prefix``, in lower case: value} of ``enum <name>`` of csrc/ripple.h, in
+    value order: the names Python uses for the library's numbers."""
+    members = ffi.typeof(f"enum {name}").relements
+    return {k[len(prefix):].lower(): v for k, v in sorted(members.items(), key=lambda kv: kv[1])}
 
 
-# Families csrc/ripple.h does not declare yet, in csrc/'s numbering today. The csrc-layers work of
-# issue 14 declares them under these prefixes: each table goes once the header has its family
-# (tests/test_binding.py fails until it is gone).
-NOT_IN_HEADER_YET = {
-    "RIPPLE_CACHE_": {"lru": 0, "s3fifo": 1, "linking": 2, "pinned": 3},  # enum ripple_cache_policy
-    "RIPPLE_RULE_": {"gate": 0, "magnitude": 1},  # ripple_sparsify.rule
-    "RIPPLE_SPARSE_DOWN_": {"bundles": 0, "auto": 1},  # ripple_set_sparse_down_rows
-    "RIPPLE_IO_ENGINE_": {"threads": 0, "uring": 1, "auto": 2},  # ripple_set_io_engine
-}
-
-
-def _family(prefix: str) -> Dict[str, int]:
-    return _declared(prefix) or dict(NOT_IN_HEADER_YET[prefix])
-
-
-MODES = _family("RIPPLE_MODE_")  # exact, sparse, auto (each model's own default)
-CACHE_POLICIES = _family("RIPPLE_CACHE_")  # lru, s3fifo, linking, pinned
-ACTIVITY_RULES = _family("RIPPLE_RULE_")  # when a neuron counts as active; gate: oracle sparsity only
-EXACT_DOWN = _family("RIPPLE_EXACT_DOWN_")  # where exact mode's down projection comes from
-SPARSE_DOWN = _family("RIPPLE_SPARSE_DOWN_")  # where sparse mode's down projection comes from
-IO_ENGINES = _family("RIPPLE_IO_ENGINE_")
+MODES = _enum("ripple_mode", "RIPPLE_MODE_")  # exact, sparse, auto (each model's own default)
+CACHE_POLICIES = _enum("ripple_cache_policy", "RIPPLE_CACHE_")  # lru, s3fifo, linking, pinned
+ACTIVITY_RULES = _enum("ripple_activity_rule", "RIPPLE_RULE_")  # none, nonzero, magnitude; gate (oracle only)
+EXACT_DOWN = _enum("ripple_exact_down", "RIPPLE_EXACT_DOWN_")  # where exact mode's down projection comes from
+SPARSE_DOWN = _enum("ripple_sparse_down", "RIPPLE_SPARSE_DOWN_")  # where sparse mode's comes from
+IO_ENGINES = _enum("ripple_io_engine", "RIPPLE_IO_ENGINE_")  # threads, uring, auto
+# bounds of the settings (README, Settings): beyond them a value is a typo
+MAX_CACHE_MB = lib.RIPPLE_MAX_CACHE_MB
+MAX_IO_THREADS = lib.RIPPLE_MAX_IO_THREADS
 
 
 # ---- registration and loads ----
@@ -252,6 +240,14 @@ def get_exact_down() -> int:
 # void ripple_set_cost_model(double latency_s, double bandwidth_bps, double parallelism);
 def set_cost_model(latency_s: float, bandwidth_bps: float, parallelism: float) -> None:
     lib.ripple_set_cost_model(latency_s, bandwidth_bps, parallelism)
+
+
+# void ripple_storage_default_model(ripple_cost_model * out);
+def storage_default_model() -> Tuple[float, float, float]:
+    """(latency_s, bandwidth_bps, parallelism) of a device without a probe-storage profile."""
+    out = ffi.new("ripple_cost_model *")
+    lib.ripple_storage_default_model(out)
+    return out.latency_s, out.bandwidth_bps, out.parallelism
 
 
 # void ripple_set_verify_reads(int on);   (diagnostic: reads unchecked against the checksum table)

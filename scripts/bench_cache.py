@@ -16,8 +16,9 @@ import argparse
 import numpy as np
 
 from ripple_gguf import _native
+from ripple_gguf.binding import CACHE_POLICIES
 
-POLICIES = {"lru": 0, "s3fifo": 1, "linking": 2}
+POLICIES = {p: CACHE_POLICIES[p] for p in ("lru", "s3fifo", "linking")}
 BUNDLE = 16  # bytes: the content does not matter here
 
 
@@ -54,7 +55,7 @@ def make_trace(args, rng: np.random.Generator) -> list[list[np.ndarray]]:
 
 
 def replay(trace, n_ff: int, n_layers: int, slots: int, policy: int) -> tuple[float, float, float]:
-    lib, ffi = _native.lib, _native.ffi
+    ffi, lib = _native.cache_test_library()
     h = lib.ripple_cache_test_new(n_layers, ffi.new("int32_t[]", [n_ff] * n_layers), BUNDLE, slots * BUNDLE, policy)
     hits = needed = reads = bundles = 0
     try:

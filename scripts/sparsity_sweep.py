@@ -4,7 +4,7 @@
 For every combination, the model is converted with those settings (files cached in the work dir,
 keyed by the settings, the source and the offline-stage code) and measured on each text of --text
 (default: the held-out pydoc text, ``ripple_gguf.offline.quality.heldout_text``, never the calibration
-text, and Debian's fortunes, English prose of another domain, ``ripple_gguf.corpora``):
+text, and Debian's fortunes, English prose of another domain, ``ripple_gguf.eval.corpora``):
 
 * exact-mode and sparse-mode perplexity on each text (windows of --chunk tokens, as ``ripple-gguf
   perplexity --text``);

@@ -9,11 +9,15 @@ from ripple_gguf import binding
 from ripple_gguf.runtime import settings
 
 
-def test_modes_and_exact_down_sources_come_from_the_header():
-    assert binding.MODES == binding._declared("RIPPLE_MODE_") == {"exact": 0, "sparse": 1, "auto": 2}
-    assert binding.EXACT_DOWN == binding._declared("RIPPLE_EXACT_DOWN_")
+def test_the_numberings_are_the_headers():
+    lib = binding.lib
+    assert binding.MODES == {"exact": lib.RIPPLE_MODE_EXACT, "sparse": lib.RIPPLE_MODE_SPARSE,
+                             "auto": lib.RIPPLE_MODE_AUTO}
+    assert binding.ACTIVITY_RULES == {"none": lib.RIPPLE_RULE_NONE, "nonzero": lib.RIPPLE_RULE_NONZERO,
+                                      "magnitude": lib.RIPPLE_RULE_MAGNITUDE, "gate": lib.RIPPLE_RULE_GATE}
+    assert list(binding.CACHE_POLICIES) == ["lru", "s3fifo", "linking", "pinned"]  # value order: in messages
     assert settings.MODES is binding.MODES and settings.CACHE_POLICIES is binding.CACHE_POLICIES
-    assert {"gate", "magnitude"} <= set(binding.ACTIVITY_RULES)
+    assert settings.MAX_IO_THREADS == lib.RIPPLE_MAX_IO_THREADS and settings.MAX_CACHE_MB == lib.RIPPLE_MAX_CACHE_MB
 
 
 @pytest.mark.parametrize("variable, field, table", [
@@ -30,13 +34,6 @@ def test_every_name_means_what_the_librarys_own_parser_reads(monkeypatch, variab
     monkeypatch.setenv(variable, "no-such-name")
     with pytest.raises(ValueError, match=variable):
         binding.settings_from_env()
-
-
-@pytest.mark.parametrize("prefix", sorted(binding.NOT_IN_HEADER_YET))
-def test_families_not_in_the_header_yet_are_not_there(prefix):
-    """Once csrc/ripple.h declares one of these families, binding reads it from there: this fails
-    until the Python copy is gone."""
-    assert not binding._declared(prefix), f"ripple.h declares {prefix}*: drop its copy in ripple_gguf/binding.py"
 
 
 def test_failures_carry_the_librarys_message(tmp_path):

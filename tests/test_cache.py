@@ -1,6 +1,7 @@
-"""Neuron cache policies (csrc/ripple_cache.c) through the C test harness: crafted sequences with
-known answers, a plain-Python reference of each documented policy replayed op by op, the linking
-admission rate, the byte budget and the bytes handed back after churn."""
+"""Neuron cache policies (csrc/ripple_cache.c) through the C test harness (a library of its own,
+csrc/ripple_cache_test.h): crafted sequences with known answers, a plain-Python reference of each
+documented policy replayed op by op, the linking admission rate, the byte budget and the bytes
+handed back after churn."""
 from __future__ import annotations
 
 import random
@@ -9,8 +10,10 @@ from collections import OrderedDict, deque
 import pytest
 
 from ripple_gguf import _native
+from ripple_gguf.binding import CACHE_POLICIES
 
-LRU, S3FIFO, LINKING = 0, 1, 2
+ffi, lib = _native.cache_test_library()
+LRU, S3FIFO, LINKING, PINNED = (CACHE_POLICIES[p] for p in ("lru", "s3fifo", "linking", "pinned"))
 POLICIES = (LRU, S3FIFO, LINKING)
 SMALL, MAIN, GHOST, ABSENT = 0, 1, 2, -1
 BS = 48  # bytes per bundle
@@ -21,21 +24,21 @@ class Cache:
 
     def __init__(self, n_ff, slots, policy, bundle_size=BS, budget=None):
         self.n_ff = list(n_ff)
-        ff = _native.ffi.new("int32_t[]", self.n_ff)
+        ff = ffi.new("int32_t[]", self.n_ff)
         b = slots * bundle_size if budget is None else budget
-        self.h = _native.lib.ripple_cache_test_new(len(self.n_ff), ff, bundle_size, b, policy)
-        assert self.h != _native.ffi.NULL
+        self.h = lib.ripple_cache_test_new(len(self.n_ff), ff, bundle_size, b, policy)
+        assert self.h != ffi.NULL
 
     def get(self, pos, layer=0):
-        r = _native.lib.ripple_cache_test_get(self.h, layer, pos)
+        r = lib.ripple_cache_test_get(self.h, layer, pos)
         assert r in (0, 1), f"bundle ({layer}, {pos}) came back with wrong bytes ({r})"
         return r == 1
 
     def put(self, pos, run=1, layer=0):
-        _native.lib.ripple_cache_test_put(self.h, layer, pos, run)
+        lib.ripple_cache_test_put(self.h, layer, pos, run)
 
     def where(self, pos, layer=0):
-        return _native.lib.ripple_cache_test_where(self.h, layer, pos)
+        return lib.ripple_cache_test_where(self.h, layer, pos)
 
     def access(self, pos, run=1, layer=0):
         """What the flash store does: a get, and a put on a miss."""
@@ -46,15 +49,15 @@ class Cache:
 
     @property
     def capacity(self):
-        return _native.lib.ripple_cache_test_capacity(self.h)
+        return lib.ripple_cache_test_capacity(self.h)
 
     @property
     def used_bytes(self):
-        return _native.lib.ripple_cache_test_used_bytes(self.h)
+        return lib.ripple_cache_test_used_bytes(self.h)
 
     def close(self):
         if self.h is not None:
-            _native.lib.ripple_cache_test_free(self.h)
+            lib.ripple_cache_test_free(self.h)
             self.h = None
 
     def __enter__(self):
@@ -320,16 +323,13 @@ def test_bytes_survive_heavy_churn(policy):
     assert hits > 1000
 
 
-PINNED = 3
-
-
 def _pinned(n_ff, slots, freq=None):
-    ff = _native.ffi.new("int32_t[]", list(n_ff))
-    fq = _native.ffi.new("uint8_t[]", list(freq)) if freq is not None else _native.ffi.NULL
+    ff = ffi.new("int32_t[]", list(n_ff))
+    fq = ffi.new("uint8_t[]", list(freq)) if freq is not None else ffi.NULL
     c = Cache.__new__(Cache)
     c.n_ff = list(n_ff)
-    c.h = _native.lib.ripple_cache_test_new_freq(len(n_ff), ff, fq, BS, slots * BS, PINNED)
-    assert c.h != _native.ffi.NULL
+    c.h = lib.ripple_cache_test_new_freq(len(n_ff), ff, fq, BS, slots * BS, PINNED)
+    assert c.h != ffi.NULL
     return c
 
 
@@ -349,7 +349,7 @@ def test_pinned_keeps_the_most_frequent_and_never_evicts():
     held = {(l, p) for l in (0, 1) for p in range(8) if c.where(p, l) != ABSENT}
     assert held == keep
     assert all(c.get(p, l) for l, p in keep)  # bytes intact, still there
-    assert _native.lib.ripple_cache_test_used_bytes(c.h) == 5 * BS
+    assert lib.ripple_cache_test_used_bytes(c.h) == 5 * BS
 
 
 def test_pinned_without_frequencies_keeps_the_first_bundles():
@@ -359,3 +359,17 @@ def test_pinned_without_frequencies_keeps_the_first_bundles():
             c.put(pos, layer=layer)
     held = {(l, p) for l in (0, 1) for p in range(4) if c.where(p, l) != ABSENT}
     assert held == {(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)}
+
+
+def test_the_harness_is_not_in_the_runtime_library():
+    """The runtime library exports none of the harness; the harness library exports it all."""
+    import subprocess
+
+    def exported(path):
+        out = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True)
+        return {line.split()[-1] for line in out.stdout.splitlines() if line.split()[-2:-1] == ["T"]}
+
+    runtime, harness = exported(_native.library_path), exported(_native._HERE / "_ripple_cache_test.so")
+    assert not {s for s in runtime if s.startswith("ripple_cache")}
+    assert {"ripple_cache_test_new", "ripple_cache_test_get", "ripple_cache_test_put"} <= harness
+

@@ -23,8 +23,7 @@ def name_of(table: Mapping[str, int], value: int) -> str:
 
 
 # Upper bounds (README, Settings): beyond them a value is a typo, not a configuration.
-MAX_CACHE_MB = 1 << 20  # 1 TiB
-MAX_IO_THREADS = 64  # RIPPLE_IO_MAX_THREADS in csrc/ripple_io.c
+MAX_CACHE_MB, MAX_IO_THREADS = binding.MAX_CACHE_MB, binding.MAX_IO_THREADS  # what RIPPLE_* may hold
 MAX_COLLAPSE_BYTES = 1 << 40
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 _BOOL_RULE = 'True/False, 0/1 or one of "1", "0", "true", "false", "yes", "no", "on", "off"'

@@ -23,7 +23,7 @@ Presets, from published figures:
   (https://www.neowin.net/news/samsung-debuts-all-new-ufs-40-to-enable-speeds-of-up-to-4200mbs-or-double-that-of-ufs-31).
 - ``UFS31``: Samsung 512 GB eUFS 3.1: 2,100 MB/s sequential read, 100,000 IOPS 4 KB random read
   (https://liliputing.com/2020/03/samsungs-ufs-3-1-storage-brings-ssd-speeds-to-smartphones.html).
-- ``DEFAULT`` (no profile for the device): a mainstream PCIe 3 NVMe SSD, Samsung 970 EVO Plus
+- ``DEFAULT`` (no profile for the device; the native library's, csrc/ripple_cost.c): a mainstream PCIe 3 NVMe SSD, Samsung 970 EVO Plus
   1 TB: 3,500 MB/s sequential read, 4 KB random read 19,000 IOPS at QD1 and 600,000 at QD32 x 4
   workers (https://digit.in/reviews/general/samsung-970-evo-plus-nvme-m-2-ssd-250-gb-review-177943.html).
   A development machine without a profile most likely reads from such a disk; its
@@ -50,6 +50,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from .. import binding
 from ..atomic import atomic_output
 from ..paths import cache_subdir
 
@@ -440,18 +441,13 @@ def model_for(path: PathLike) -> CostModel:
 # ---- presets from published figures (module docstring: sources) ----
 
 def _from_figures(name: str, source: str, *, seq_bps: float, iops_4k: float, at_depth: int,
-                  parallelism: Optional[float] = None, iops_4k_qd1: Optional[float] = None,
-                  queue_depth: int = 32) -> CostModel:
-    """The model through published figures: sequential bandwidth, 4 KiB random IOPS at a depth,
-    and either the device's parallelism or its 4 KiB random IOPS at depth 1."""
+                  parallelism: float, queue_depth: int = 32) -> CostModel:
+    """The model through published figures: sequential bandwidth, 4 KiB random IOPS at a depth and
+    the device's parallelism (csrc/ripple_cost.c derives the default device from its IOPS at depth
+    1 instead)."""
     per_req = 1.0 / iops_4k - 4 * KiB / seq_bps  # latency / min(at_depth, parallelism)
-    if iops_4k_qd1 is not None:
-        latency = 1.0 / iops_4k_qd1 - 4 * KiB / seq_bps
-        parallelism = latency / per_req
-    else:
-        latency = per_req * min(at_depth, parallelism)
-    return CostModel(latency_s=latency, bandwidth_bps=seq_bps, parallelism=parallelism,
-                     queue_depth=queue_depth, name=name, source=source)
+    return CostModel(latency_s=per_req * min(at_depth, parallelism), bandwidth_bps=seq_bps,
+                     parallelism=parallelism, queue_depth=queue_depth, name=name, source=source)
 
 
 UFS40 = _from_figures(
@@ -465,13 +461,13 @@ UFS31 = _from_figures(
 
 
 def _default_model() -> CostModel:
-    """The model of a disk without a profile. The native library starts with the same figures
-    (csrc/ripple_store.c) until the first ripple load sets the model: this is the one place to read
-    them from the library instead once it exports them."""
-    return _from_figures(
-        "default (NVMe SSD)", "Samsung 970 EVO Plus 1 TB: 3,500 MB/s sequential read, 4 KB random read "
-        "19,000 IOPS at QD1 and 600,000 IOPS at QD32 x 4 workers",
-        seq_bps=3.5e9, iops_4k=600_000, at_depth=128, iops_4k_qd1=19_000)
+    """The model of a disk without a profile: the native library's, what the backend starts with
+    (csrc/ripple_cost.c derives it from the figures of the module docstring)."""
+    latency_s, bandwidth_bps, parallelism = binding.storage_default_model()
+    return CostModel(latency_s=latency_s, bandwidth_bps=bandwidth_bps, parallelism=parallelism,
+                     name="default (NVMe SSD)",
+                     source="Samsung 970 EVO Plus 1 TB: 3,500 MB/s sequential read, 4 KB random read "
+                            "19,000 IOPS at QD1 and 600,000 IOPS at QD32 x 4 workers")
 
 
 DEFAULT = _default_model()

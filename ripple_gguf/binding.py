@@ -1,10 +1,11 @@
 """The typed binding of the native library: one function per C function of ``csrc/ripple.h`` that
 Python calls, each under the C declaration it wraps, numpy arrays and Python values in and out, a
-failure (error buffer or return code) raised as an exception; and the header's constants.
+failure (error buffer or return code) raised as an exception; and the header's constants, its
+enums under the names Python uses for them.
 
 Every module of the package reaches the library through here; :mod:`ripple_gguf._native` only
-loads it. Nothing here knows the file format or the setting names: callers give a failure its
-meaning (a refused load becomes a ``RippleFormatError`` in the runtime).
+loads it. Nothing here knows the file format: callers give a failure its meaning (a refused load
+becomes a ``RippleFormatError`` in the runtime).
 """
 from __future__ import annotations
 

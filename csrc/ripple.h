@@ -72,7 +72,7 @@ typedef struct ripple_layer_desc {
     int32_t  down_src_type;  /* ggml type of the standard ffn_down tensor */
     int32_t  act_rule;       /* enum ripple_activity_rule: NONE, NONZERO or MAGNITUDE */
     float    act_threshold;  /* RIPPLE_RULE_MAGNITUDE: a neuron is active iff |h| > act_threshold */
-    const uint8_t * predictor; /* predictor blob (ripple_gguf/predictor.py layout), NULL = none; copied */
+    const uint8_t * predictor; /* predictor blob (ripple_gguf/offline/predictor.py layout), NULL = none; copied */
     uint64_t predictor_size;
     int32_t  down_layout;    /* 0 column (a row of down_type), 1 split (the source's integers; scales in down_table) */
     const uint8_t * down_table; /* split: f32 (scale, min)[n_ff/group][n_embd], value = scale * (q - offset) + min; copied */
@@ -214,7 +214,7 @@ typedef struct ripple_cost_model {
     double bandwidth_bps; /* sequential bandwidth */
     double parallelism;   /* requests the device serves at once */
 } ripple_cost_model;
-/* The model of a device without a probe-storage profile (ripple_gguf.storage.DEFAULT), what the
+/* The model of a device without a probe-storage profile (ripple_gguf.runtime.storage.DEFAULT), what the
  * backend starts with: a mainstream PCIe 3 NVMe SSD through its published figures (Samsung 970 EVO
  * Plus 1 TB: 3,500 MB/s sequential read, 4 KB random read 19,000 IOPS at QD1 and 600,000 IOPS at
  * QD32 x 4 workers). */
@@ -295,7 +295,7 @@ int ripple_get_verify_reads(void);
 void ripple_set_pair_matmuls(int on);
 int ripple_get_pair_matmuls(void);
 
-/* Sketch predictor scores (ripple_gguf/sketch.py's reference, for tests): for n_tokens FFN inputs x
+/* Sketch predictor scores (ripple_gguf/offline/sketch.py's reference, for tests): for n_tokens FFN inputs x
  * (n_tokens x n_embd floats) the score of every neuron (n_tokens x n_ff) and whether it is
  * selected. Returns 0, or -1 with err for a blob this build does not accept. */
 int ripple_sketch_scores(const uint8_t * blob, size_t size, int32_t n_embd, int32_t n_ff, const float * x,
@@ -325,7 +325,7 @@ size_t ripple_quantize_rows(int32_t type, const float * src, void * dst, int64_t
 int ripple_split_info(int32_t type, int32_t * bits, int32_t * offset, int32_t * group, int32_t * has_min);
 int ripple_split_rows(int32_t type, const void * src, int64_t nrows, int64_t n_per_row, uint8_t * q, float * scale_min);
 
-/* Neuron placement (ripple_gguf/placement.py): the greedy Hamiltonian path over co-activation
+/* Neuron placement (ripple_gguf/offline/placement.py): the greedy Hamiltonian path over co-activation
  * counts co (n*n row-major; only the upper triangle i < j and the diagonal = frequency are read).
  * Writes the neuron id at each position to order[n]. 0 < n < 65536. Returns 0, or -1 on bad
  * arguments or when out of memory. */

@@ -1,4 +1,4 @@
-/* The storage cost model (ripple_gguf/storage.py's CostModel): a batch of n requests of B bytes in
+/* The storage cost model (ripple_gguf/runtime/storage.py's CostModel): a batch of n requests of B bytes in
  * all issued together takes n / min(queue depth, parallelism) * latency + B / bandwidth. It decides
  * between reading the union of a batch's needed bundles and streaming the whole layer, and gives
  * the access-collapse threshold. */

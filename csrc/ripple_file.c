@@ -31,7 +31,7 @@
 #define FOOTER_SIZE 64
 #define SCAN_BYTES (64u << 20) /* GGUF headers (metadata, vocabularies, tensor infos) are smaller */
 
-/* key names: ripple_gguf/constants.py (Keys) */
+/* key names: ripple_gguf/format/constants.py (Keys) */
 #define K_FORMAT_VERSION "ripple.format_version"
 #define K_METADATA_SHA "ripple.metadata.sha256"
 #define K_REGION_OFFSET "ripple.region.offset"

@@ -1,5 +1,5 @@
 /* Neuron placement: the greedy Hamiltonian path (multi-fragment heuristic) over co-activation
- * counts. Python side: ripple_gguf/placement.py (which documents the order's conventions).
+ * counts. Python side: ripple_gguf/offline/placement.py (which documents the order's conventions).
  *
  * Pairs i < j with co > 0 are sorted by decreasing count with a stable counting sort keyed on
  * the count (ties stay in (i, j) order), so the cost is O(n^2 + max count) instead of a

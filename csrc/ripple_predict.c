@@ -1,4 +1,4 @@
-/* A layer's predictor: which bundles a token needs. Low-rank predictors (ripple_gguf/predictor.py,
+/* A layer's predictor: which bundles a token needs. Low-rank predictors (ripple_gguf/offline/predictor.py,
  * docs/FORMAT.md 3b) are computed here; sketch predictors (RPSK blobs) in ripple_sketch.c. */
 #include "ripple_kernels.h"
 #include "ripple_predict.h"
@@ -12,7 +12,7 @@
 #include <immintrin.h>
 #endif
 
-/* ---- predictor blob (ripple_gguf/predictor.py, docs/FORMAT.md 3b) ---- */
+/* ---- predictor blob (ripple_gguf/offline/predictor.py, docs/FORMAT.md 3b) ---- */
 
 #define RIPPLE_PREDICTOR_VERSION 2 /* predictor.VERSION */
 

@@ -26,7 +26,7 @@ typedef struct ripple_predictor {
     ripple_sketch sk;
 } ripple_predictor;
 
-/* a predictor blob (RPRD: ripple_gguf/predictor.py, docs/FORMAT.md 3b; RPSK: a sketch) checked and
+/* a predictor blob (RPRD: ripple_gguf/offline/predictor.py, docs/FORMAT.md 3b; RPSK: a sketch) checked and
  * copied; NULL with err */
 ripple_predictor * ripple_predictor_load(const uint8_t * blob, size_t size, int n_embd, int n_ff,
                                          char * err, size_t err_len);

@@ -1,4 +1,4 @@
-/* Sketch predictors (ripple_gguf/sketch.py, docs/FORMAT.md 3c): per token, a score per neuron
+/* Sketch predictors (ripple_gguf/offline/sketch.py, docs/FORMAT.md 3c): per token, a score per neuron
  * from a 2-bit copy of the layer's gate and up rows plus k outlier input channels in int8,
  *   g~ = D_g / 2 * d * (2 sum_j c_j xq_j - 3 sum_j xq_j) + sum_k og_k * osg_k * x[out_k]
  * (u~ likewise), score = |act(g~) u~|, selected iff score > threshold. The integer sums use

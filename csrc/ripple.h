@@ -38,6 +38,11 @@ enum ripple_activity_rule {
     RIPPLE_RULE_MAGNITUDE = 1, /* "magnitude": |h| > the layer's threshold */
     RIPPLE_RULE_GATE = 2,      /* "gate" (CATS): |act(gate)| > the layer's threshold */
 };
+/* the gate activation of a gated FFN (ripple_sparsify's gate rule) */
+enum ripple_glu_activation {
+    RIPPLE_GLU_SILU = 0, /* "silu": x * sigmoid(x) */
+    RIPPLE_GLU_GELU = 1, /* "gelu": ggml's tanh approximation */
+};
 /* where exact mode takes the down projection from: the standard ffn_down tensor (stock's own
  * arithmetic, the default) or the down columns of the bundles (what sparse mode reads) */
 enum ripple_exact_down {
@@ -360,7 +365,7 @@ typedef struct ripple_sparsify {
     int32_t       n_blocks;
     const float * thresholds;
     int32_t       rule;       /* RIPPLE_RULE_GATE or RIPPLE_RULE_MAGNITUDE */
-    int32_t       activation; /* gate rule: 0 silu, 1 gelu */
+    int32_t       activation; /* gate rule: enum ripple_glu_activation */
     int32_t       errors;
     int64_t       zeroed;     /* gate values zeroed so far */
     int64_t       total;      /* gate values seen so far */

@@ -109,7 +109,7 @@ bool ripple_sparsify_eval(void * tensor, bool ask, void * user_data) {
     for (int64_t i = 0; i < n; i++) {
         const float x = v[i];
         const float a = s->rule != RIPPLE_RULE_GATE ? x
-                      : s->activation == 0 ? x / (1.0f + expf(-x))
+                      : s->activation == RIPPLE_GLU_SILU ? x / (1.0f + expf(-x))
                                            : 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
         if (fabsf(a) <= thr) {
             v[i] = 0.0f;

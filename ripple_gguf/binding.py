@@ -49,6 +49,7 @@ CACHE_POLICIES = _enum("ripple_cache_policy", "RIPPLE_CACHE_")  # lru, s3fifo, l
 ACTIVITY_RULES = _enum("ripple_activity_rule", "RIPPLE_RULE_")  # none, nonzero, magnitude; gate (oracle only)
 EXACT_DOWN = _enum("ripple_exact_down", "RIPPLE_EXACT_DOWN_")  # where exact mode's down projection comes from
 SPARSE_DOWN = _enum("ripple_sparse_down", "RIPPLE_SPARSE_DOWN_")  # where sparse mode's comes from
+GLU_ACTIVATIONS = _enum("ripple_glu_activation", "RIPPLE_GLU_")  # silu, gelu: the gate rule's activation
 IO_ENGINES = _enum("ripple_io_engine", "RIPPLE_IO_ENGINE_")  # threads, uring, auto
 # bounds of the settings (README, Settings): beyond them a value is a typo
 MAX_CACHE_MB = lib.RIPPLE_MAX_CACHE_MB

@@ -297,3 +297,29 @@ def test_damaged_checksum_table_or_header_detected(packed, tmp_path):
             f.write(bytes([b[0] ^ 0x20]))
         with pytest.raises(RippleFormatError, match=f"{name}: GGUF header"):
             RippleFile.open(p).check_quick()
+
+
+def test_gguf_part_is_gguf_writers(packed):
+    """The GGUF part is gguf-py's GGUFWriter's rendering of its records and tensor infos: the
+    package's reader and gguf-py's agree on every key/value and tensor info, every source record
+    keeps its bytes, and GGUFWriter renders the header read back to the file's own bytes."""
+    from ripple_gguf.format.writer import render_gguf_header
+
+    src, dst = packed
+    h, s, r = read_gguf_header(dst), read_gguf_header(src), gguf.GGUFReader(dst)
+    fields = [f for f in r.fields.values() if not f.name.startswith("GGUF.")]
+    assert [f.name for f in fields] == list(h.kv)
+    for f in fields:
+        v = h.kv[f.name]
+        assert f.types[0] == v.type and (len(f.types) == 1 or f.types[1] == v.sub_type), f.name
+        got = f.contents()
+        assert (list(got) == list(v.value)) if v.type == gguf.GGUFValueType.ARRAY else got == v.value, f.name
+    assert [(t.name, tuple(int(x) for x in t.shape), int(t.tensor_type), int(t.data_offset))
+            for t in r.tensors] == [(t.name, t.shape, t.type, h.data_offset + t.offset) for t in h.tensors]
+    data, sdata = open(dst, "rb").read(), open(src, "rb").read()
+    for key, v in s.kv.items():
+        assert data[slice(*h.kv[key].span)] == sdata[slice(*v.span)], key
+    kvs = [(k, v.type, v.value, v.sub_type) for k, v in h.kv.items()]
+    raw, kv_end = render_gguf_header(kvs, h.tensors, h.alignment, os.path.dirname(dst) + "/scratch.header")
+    assert kv_end == h.kv[Keys.METADATA_SHA256].span[1]
+    assert raw == data[:h.header_end]

@@ -12,12 +12,10 @@ from .layout import FLOAT_TYPES, SPLIT_TYPES, RippleLayer, split_planes
 
 
 def to_f32(ggml_type: int, raw: np.ndarray, nrows: int, n_per_row: int) -> np.ndarray:
+    """``nrows`` rows of ``n_per_row`` values of ``ggml_type`` as f32: ggml's own to_float of the
+    type (F16 and BF16 included), F32 a view of ``raw``."""
     if ggml_type == T.F32:
         return raw.view("<f4").reshape(nrows, n_per_row)
-    if ggml_type == T.F16:
-        return raw.view("<f2").astype(np.float32).reshape(nrows, n_per_row)
-    if ggml_type == T.BF16:
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(nrows, n_per_row)
     return binding.dequantize(int(ggml_type), np.ascontiguousarray(raw).reshape(-1), nrows, n_per_row)
 
 

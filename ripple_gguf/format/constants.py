@@ -125,7 +125,6 @@ PREDICTOR_KINDS = ("lowrank", "sketch")
 #   magnitude (anything else): |h_i| > threshold
 # (CATS's |act(gate)| was measured and rejected: scripts/sparsity_curve.py, docs/BENCHMARKS.md)
 SPARSITY_RULES = ("nonzero", "magnitude")
-GLU_ACTIVATIONS = ("silu", "gelu")
 # gate activation of the gated-FFN architectures llama.cpp builds with LLM_FFN_SILU / LLM_FFN_GELU
 # (used to measure the CATS rule)
 ARCH_GLU_ACTIVATION = {

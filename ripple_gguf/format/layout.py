@@ -1,5 +1,5 @@
 """The layout of a ripple-packed GGUF (docs/FORMAT.md): ggml row types and sizes, the split
-down-column table, the GGUF header as parsed, one FFN layer's bundles and offsets
+down-column table (the C library's, through the binding), the GGUF header as parsed, one FFN layer's bundles and offsets
 (:class:`RippleLayer`), and what the offline stage stores besides them (:class:`OfflineData`).
 Shared by the reader, the writer and the converter; no I/O here."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType as V
 
+from .. import binding
 from . import constants as C
 
 GGUF_MAGIC = b"GGUF"
@@ -81,15 +82,20 @@ class SplitType(NamedTuple):
     group: int  # neurons sharing one scale table entry (a block, or a k-quant sub-block)
 
 
+def _split_types() -> dict:
+    """{type: SplitType} of every ggml type whose down columns can be split, as the C library's
+    ripple_split_info (csrc/ripple_split.c) tells them: C owns the table."""
+    out = {}
+    for t in T:
+        info = binding.split_info(t)
+        if info is not None:
+            out[t] = SplitType(*info[:3])
+    return out
+
+
 # Split down columns (constants.DOWN_LAYOUTS): source types whose blocks (or k-quant sub-blocks)
-# are a scale, maybe a minimum, and one small integer per value. The same table is
-# ripple_split_info in csrc/ripple_split.c (tests/test_convert.py checks they agree).
-SPLIT_TYPES = {
-    T.Q4_0: SplitType(4, 8, 32), T.Q4_1: SplitType(4, 0, 32), T.Q5_0: SplitType(5, 16, 32),
-    T.Q5_1: SplitType(5, 0, 32), T.Q8_0: SplitType(8, 0, 32),
-    T.Q2_K: SplitType(2, 0, 16), T.Q3_K: SplitType(3, 4, 16), T.Q4_K: SplitType(4, 0, 32),
-    T.Q5_K: SplitType(5, 0, 32), T.Q6_K: SplitType(6, 32, 16),
-}
+# are a scale, maybe a minimum, and one small integer per value.
+SPLIT_TYPES = _split_types()
 
 
 def split_planes(bits: int) -> list[int]:

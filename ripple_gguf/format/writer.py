@@ -1,6 +1,8 @@
-"""The writer of ripple-packed GGUFs (docs/FORMAT.md): the source's standard tensors copied
-byte for byte with the FFN tensors last, then the ripple region (header, bundle blocks, down scale
-tables, predictor blobs, checksum table, footer); the GGUF header rewritten last with the digests.
+"""The writer of ripple-packed GGUFs (docs/FORMAT.md): the GGUF header (the source's key/value
+records, then the ripple.* keys, then the tensor infos) rendered by gguf-py's GGUFWriter, the
+source's standard tensors copied byte for byte with the FFN tensors last, then the ripple region
+(header, bundle blocks, down scale tables, predictor blobs, checksum table, footer) appended; the
+header rendered again last with the digests (same length).
 """
 from __future__ import annotations
 
@@ -8,41 +10,58 @@ import hashlib
 import json
 import os
 import struct
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
+from gguf import GGUFWriter
 from gguf.constants import GGUFValueType as V
 
 from .. import binding
 from . import constants as C
 from .constants import Keys
-from .layout import (ARRAY_DTYPES, FOOTER, GGUF_MAGIC, GGUF_VERSION, REGION_HEADER, SCALAR_FORMATS, GGUFHeader,
+from .layout import (ARRAY_DTYPES, FOOTER, REGION_HEADER, GGUFHeader,
                      GGUFTensorInfo, OfflineData, RippleFormatError, RippleLayer, SourceInfo, align,
                      metadata_sha256)
 
-# --- GGUF serialization ------------------------------------------------------------------------
+# --- the GGUF part (gguf-py's GGUFWriter) ------------------------------------------------------
 
-def _pack_str(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return struct.pack("<Q", len(b)) + b
+KV = Tuple[str, int, Any, Optional[int]]  # key, value type, value, array element type
 
 
-def pack_kv(key: str, vtype: int, value: Any, sub_type: int | None = None) -> bytes:
-    out = _pack_str(key) + struct.pack("<I", vtype)
-    if vtype == V.ARRAY:
-        assert sub_type is not None
-        out += struct.pack("<IQ", sub_type, len(value))
-        if sub_type == V.STRING:
-            return out + b"".join(_pack_str(s) for s in value)
-        return out + np.ascontiguousarray(value, dtype=ARRAY_DTYPES[sub_type]).tobytes()
-    if vtype == V.STRING:
-        return out + _pack_str(value)
-    return out + struct.pack(SCALAR_FORMATS[vtype], value)
+def _kv(key: str, vtype: int, value: Any, sub_type: int | None = None) -> KV:
+    return key, vtype, value, sub_type
 
 
-def _pack_tensor_info(t: GGUFTensorInfo, offset: int) -> bytes:
-    return (_pack_str(t.name) + struct.pack("<I", len(t.shape))
-            + struct.pack(f"<{len(t.shape)}Q", *t.shape) + struct.pack("<IQ", t.type, offset))
+def _gguf_value(v: Any) -> Any:
+    """A value as GGUFWriter packs it (numeric arrays as lists)."""
+    return v.tolist() if isinstance(v, np.ndarray) else v
+
+
+def render_gguf_header(kvs: Sequence[KV], tensors: Sequence[GGUFTensorInfo], alignment: int,
+                       scratch: os.PathLike | str) -> tuple[bytes, int]:
+    """(the bytes, the end of the key/value records) of a GGUF header: the records in order, then
+    the tensor infos with their data offsets packed at ``alignment``; written by gguf-py's
+    GGUFWriter to the file ``scratch`` (removed)."""
+    w = GGUFWriter(scratch, arch="")
+    w.kv_data = [{}]  # no general.architecture of its own: the records are the caller's, in order
+    w.data_alignment = alignment
+    for key, vtype, value, sub_type in kvs:
+        w.add_key_value(key, _gguf_value(value), V(vtype), None if sub_type is None else V(sub_type))
+    for t in tensors:
+        # GGUFWriter takes numpy's order (ne0 last) and a non-byte dtype to keep the shape as given
+        w.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        kv_end = w.fout[0].tell()
+        w.write_ti_data_to_file()
+    finally:
+        w.close()
+    try:
+        with open(scratch, "rb") as f:
+            return f.read(), kv_end
+    finally:
+        os.unlink(scratch)
 
 
 # --- the file ----------------------------------------------------------------------------------
@@ -105,25 +124,25 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
     rel_offsets = {k: [getattr(l, f"{k}_offset") for l in layers] for k in ("bundles", "down_table", "predictor")}
     region_id = region_id_for(source.sha256, layers)
 
-    def ripple_kvs(region_offset: int, file_size: int, table_sha: str, region_sha: str, meta_sha: str) -> list[bytes]:
+    def ripple_kvs(region_offset: int, file_size: int, table_sha: str, region_sha: str, meta_sha: str) -> list[KV]:
         I32, U64 = V.INT32, V.UINT64
-        arr = lambda key, sub, vals: pack_kv(key, V.ARRAY, vals, sub)
+        arr = lambda key, sub, vals: _kv(key, V.ARRAY, np.asarray(vals, dtype=ARRAY_DTYPES[sub]), sub)
         return [
-            pack_kv(Keys.FORMAT_VERSION, V.UINT32, C.FORMAT_VERSION),
-            pack_kv(Keys.TOOL_VERSION, V.STRING, f"{C.TOOL_NAME} {C.TOOL_VERSION}"),
-            pack_kv(Keys.Source.NAME, V.STRING, source.name),
-            pack_kv(Keys.Source.SHA256, V.STRING, source.sha256),
-            pack_kv(Keys.Source.SIZE, U64, source.size),
-            pack_kv(Keys.Region.OFFSET, U64, region_offset),
-            pack_kv(Keys.Region.SIZE, U64, region_size),
-            pack_kv(Keys.Region.ID, V.STRING, region_id.hex()),
-            pack_kv(Keys.Region.FILE_SIZE, U64, file_size),
-            pack_kv(Keys.Region.ALIGNMENT, V.UINT32, C.ALIGNMENT),
-            pack_kv(Keys.Checksum.OFFSET, U64, ck_offset),
-            pack_kv(Keys.Checksum.SIZE, U64, ck_size),
-            pack_kv(Keys.Checksum.BLOCK_SIZE, V.UINT32, ck_block),
-            pack_kv(Keys.Layout.N_LAYERS, V.UINT32, len(layers)),
-            pack_kv(Keys.Layout.N_EMBD, V.UINT32, layers[0].n_embd),
+            _kv(Keys.FORMAT_VERSION, V.UINT32, C.FORMAT_VERSION),
+            _kv(Keys.TOOL_VERSION, V.STRING, f"{C.TOOL_NAME} {C.TOOL_VERSION}"),
+            _kv(Keys.Source.NAME, V.STRING, source.name),
+            _kv(Keys.Source.SHA256, V.STRING, source.sha256),
+            _kv(Keys.Source.SIZE, U64, source.size),
+            _kv(Keys.Region.OFFSET, U64, region_offset),
+            _kv(Keys.Region.SIZE, U64, region_size),
+            _kv(Keys.Region.ID, V.STRING, region_id.hex()),
+            _kv(Keys.Region.FILE_SIZE, U64, file_size),
+            _kv(Keys.Region.ALIGNMENT, V.UINT32, C.ALIGNMENT),
+            _kv(Keys.Checksum.OFFSET, U64, ck_offset),
+            _kv(Keys.Checksum.SIZE, U64, ck_size),
+            _kv(Keys.Checksum.BLOCK_SIZE, V.UINT32, ck_block),
+            _kv(Keys.Layout.N_LAYERS, V.UINT32, len(layers)),
+            _kv(Keys.Layout.N_EMBD, V.UINT32, layers[0].n_embd),
             arr(Keys.Layout.LAYER_INDEX, I32, [l.block for l in layers]),
             arr(Keys.Layout.N_FF, I32, [l.n_ff for l in layers]),
             arr(Keys.Layout.OFFSET, U64, rel_offsets["bundles"]),
@@ -134,29 +153,29 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
             arr(Keys.Layout.DOWN_LAYOUT, I32, [l.down_layout for l in layers]),
             arr(Keys.Layout.DOWN_TABLE_OFFSET, U64, rel_offsets["down_table"]),
             arr(Keys.Layout.DOWN_TABLE_SIZE, U64, [l.down_table_size for l in layers]),
-            pack_kv(Keys.Placement.METHOD, V.STRING, placement_method),
+            _kv(Keys.Placement.METHOD, V.STRING, placement_method),
             arr(Keys.Placement.ORDER, I32, np.concatenate([l.order for l in layers])),
             *offline_kvs(),
             # Last: the digests, known once the region is written (the header is then rewritten,
             # same length); the metadata hash covers every record before its own.
-            pack_kv(Keys.Checksum.SHA256, V.STRING, table_sha),
-            pack_kv(Keys.Region.SHA256, V.STRING, region_sha),
-            pack_kv(Keys.METADATA_SHA256, V.STRING, meta_sha),
+            _kv(Keys.Checksum.SHA256, V.STRING, table_sha),
+            _kv(Keys.Region.SHA256, V.STRING, region_sha),
+            _kv(Keys.METADATA_SHA256, V.STRING, meta_sha),
         ]
 
-    def offline_kvs() -> list[bytes]:
+    def offline_kvs() -> list[KV]:
         if offline is None:
             return []
         F32, U64 = V.FLOAT32, V.UINT64
-        arr = lambda key, sub, vals: pack_kv(key, V.ARRAY, vals, sub)
+        arr = lambda key, sub, vals: _kv(key, V.ARRAY, np.asarray(vals, dtype=ARRAY_DTYPES[sub]), sub)
         kv = [
-            pack_kv(Keys.Placement.QUALITY, V.STRING, json.dumps(offline.placement_quality, sort_keys=True)),
-            pack_kv(Keys.Sparsity.RULE, V.STRING, offline.rule),
-            pack_kv(Keys.Sparsity.ACTIVE_FRACTION, F32, float(offline.active_fraction)),
+            _kv(Keys.Placement.QUALITY, V.STRING, json.dumps(offline.placement_quality, sort_keys=True)),
+            _kv(Keys.Sparsity.RULE, V.STRING, offline.rule),
+            _kv(Keys.Sparsity.ACTIVE_FRACTION, F32, float(offline.active_fraction)),
             arr(Keys.Sparsity.THRESHOLD, F32, [float(t) for t in offline.thresholds]),
-            pack_kv(Keys.Calibration.TEXT, V.STRING, offline.calib_text),
-            pack_kv(Keys.Calibration.TOKENS, V.UINT32, int(offline.calib_tokens)),
-            pack_kv(Keys.Calibration.SEED, V.UINT32, int(offline.seed)),
+            _kv(Keys.Calibration.TEXT, V.STRING, offline.calib_text),
+            _kv(Keys.Calibration.TOKENS, V.UINT32, int(offline.calib_tokens)),
+            _kv(Keys.Calibration.SEED, V.UINT32, int(offline.seed)),
         ]
         if len(offline.frequency):
             kv.append(arr(Keys.Placement.FREQUENCY, V.UINT8,
@@ -164,36 +183,31 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
                                           for f, l in zip(offline.frequency, layers)])))
         if blobs:
             kv += [
-                pack_kv(Keys.Predictor.RANK, V.UINT32, int(offline.predictor_rank)),
-                pack_kv(Keys.Predictor.RECALL_TARGET, F32, float(offline.recall_target)),
+                _kv(Keys.Predictor.RANK, V.UINT32, int(offline.predictor_rank)),
+                _kv(Keys.Predictor.RECALL_TARGET, F32, float(offline.recall_target)),
                 arr(Keys.Predictor.OFFSET, U64, rel_offsets["predictor"]),
                 arr(Keys.Predictor.SIZE, U64, [l.predictor_size for l in layers]),
-                pack_kv(Keys.Predictor.METRICS, V.STRING, json.dumps(offline.predictor_metrics, sort_keys=True)),
-                pack_kv(Keys.Predictor.KIND, V.STRING, offline.predictor_kind),
-                *([pack_kv(Keys.Predictor.SKETCH_OUTLIERS, V.UINT32, int(offline.sketch_outliers)),
-                   pack_kv(Keys.Predictor.SKETCH_BUDGET, V.FLOAT32, float(offline.sketch_budget))]
+                _kv(Keys.Predictor.METRICS, V.STRING, json.dumps(offline.predictor_metrics, sort_keys=True)),
+                _kv(Keys.Predictor.KIND, V.STRING, offline.predictor_kind),
+                *([_kv(Keys.Predictor.SKETCH_OUTLIERS, V.UINT32, int(offline.sketch_outliers)),
+                   _kv(Keys.Predictor.SKETCH_BUDGET, V.FLOAT32, float(offline.sketch_budget))]
                   if offline.predictor_kind == "sketch" else []),
-                pack_kv(Keys.Runtime.DEFAULT_MODE, V.STRING, offline.default_mode),
+                _kv(Keys.Runtime.DEFAULT_MODE, V.STRING, offline.default_mode),
             ]
             if offline.default_mode_reason:
-                kv.append(pack_kv(Keys.Runtime.DEFAULT_MODE_REASON, V.STRING, offline.default_mode_reason))
+                kv.append(_kv(Keys.Runtime.DEFAULT_MODE_REASON, V.STRING, offline.default_mode_reason))
         return kv
 
-    src_kvs = list(src.kv.values())
+    src_kvs = [(k, v.type, v.value, v.sub_type) for k, v in sorted(src.kv.items(), key=lambda kv: kv[1].span[0])]
+    scratch = f"{os.fspath(dst)}.header"
 
     def header_bytes(region_offset: int, file_size: int, table_sha: str, region_sha: str) -> bytes:
-        with open(src.path, "rb") as f:
-            raw = []
-            for v in sorted(src_kvs, key=lambda v: v.span[0]):
-                f.seek(v.span[0])
-                raw.append(f.read(v.span[1] - v.span[0]))
         rk = ripple_kvs(region_offset, file_size, table_sha, region_sha, placeholder)
-        head = struct.pack("<4sIQQ", GGUF_MAGIC, GGUF_VERSION, len(ordered), len(raw) + len(rk))
-        kv_bytes = b"".join(raw) + b"".join(rk)
-        infos = b"".join(_pack_tensor_info(t, o) for t, o in zip(ordered, offsets))
-        meta = (len(head) + len(kv_bytes) - len(rk[-1]), len(head) + len(kv_bytes))  # the last record
-        digest = metadata_sha256(head + kv_bytes + infos, meta).encode("ascii")
-        return head + kv_bytes[:-64] + digest + infos  # the digest's hex string ends the record
+        raw, kv_end = render_gguf_header(src_kvs + rk, ordered, a, scratch)
+        key = rk[-1][0].encode("utf-8")
+        meta = (kv_end - (8 + len(key) + 4 + 8 + 64), kv_end)  # the last record
+        digest = metadata_sha256(raw, meta).encode("ascii")
+        return raw[:kv_end - 64] + digest + raw[kv_end:]  # the digest's hex string ends the record
 
     placeholder = "0" * 64
     probe = header_bytes(0, 0, placeholder, placeholder)

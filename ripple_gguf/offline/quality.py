@@ -164,7 +164,6 @@ def oracle_perplexity(src: os.PathLike, chunks: Sequence[Sequence[int]], thresho
     every neuron at or below its layer's threshold is dropped, with the true activations (what a
     perfect predictor would give). ``rule``: "gate" (|act(gate)|, CATS) or "magnitude" (|h|)."""
     from .. import binding
-    from ..format.constants import GLU_ACTIVATIONS
     from .profile import EvalContext
 
     n_blocks = max(thresholds) + 1 if thresholds else 1
@@ -173,7 +172,7 @@ def oracle_perplexity(src: os.PathLike, chunks: Sequence[Sequence[int]], thresho
         thr[b] = t
     if rule not in ("gate", "magnitude"):
         raise ValueError(f"oracle sparsity supports the rules gate and magnitude, not {rule!r}")
-    s = binding.Sparsify(thr, binding.ACTIVITY_RULES[rule], GLU_ACTIVATIONS.index(activation))
+    s = binding.Sparsify(thr, binding.ACTIVITY_RULES[rule], binding.GLU_ACTIVATIONS[activation])
     with EvalContext(src, s.callback, s.user_data, chunk_tokens=chunk_tokens, n_threads=n_threads) as ctx:
         nll = chunks_nll(ctx, chunks)
     if s.errors:

@@ -323,3 +323,25 @@ def test_gguf_part_is_gguf_writers(packed):
     raw, kv_end = render_gguf_header(kvs, h.tensors, h.alignment, os.path.dirname(dst) + "/scratch.header")
     assert kv_end == h.kv[Keys.METADATA_SHA256].span[1]
     assert raw == data[:h.header_end]
+
+
+def test_empty_array_source_key_is_refused(tmp_path, monkeypatch):
+    """gguf-py's GGUFWriter cannot write an empty array (and so never wrote one): a source holding one
+    is refused naming the file and the key, before anything is written."""
+    from ripple_gguf.format import layout
+    from ripple_gguf.offline import convert as convert_mod
+
+    src = make_model(tmp_path / "m.gguf")
+    real = convert_mod.read_gguf_header
+
+    def with_empty_array(path):
+        hdr = real(path)
+        end = max(v.span[1] for v in hdr.kv.values())
+        hdr.kv["test.empty"] = layout.GGUFValue(int(gguf.GGUFValueType.ARRAY), np.zeros(0, np.uint8), int(gguf.GGUFValueType.UINT8), (end, end))
+        return hdr
+
+    monkeypatch.setattr(convert_mod, "read_gguf_header", with_empty_array)
+    dst = tmp_path / "m.ripple.gguf"
+    with pytest.raises(RippleFormatError, match=r"m\.gguf: metadata key 'test\.empty' is an empty array"):
+        convert(src, dst)
+    assert not dst.exists()

@@ -199,6 +199,10 @@ def write_ripple_gguf(dst: os.PathLike | str, src: GGUFHeader, layers: Sequence[
         return kv
 
     src_kvs = [(k, v.type, v.value, v.sub_type) for k, v in sorted(src.kv.items(), key=lambda kv: kv[1].span[0])]
+    for k, vtype, value, _ in src_kvs:
+        if vtype == V.ARRAY and len(value) == 0:  # gguf-py never writes one; GGUFWriter refuses it
+            raise RippleFormatError(src.path, f"metadata key {k!r} is an empty array, which gguf-py's GGUFWriter "
+                                    "cannot write (GGUF files written by gguf-py never hold one)")
     scratch = f"{os.fspath(dst)}.header"
 
     def header_bytes(region_offset: int, file_size: int, table_sha: str, region_sha: str) -> bytes:

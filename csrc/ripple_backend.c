@@ -408,7 +408,7 @@ static int ensure_layer(ripple_backend_ctx * ctx, const ripple_binding * b, cons
     }
     /* (nothing to read ahead when the cache holds every bundle) */
     if (ctx->sparse && src1->ne[1] == 1 && ripple_get_prefetch() && !m->cache.all_fit) {
-        ripple_prefetch_start(&ctx->pf, m, b->layer + 1, src1);
+        ripple_prefetch_start(&ctx->pf, ctx->pool, ctx->n_threads, m, b->layer + 1, src1);
     }
     ctx->ws_model = m;
     ctx->ws_layer = b->layer;

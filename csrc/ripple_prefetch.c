@@ -73,7 +73,8 @@ void ripple_prefetch_free(ripple_prefetch * pf) {
     memset(pf, 0, sizeof(*pf));
 }
 
-void ripple_prefetch_start(ripple_prefetch * pf, ripple_model * m, int layer, const struct ggml_tensor * src1) {
+void ripple_prefetch_start(ripple_prefetch * pf, ripple_pool * pool, int n_threads, ripple_model * m, int layer,
+                           const struct ggml_tensor * src1) {
     if (layer < 0 || layer >= m->n_layers || src1->ne[1] != 1) {
         return;
     }
@@ -115,7 +116,7 @@ void ripple_prefetch_start(ripple_prefetch * pf, ripple_model * m, int layer, co
     }
     uint64_t t0 = ripple_now_ns();
     uint8_t * need = pf->scratch, * tok = pf->scratch + n;
-    ripple_predict(NULL, 1, pred, L, src1, need, tok);
+    ripple_predict(pool, n_threads, pred, L, src1, need, tok); /* on the compute threads, as the layer's own */
     RIPPLE_COUNT(predictor_ns, ripple_now_ns() - t0);
     pthread_mutex_lock(&m->mu);
     for (int64_t p = 0; p < n; p++) {

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "ripple_io.h"
+#include "ripple_kernels.h"
 #include "ripple_model.h"
 
 typedef struct ripple_prefetch {
@@ -34,6 +35,7 @@ typedef struct ripple_prefetch {
 } ripple_prefetch;
 void ripple_prefetch_free(ripple_prefetch * pf);
 /* Start reading the predicted bundles of layer `layer` of m for the token in src1 (one token). */
-void ripple_prefetch_start(ripple_prefetch * pf, ripple_model * m, int layer, const struct ggml_tensor * src1);
+void ripple_prefetch_start(ripple_prefetch * pf, ripple_pool * pool, int n_threads, ripple_model * m, int layer,
+                           const struct ggml_tensor * src1);
 /* Wait for the batch; the prefetched data when it is for (m, layer), else NULL (and dropped). */
 const ripple_prefetch * ripple_prefetch_take(ripple_prefetch * pf, ripple_model * m, int layer);

@@ -57,6 +57,7 @@ void ripple_cache_free(ripple_cache * c) {
     free(c->freq);
     free(c->slot_of);
     free(c->ghost_at);
+    free(c->fit_base);
     cache_reset(c);
 }
 
@@ -105,8 +106,13 @@ void ripple_cache_init(ripple_cache * c, int n_layers, const ripple_layer * laye
     c->pin = pinned ? calloc((size_t) n_layers, sizeof(uint8_t *)) : NULL;
     c->resident = calloc((size_t) n_layers, sizeof(uint8_t *));
     c->resident_ready = calloc((size_t) n_layers, 1);
+    c->fit_base = c->all_fit ? malloc(sizeof(int64_t) * (size_t) n_layers) : NULL;
     bool ok = c->slot_layer && c->slot_pos && c->prev && c->next && c->queue && c->freq && c->slot_of && (!s3 || c->ghost_at) &&
-              (!pinned || c->pin) && c->resident && c->resident_ready;
+              (!pinned || c->pin) && c->resident && c->resident_ready &&
+              (!c->all_fit || c->fit_base);
+    for (int l = 0; ok && c->fit_base && l < n_layers; l++) {
+        c->fit_base[l] = l ? c->fit_base[l - 1] + layers[l - 1].d.n_ff : 0;
+    }
     for (int l = 0; ok && l < n_layers; l++) {
         c->slot_of[l] = malloc(sizeof(int32_t) * (size_t) layers[l].d.n_ff);
         ok = c->slot_of[l] != NULL;
@@ -303,7 +309,10 @@ void ripple_cache_put(ripple_cache * c, int layer, int64_t pos, const uint8_t * 
         }
     }
     int64_t s;
-    if (c->n_used < c->n_slots) {
+    if (c->fit_base) {
+        s = c->fit_base[layer] + pos;
+        c->n_used++;
+    } else if (c->n_used < c->n_slots) {
         s = c->n_used++;
     } else {
         s = c->policy == RIPPLE_CACHE_LRU ? evict_lru(c) : evict_s3fifo(c);

@@ -37,6 +37,8 @@ typedef struct ripple_cache {
     uint8_t * resident_ready; /* [layer]: filled and checked (until then other users read it themselves) */
     size_t    resident_used;
     int       all_fit;    /* the slots hold every bundle of the model: nothing is ever evicted */
+    int64_t * fit_base;   /* all_fit: [layer] -> the slot of its position 0 (a layer's bundles lie in position
+                           * order, so the rows of a sparse selection are read in one direction) */
     int       n_layers;
 } ripple_cache;
 

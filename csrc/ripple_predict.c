@@ -28,7 +28,7 @@ void ripple_predictor_free(ripple_predictor * p) {
         free(p->b1);
         free(p->w2t);
         free(p->b2);
-        free(p->sk.blob);
+        free(p->sk.mem);
         free(p);
     }
 }

@@ -52,38 +52,35 @@ int ripple_sketch_load(ripple_predictor * p, const uint8_t * blob, size_t size, 
         snprintf(err, err_len, "sketch predictor size %zu does not match its dimensions (%zu)", size, at);
         return -1;
     }
-    uint8_t * copy = malloc(size);
-    if (!copy) {
-        snprintf(err, err_len, "out of memory for a predictor");
-        return -1;
-    }
-    memcpy(copy, blob, size);
-    ripple_sketch * s = &p->sk;
-    s->blob = copy;
-    s->n_out = (int32_t) k;
-    s->gated = (int32_t) gated;
-    s->act = (int32_t) act;
-    s->n_pad = (int32_t) npad;
-    s->out = (const int32_t *) (copy + off[0]);
-    s->osg = gated ? (const float *) (copy + off[1]) : NULL;
-    s->osu = (const float *) (copy + off[2]);
-    s->dg = gated ? (const ggml_fp16_t *) (copy + off[3]) : NULL;
-    s->du = (const ggml_fp16_t *) (copy + off[4]);
-    s->cg = gated ? copy + off[5] : NULL;
-    s->cu = copy + off[6];
-    s->og = gated ? (const int8_t *) (copy + off[7]) : NULL;
-    s->ou = (const int8_t *) (copy + off[8]);
-    p->threshold = threshold;
+    const size_t n_blk = ((size_t) f + 15) / 16, nc = npad / 16;
+    const uint8_t * b_out = blob + off[0];
+    const float * b_osg = (const float *) (blob + off[1]), * b_osu = (const float *) (blob + off[2]);
+    const ggml_fp16_t * b_dg = (const ggml_fp16_t *) (blob + off[3]), * b_du = (const ggml_fp16_t *) (blob + off[4]);
     const char * bad = NULL;
     for (uint32_t i = 0; i < k && !bad; i++) {
-        if (s->out[i] < 0 || s->out[i] >= (int32_t) e || (i && s->out[i] <= s->out[i - 1])) {
+        int32_t o, prev = -1;
+        memcpy(&o, b_out + 4 * i, 4);
+        if (i) {
+            memcpy(&prev, b_out + 4 * (i - 1), 4);
+        }
+        float su, sg = 0.0f;
+        memcpy(&su, b_osu + i, 4);
+        if (gated) {
+            memcpy(&sg, b_osg + i, 4);
+        }
+        if (o < 0 || o >= (int32_t) e || o <= prev) {
             bad = "outlier channel list";
-        } else if (!isfinite(s->osu[i]) || (gated && !isfinite(s->osg[i]))) {
+        } else if (!isfinite(su) || !isfinite(sg)) {
             bad = "outlier scales";
         }
     }
     for (uint32_t i = 0; i < f && !bad; i++) {
-        if ((s->du[i] & 0x7C00) == 0x7C00 || (gated && (s->dg[i] & 0x7C00) == 0x7C00)) {
+        ggml_fp16_t du, dg = 0;
+        memcpy(&du, b_du + i, 2);
+        if (gated) {
+            memcpy(&dg, b_dg + i, 2);
+        }
+        if ((du & 0x7C00) == 0x7C00 || (dg & 0x7C00) == 0x7C00) {
             bad = "row steps";
         }
     }
@@ -91,68 +88,106 @@ int ripple_sketch_load(ripple_predictor * p, const uint8_t * blob, size_t size, 
         bad = "threshold";
     }
     if (bad) {
-        free(copy);
-        s->blob = NULL;
         snprintf(err, err_len, "sketch predictor: %s invalid (inf, nan or out of range)", bad);
         return -1;
     }
+    /* repacked for the kernel, in one allocation of the blob's size but for the padding of the last
+     * block: outlier list and scales, half steps (f32), codes and outlier weights by blocks of 16
+     * rows (see ripple_sketch.h) */
+    const size_t n_mat = gated ? 2 : 1, rows = n_blk * 16;
+    const size_t psz[6] = { 4 * (size_t) k, 4 * (size_t) k * 2, 4 * rows * 2, rows * row * n_mat, rows * k * n_mat, 0 };
+    size_t poff[6], pat = 0;
+    for (int i = 0; i < 6; i++) {
+        poff[i] = pat;
+        pat += pad64(psz[i]);
+    }
+    uint8_t * mem = aligned_alloc(64, pat);
+    if (!mem) {
+        snprintf(err, err_len, "out of memory for a predictor");
+        return -1;
+    }
+    memset(mem, 0, pat);
+    ripple_sketch * s = &p->sk;
+    s->mem = mem;
+    s->n_out = (int32_t) k;
+    s->gated = (int32_t) gated;
+    s->act = (int32_t) act;
+    s->n_pad = (int32_t) npad;
+    s->n_blk = (int32_t) n_blk;
+    memcpy(mem + poff[0], b_out, 4 * (size_t) k);
+    s->out = (const int32_t *) (mem + poff[0]);
+    float * os = (float *) (mem + poff[1]), * half = (float *) (mem + poff[2]);
+    memcpy(os + k, b_osu, 4 * (size_t) k);
+    for (uint32_t i = 0; i < f; i++) {
+        ggml_fp16_t du, dg = 0;
+        memcpy(&du, b_du + i, 2);
+        half[rows + i] = ggml_fp16_to_fp32(du) / 2.0f;
+        if (gated) {
+            memcpy(&dg, b_dg + i, 2);
+            half[i] = ggml_fp16_to_fp32(dg) / 2.0f;
+        }
+    }
+    if (gated) {
+        memcpy(os, b_osg, 4 * (size_t) k);
+    }
+    s->osg = gated ? os : NULL;
+    s->osu = os + k;
+    s->hg = gated ? half : NULL;
+    s->hu = half + rows;
+    uint8_t * codes = mem + poff[3];
+    int8_t * ow = (int8_t *) (mem + poff[4]);
+    for (size_t mi = 0; mi < n_mat; mi++) {
+        const int up = mi + 1 == n_mat;
+        const uint8_t * src = blob + off[up ? 6 : 5];
+        const int8_t * osrc = (const int8_t *) (blob + off[up ? 8 : 7]);
+        uint8_t * dst = codes + mi * rows * row;
+        int8_t * odst = ow + mi * rows * k;
+        for (size_t i = 0; i < f; i++) {
+            const uint8_t * r = src + i * row;
+            uint8_t * blk = dst + (i / 16) * nc * 64 + 4 * (i % 16);
+            for (size_t j = 0; j < npad; j++) { /* channel j = 64g + 16s + b at byte 16g + b, bits 2s */
+                const unsigned c = (r[16 * (j / 64) + j % 16] >> (2 * ((j % 64) / 16))) & 3;
+                blk[(j / 16) * 64 + j % 4] |= (uint8_t) (c << (2 * ((j % 16) / 4)));
+            }
+            for (size_t o = 0; o < k; o++) {
+                odst[(i / 16) * 16 * k + o * 16 + i % 16] = osrc[i * k + o];
+            }
+        }
+        if (up) {
+            s->cu = dst;
+            s->ou = odst;
+        } else {
+            s->cg = dst;
+            s->og = odst;
+        }
+    }
+    if (!gated) {
+        s->cg = NULL;
+        s->og = NULL;
+    }
+    p->threshold = threshold;
     p->kind = RIPPLE_PREDICTOR_SKETCH;
     return 0;
 }
 
-/* sum_j code_j * xq_j of one row. xp: the activations in the order the codes unpack (see
- * ripple_sketch_prepare). */
-static int32_t row_dot(const uint8_t * codes, const int8_t * xp, int64_t groups) {
-    int64_t gi = 0;
-    int32_t sum = 0;
-#ifdef RIPPLE_SKETCH_VNNI
-    const __m512i m3 = _mm512_set1_epi8(3);
-    __m512i acc = _mm512_setzero_si512();
-    for (; gi + 4 <= groups; gi += 4) {
-        const __m512i v = _mm512_loadu_si512((const void *) (codes + 16 * gi));
-        const int8_t * xb = xp + 64 * gi;
-        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, m3), _mm512_loadu_si512((const void *) xb));
-        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 2), m3), _mm512_loadu_si512((const void *) (xb + 64)));
-        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), m3), _mm512_loadu_si512((const void *) (xb + 128)));
-        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 6), m3), _mm512_loadu_si512((const void *) (xb + 192)));
-    }
-    sum = _mm512_reduce_add_epi32(acc);
-    const __m128i n3 = _mm_set1_epi8(3);
-    __m128i a = _mm_setzero_si128();
-    for (; gi < groups; gi++) {
-        const __m128i v = _mm_loadu_si128((const __m128i *) (codes + 16 * gi));
-        const int8_t * xb = xp + 64 * gi;
-        a = _mm_dpbusd_epi32(a, _mm_and_si128(v, n3), _mm_loadu_si128((const __m128i *) xb));
-        a = _mm_dpbusd_epi32(a, _mm_and_si128(_mm_srli_epi16(v, 2), n3), _mm_loadu_si128((const __m128i *) (xb + 16)));
-        a = _mm_dpbusd_epi32(a, _mm_and_si128(_mm_srli_epi16(v, 4), n3), _mm_loadu_si128((const __m128i *) (xb + 32)));
-        a = _mm_dpbusd_epi32(a, _mm_and_si128(_mm_srli_epi16(v, 6), n3), _mm_loadu_si128((const __m128i *) (xb + 48)));
-    }
-    int32_t t[4];
-    _mm_storeu_si128((__m128i *) t, a);
-    sum += t[0] + t[1] + t[2] + t[3];
-#else
-    for (; gi < groups; gi++) {
-        for (int b = 0; b < 16; b++) {
-            const uint8_t v = codes[16 * gi + b];
-            for (int s = 0; s < 4; s++) {
-                sum += (int32_t) ((v >> (2 * s)) & 3) * (int32_t) xp[64 * gi + 16 * s + b];
-            }
-        }
-    }
-#endif
-    return sum;
-}
-
-/* The token's quantized activations: xp (n_pad int8, in unpack order), and d, sum xq, y_k. */
+/* The token's quantized activations: xq (n_pad int8, the outlier channels 0), d, sum xq and
+ * y_k = x[out_k] * os_k. */
 typedef struct {
-    float   d;
-    float   sx;
-    int8_t * xp;
-    float * yg; /* n_out: x[out_k] * osg[k] */
-    float * yu; /* n_out: x[out_k] * osu[k] */
+    float    d;
+    float    sx3; /* 3 * sum xq */
+    int8_t * xq;
+    float *  yg; /* n_out */
+    float *  yu; /* n_out */
 } sketch_token;
 
-static void prepare(const ripple_sketch * s, const float * x, int64_t n_embd, int8_t * xq, sketch_token * tk) {
+static size_t token_bytes(const ripple_sketch * s) {
+    return pad64((size_t) s->n_pad + 8 * (size_t) s->n_out);
+}
+
+static void prepare(const ripple_sketch * s, const float * x, int64_t n_embd, uint8_t * mem, sketch_token * tk) {
+    tk->xq = (int8_t *) mem;
+    tk->yg = (float *) (mem + s->n_pad);
+    tk->yu = tk->yg + s->n_out;
     float m = 0.0f;
     int64_t o = 0;
     for (int64_t j = 0; j < n_embd; j++) {
@@ -166,76 +201,143 @@ static void prepare(const ripple_sketch * s, const float * x, int64_t n_embd, in
     const float d = m > 0.0f ? m / 127.0f : 1.0f;
     int32_t sx = 0;
     o = 0;
-    memset(xq, 0, (size_t) s->n_pad);
+    memset(tk->xq, 0, (size_t) s->n_pad);
     for (int64_t j = 0; j < n_embd; j++) {
         if (o < s->n_out && s->out[o] == j) {
             o++;
             continue;
         }
         const int v = (int) roundf(x[j] / d);
-        xq[j] = (int8_t) v;
+        tk->xq[j] = (int8_t) v;
         sx += v;
-    }
-    /* unpack order: whole blocks of 4 groups (256 channels) interleaved as the 512-bit kernel
-     * loads them, the remaining groups as they are */
-    const int64_t groups = s->n_pad / 64, quads = groups / 4 * 4;
-    for (int64_t g = 0; g < groups; g++) {
-        for (int sh = 0; sh < 4; sh++) {
-            const int64_t dst = g < quads ? 64 * (g / 4 * 4) + 64 * sh + 16 * (g % 4) : 64 * g + 16 * sh;
-            memcpy(tk->xp + dst, xq + 64 * g + 16 * sh, 16);
-        }
     }
     for (int32_t k = 0; k < s->n_out; k++) {
         tk->yu[k] = x[s->out[k]] * s->osu[k];
         tk->yg[k] = s->gated ? x[s->out[k]] * s->osg[k] : 0.0f;
     }
     tk->d = d;
-    tk->sx = (float) sx;
+    tk->sx3 = 3.0f * (float) sx;
 }
 
-static float estimate(const ripple_sketch * s, const sketch_token * tk, const uint8_t * codes, const ggml_fp16_t * steps,
-                      const int8_t * ow, const float * y, int64_t i) {
-    const int64_t groups = s->n_pad / 64;
-    const float acc = (float) row_dot(codes + (size_t) i * (size_t) (s->n_pad / 4), tk->xp, groups);
-    float v = ((ggml_fp16_to_fp32(steps[i]) / 2.0f) * tk->d) * (2.0f * acc - 3.0f * tk->sx);
-    const int8_t * w = ow + (size_t) i * (size_t) s->n_out;
-    int32_t k = 0;
-    float o = 0.0f;
-#ifdef RIPPLE_SKETCH_VNNI
-    __m512 a = _mm512_setzero_ps();
-    for (; k < s->n_out; k += 16) { /* int8 weights x the token's scaled outlier inputs, 16 at a time */
-        const __mmask16 m = s->n_out - k >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (s->n_out - k)) - 1);
-        const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + k)));
-        a = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, y + k), a);
-    }
-    o = _mm512_reduce_add_ps(a);
-#else
-    for (; k < s->n_out; k++) {
-        o += (float) w[k] * y[k];
-    }
-#endif
-    return v + o;
-}
-
-static float act(int kind, float g) {
-    if (kind == 0) {
+static float act1(int kind, float g) {
+    if (kind == RIPPLE_GLU_SILU) {
         return g / (1.0f + expf(-g));
     }
-    if (kind == 2) {
+    if (kind == 2) { /* relu */
         return g > 0.0f ? g : 0.0f;
     }
-    const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
+    const float c = 0.7978845608028654f; /* sqrt(2 / pi): ggml's GELU, tanh form */
     return 0.5f * g * (1.0f + tanhf(c * g * (1.0f + 0.044715f * g * g)));
 }
 
-float ripple_sketch_score(const ripple_sketch * s, const void * tok, int64_t i) {
-    const sketch_token * tk = tok;
-    const float u = estimate(s, tk, s->cu, s->du, s->ou, tk->yu, i);
-    if (!s->gated) {
-        return fabsf(act(s->act, u));
+#ifdef RIPPLE_SKETCH_VNNI
+/* e^x, |relative error| < 2e-7 (Cephes' expf: n = round(x log2 e), a degree-6 polynomial of the
+ * remainder, times 2^n); 0 and inf beyond the float range */
+static inline __m512 v_exp(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* the estimates of a block's 16 rows: one 64-byte load holds 16 channels of every row, and each
+ * dpbusd multiplies 4 of them with the token's 4 activations broadcast: the row sums build up in
+ * the 16 lanes, with no horizontal reduction */
+static inline __m512 estimate16(const ripple_sketch * s, const sketch_token * tk, const uint8_t * codes, const float * half,
+                                const int8_t * ow, const float * y) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+    const int64_t nc = s->n_pad / 16;
+    for (int64_t c = 0; c < nc; c++) {
+        const __m512i v = _mm512_load_si512((const void *) (codes + 64 * c));
+        int32_t xd[4];
+        memcpy(xd, tk->xq + 16 * c, 16);
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v, m3), _mm512_set1_epi32(xd[0]));
+        a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(v, 2), m3), _mm512_set1_epi32(xd[1]));
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(_mm512_srli_epi16(v, 4), m3), _mm512_set1_epi32(xd[2]));
+        a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(v, 6), m3), _mm512_set1_epi32(xd[3]));
     }
-    const float g = estimate(s, tk, s->cg, s->dg, s->og, tk->yg, i);
-    return fabsf(act(s->act, g) * u);
+    const __m512 acc = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+    const __m512 q = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(2.0f), acc), _mm512_set1_ps(tk->sx3));
+    __m512 e = _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(half), _mm512_set1_ps(tk->d)), q);
+    __m512 o = _mm512_setzero_ps();
+    for (int32_t k = 0; k < s->n_out; k++) {
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (ow + 16 * k))));
+        o = _mm512_fmadd_ps(w, _mm512_set1_ps(y[k]), o);
+    }
+    return _mm512_add_ps(e, o);
+}
+
+static inline __m512 act16(int kind, __m512 g) {
+    if (kind == RIPPLE_GLU_SILU) {
+        return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), v_exp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    }
+    if (kind == 2) {
+        return _mm512_max_ps(g, _mm512_setzero_ps());
+    }
+    float v[16];
+    _mm512_storeu_ps(v, g);
+    for (int l = 0; l < 16; l++) {
+        v[l] = act1(kind, v[l]);
+    }
+    return _mm512_loadu_ps(v);
+}
+#endif
+
+/* scores of the rows of block `blk` for one token into sc[0..16) */
+static void score_block(const ripple_sketch * s, const sketch_token * tk, int64_t blk, float * sc) {
+    const int64_t nc = s->n_pad / 16, rows = (int64_t) s->n_blk * 16;
+    const size_t cb = (size_t) blk * (size_t) nc * 64, ob = (size_t) blk * 16 * (size_t) s->n_out;
+#ifdef RIPPLE_SKETCH_VNNI
+    const __m512 u = estimate16(s, tk, s->cu + cb, s->hu + 16 * blk, s->ou + ob, tk->yu);
+    __m512 r;
+    if (s->gated) {
+        const __m512 g = estimate16(s, tk, s->cg + cb, s->hg + 16 * blk, s->og + ob, tk->yg);
+        r = _mm512_mul_ps(act16(s->act, g), u);
+    } else {
+        r = act16(s->act, u);
+    }
+    _mm512_storeu_ps(sc, _mm512_abs_ps(r));
+#else
+    float est[2][16];
+    for (int mi = 0; mi < 1 + s->gated; mi++) {
+        const int up = mi == s->gated;
+        const uint8_t * codes = (up ? s->cu : s->cg) + cb;
+        const int8_t * ow = (up ? s->ou : s->og) + ob;
+        const float * half = (up ? s->hu : s->hg) + 16 * blk;
+        const float * y = up ? tk->yu : tk->yg;
+        for (int l = 0; l < 16; l++) {
+            int32_t acc = 0;
+            for (int64_t c = 0; c < nc; c++) {
+                for (int b = 0; b < 4; b++) {
+                    const uint8_t v = codes[64 * c + 4 * l + b];
+                    for (int sh = 0; sh < 4; sh++) {
+                        acc += (int32_t) ((v >> (2 * sh)) & 3) * (int32_t) tk->xq[16 * c + 4 * sh + b];
+                    }
+                }
+            }
+            float o = 0.0f;
+            for (int32_t k = 0; k < s->n_out; k++) {
+                o += (float) ow[16 * k + l] * y[k];
+            }
+            est[mi][l] = (half[l] * tk->d) * (2.0f * (float) acc - tk->sx3) + o;
+        }
+    }
+    for (int l = 0; l < 16; l++) {
+        const float u = est[s->gated][l];
+        sc[l] = fabsf(s->gated ? act1(s->act, est[0][l]) * u : act1(s->act, u));
+    }
+#endif
+    (void) rows;
 }
 
 static double g_topk; /* diagnostic: > 0 keeps this fraction of each token's neurons instead of the threshold */
@@ -258,32 +360,45 @@ typedef struct {
     const ripple_layer *       L;
     const struct ggml_tensor * src1;
     uint8_t *                  tok;
-    float *                    scores; /* optional: n_tokens x n_ff (needed by the top-k rule) */
-    uint8_t *                  scratch; /* per thread: 2 * n_pad + 4 * n_out bytes */
-    size_t                     scratch_each;
+    float *                    scores;  /* optional: n_tokens x n_ff (needed by the top-k rule) */
+    uint8_t *                  scratch; /* token_bytes per token (one token: per thread) */
 } sketch_job;
 
+/* tokens split among threads, each thread's tokens prepared first and then scored block by block
+ * (a block's codes read once for them all); a single token's blocks split among the threads
+ * instead (each thread prepares its own copy of the token: no barrier) */
 static void sketch_task(void * v, int ith, int nth) {
     const sketch_job * j = v;
     const ripple_sketch * s = &j->p->sk;
-    const int64_t n_embd = j->L->d.n_embd, n_ff = j->L->d.n_ff, T = j->src1->ne[1];
+    const int64_t n_embd = j->L->d.n_embd, n_ff = j->L->d.n_ff, T = j->src1->ne[1], n_blk = s->n_blk;
     const int split_tokens = T > 1 || nth == 1;
-    const int64_t t0 = split_tokens ? T * ith / nth : 0, t1 = split_tokens ? T * (ith + 1) / nth : T;
-    const int64_t i0 = split_tokens ? 0 : n_ff * ith / nth, i1 = split_tokens ? n_ff : n_ff * (ith + 1) / nth;
-    uint8_t * mine = j->scratch + (size_t) ith * j->scratch_each;
-    int8_t * xq = (int8_t *) mine;
-    float * ys = (float *) (mine + 2 * (size_t) s->n_pad);
-    sketch_token tk = { 0, 0, (int8_t *) mine + s->n_pad, ys, ys + s->n_out };
-    for (int64_t t = t0; t < t1; t++) {
-        const float * x = (const float *) ((const char *) j->src1->data + t * j->src1->nb[1]);
-        prepare(s, x, n_embd, xq, &tk); /* each thread its own copy: no barrier for one token */
-        uint8_t * m = j->tok + t * n_ff;
-        float * sc = j->scores ? j->scores + t * n_ff : NULL;
-        for (int64_t i = i0; i < i1; i++) {
-            const float score = ripple_sketch_score(s, &tk, i);
-            m[i] = score > j->p->threshold;
-            if (sc) {
-                sc[i] = score;
+    const int64_t t0 = split_tokens ? T * ith / nth : 0, t1 = split_tokens ? T * (ith + 1) / nth : 1;
+    const int64_t b0 = split_tokens ? 0 : n_blk * ith / nth, b1 = split_tokens ? n_blk : n_blk * (ith + 1) / nth;
+    const size_t each = token_bytes(s);
+    uint8_t * mine = j->scratch + (size_t) (split_tokens ? t0 : ith) * each;
+    if (t1 <= t0) {
+        return;
+    }
+    sketch_token tks[64];
+    const float thr = j->p->threshold;
+    for (int64_t c0 = t0; c0 < t1; c0 += 64) { /* up to 64 tokens at a time */
+        const int64_t c1 = c0 + 64 < t1 ? c0 + 64 : t1;
+        for (int64_t t = c0; t < c1; t++) {
+            const float * x = (const float *) ((const char *) j->src1->data + t * j->src1->nb[1]);
+            prepare(s, x, n_embd, mine + (size_t) (t - t0) * each, &tks[t - c0]);
+        }
+        for (int64_t blk = b0; blk < b1; blk++) {
+            const int64_t i0 = 16 * blk, nl = n_ff - i0 < 16 ? n_ff - i0 : 16;
+            for (int64_t t = c0; t < c1; t++) {
+                float sc[16];
+                score_block(s, &tks[t - c0], blk, sc);
+                uint8_t * m = j->tok + t * n_ff + i0;
+                for (int64_t l = 0; l < nl; l++) {
+                    m[l] = sc[l] > thr;
+                }
+                if (j->scores) {
+                    memcpy(j->scores + t * n_ff + i0, sc, sizeof(float) * (size_t) nl);
+                }
             }
         }
     }
@@ -293,11 +408,11 @@ void ripple_sketch_predict(ripple_pool * pool, int n_threads, const ripple_predi
                            const struct ggml_tensor * src1, uint8_t * tok, float * scores) {
     const int64_t n_ff = L->d.n_ff, T = src1->ne[1];
     const int nth = n_threads > 1 ? n_threads : 1;
-    const size_t each = (2 * (size_t) p->sk.n_pad + 8 * (size_t) p->sk.n_out + 63) & ~(size_t) 63;
+    const size_t each = token_bytes(&p->sk);
     const double topk = g_topk;
     float * own = topk > 0 && !scores ? malloc(sizeof(float) * (size_t) (n_ff * T)) : NULL;
-    uint8_t * scratch = aligned_alloc(64, each * (size_t) nth);
-    sketch_job j = { p, L, src1, tok, scores ? scores : own, scratch, each };
+    uint8_t * scratch = aligned_alloc(64, each * (size_t) (T > nth ? T : nth));
+    sketch_job j = { p, L, src1, tok, scores ? scores : own, scratch };
     float * sorted = topk > 0 ? malloc(sizeof(float) * (size_t) n_ff) : NULL;
     if (!scratch || (topk > 0 && (!j.scores || !sorted))) {
         memset(tok, 1, (size_t) (n_ff * T)); /* no memory for the predictor: every neuron */
@@ -350,6 +465,6 @@ int ripple_sketch_scores(const uint8_t * blob, size_t size, int32_t n_embd, int3
     t.ne[1] = n_tokens;
     t.nb[1] = sizeof(float) * (size_t) n_embd;
     ripple_sketch_predict(NULL, 1, &p, &L, &t, selected, scores);
-    free(p.sk.blob);
+    free(p.sk.mem);
     return 0;
 }

@@ -11,15 +11,18 @@
 struct ripple_predictor;
 struct ripple_pool;
 
-/* pointers into the sketch's blob, kept whole */
+/* a sketch as the kernel reads it (repacked from the blob at load, in one allocation `mem`): rows in
+ * blocks of 16 (the last padded with zero rows) */
 typedef struct ripple_sketch {
-    uint8_t *           blob;
-    int32_t             n_out, gated, act, n_pad;
-    const int32_t *     out;      /* n_out outlier channels, ascending */
+    uint8_t *           mem;
+    int32_t             n_out, gated, act, n_pad, n_blk;
+    const int32_t *     out;        /* n_out outlier channels, ascending */
     const float *       osg, * osu; /* per outlier channel: int8 weight scale (gate, up) */
-    const ggml_fp16_t * dg, * du; /* per row: 2-bit quantization step */
-    const uint8_t *     cg, * cu; /* n_ff rows of n_pad / 4 code bytes */
-    const int8_t *      og, * ou; /* n_ff rows of n_out outlier weights */
+    const float *       hg, * hu;   /* per row: half the 2-bit quantization step */
+    /* codes: per block and chunk of 16 channels 64 bytes, the 4 bytes of row r at 4r, channel
+     * 16c + 4s + b in bits 2s of byte b (so each of 4 shifts gives 4 consecutive channels of every row) */
+    const uint8_t *     cg, * cu;
+    const int8_t *      og, * ou;   /* per block: n_out x 16 outlier weights (channel-major) */
 } ripple_sketch;
 
 /* load a blob into p (its kind set); 0, or -1 with err */

@@ -16,7 +16,7 @@
 #define RIPPLE_SKETCH_VNNI 1
 #endif
 
-#define SKETCH_VERSION 1
+#define SKETCH_VERSION 2 /* sketch.VERSION; version 1 (no variance terms) is read too */
 #define SKETCH_BITS 2
 
 static size_t pad64(size_t n) {
@@ -30,10 +30,14 @@ int ripple_sketch_load(ripple_predictor * p, const uint8_t * blob, size_t size, 
     memcpy(h, blob, sizeof(h));
     memcpy(&threshold, blob + 20, 4);
     const uint32_t version = h[1], e = h[2], f = h[3], bits = h[4], blob_size = h[6], k = h[7], gated = h[8], act = h[9];
-    if (version != SKETCH_VERSION || bits != SKETCH_BITS) {
-        snprintf(err, err_len, "sketch predictor version %u with %u bits is not supported (this build reads version %d, "
-                 "%d bits): convert the model again", version, bits, SKETCH_VERSION, SKETCH_BITS);
+    if (version < 1 || version > SKETCH_VERSION || bits != SKETCH_BITS) {
+        snprintf(err, err_len, "sketch predictor version %u with %u bits is not supported (this build reads versions 1 "
+                 "to %d, %d bits): convert the model again", version, bits, SKETCH_VERSION, SKETCH_BITS);
         return -1;
+    }
+    float var[2] = { 0.0f, 0.0f }; /* V_g, V_u */
+    if (version >= 2) {
+        memcpy(var, blob + 40, sizeof(var));
     }
     if ((int) e != n_embd || (int) f != n_ff || k > e || gated > 1 || act > 2 || blob_size != size) {
         snprintf(err, err_len, "sketch predictor (%u x %u, %u outliers, gated %u, act %u, %u bytes) does not fit a "
@@ -87,6 +91,9 @@ int ripple_sketch_load(ripple_predictor * p, const uint8_t * blob, size_t size, 
     if (!bad && !isfinite(threshold)) {
         bad = "threshold";
     }
+    if (!bad && !(isfinite(var[0]) && isfinite(var[1]) && var[0] >= 0.0f && var[1] >= 0.0f)) {
+        bad = "variance coefficients";
+    }
     if (bad) {
         snprintf(err, err_len, "sketch predictor: %s invalid (inf, nan or out of range)", bad);
         return -1;
@@ -114,6 +121,8 @@ int ripple_sketch_load(ripple_predictor * p, const uint8_t * blob, size_t size, 
     s->act = (int32_t) act;
     s->n_pad = (int32_t) npad;
     s->n_blk = (int32_t) n_blk;
+    s->var_g = gated ? var[0] : 0.0f;
+    s->var_u = var[1];
     memcpy(mem + poff[0], b_out, 4 * (size_t) k);
     s->out = (const int32_t *) (mem + poff[0]);
     float * os = (float *) (mem + poff[1]), * half = (float *) (mem + poff[2]);
@@ -175,6 +184,7 @@ int ripple_sketch_load(ripple_predictor * p, const uint8_t * blob, size_t size, 
 typedef struct {
     float    d;
     float    sx3; /* 3 * sum xq */
+    float    nx2; /* sum x_j^2 over the channels that are not outliers */
     int8_t * xq;
     float *  yg; /* n_out */
     float *  yu; /* n_out */
@@ -200,6 +210,7 @@ static void prepare(const ripple_sketch * s, const float * x, int64_t n_embd, ui
     }
     const float d = m > 0.0f ? m / 127.0f : 1.0f;
     int32_t sx = 0;
+    float nx2 = 0.0f;
     o = 0;
     memset(tk->xq, 0, (size_t) s->n_pad);
     for (int64_t j = 0; j < n_embd; j++) {
@@ -210,7 +221,9 @@ static void prepare(const ripple_sketch * s, const float * x, int64_t n_embd, ui
         const int v = (int) roundf(x[j] / d);
         tk->xq[j] = (int8_t) v;
         sx += v;
+        nx2 += x[j] * x[j];
     }
+    tk->nx2 = nx2;
     for (int32_t k = 0; k < s->n_out; k++) {
         tk->yu[k] = x[s->out[k]] * s->osu[k];
         tk->yg[k] = s->gated ? x[s->out[k]] * s->osg[k] : 0.0f;
@@ -229,6 +242,36 @@ static float act1(int kind, float g) {
     const float c = 0.7978845608028654f; /* sqrt(2 / pi): ggml's GELU, tanh form */
     return 0.5f * g * (1.0f + tanhf(c * g * (1.0f + 0.044715f * g * g)));
 }
+
+/* act'(g) */
+static float dact1(int kind, float g) {
+    if (kind == RIPPLE_GLU_SILU) {
+        const float sg = 1.0f / (1.0f + expf(-g));
+        return sg * (1.0f + g * (1.0f - sg));
+    }
+    if (kind == 2) {
+        return g > 0.0f ? 1.0f : 0.0f;
+    }
+    const float c = 0.7978845608028654f, a = 0.044715f;
+    const float t = tanhf(c * g * (1.0f + a * g * g));
+    return 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * c * (1.0f + 3.0f * a * g * g);
+}
+
+#ifndef RIPPLE_SKETCH_VNNI
+/* the score of one neuron from its estimates (gated: g, u; else u alone), vg / vu the variances of
+ * the estimates (sketch.py's scores, the reference) */
+static float score1(const ripple_sketch * s, float g, float u, float vg, float vu) {
+    if (s->var_g == 0.0f && s->var_u == 0.0f) {
+        return fabsf(s->gated ? act1(s->act, g) * u : act1(s->act, u));
+    }
+    if (!s->gated) {
+        const float h = act1(s->act, u), du = dact1(s->act, u);
+        return sqrtf(h * h + (du * du) * vu);
+    }
+    const float a = act1(s->act, g), da = dact1(s->act, g) * u, h = a * u;
+    return sqrtf(h * h + ((da * da) * vg + (a * a) * vu));
+}
+#endif
 
 #ifdef RIPPLE_SKETCH_VNNI
 /* e^x, |relative error| < 2e-7 (Cephes' expf: n = round(x log2 e), a degree-6 polynomial of the
@@ -291,6 +334,37 @@ static inline __m512 act16(int kind, __m512 g) {
     }
     return _mm512_loadu_ps(v);
 }
+
+/* act(g) and act'(g) of 16 lanes */
+static inline void act_dact16(int kind, __m512 g, __m512 * a, __m512 * da) {
+    if (kind == RIPPLE_GLU_SILU) {
+        const __m512 one = _mm512_set1_ps(1.0f);
+        const __m512 den = _mm512_add_ps(one, v_exp(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+        const __m512 sg = _mm512_div_ps(one, den);
+        *a = _mm512_div_ps(g, den);
+        *da = _mm512_mul_ps(sg, _mm512_add_ps(one, _mm512_mul_ps(g, _mm512_sub_ps(one, sg))));
+        return;
+    }
+    if (kind == 2) {
+        *a = _mm512_max_ps(g, _mm512_setzero_ps());
+        *da = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(1.0f));
+        return;
+    }
+    float v[16], w[16];
+    _mm512_storeu_ps(v, g);
+    for (int l = 0; l < 16; l++) {
+        w[l] = dact1(kind, v[l]);
+        v[l] = act1(kind, v[l]);
+    }
+    *a = _mm512_loadu_ps(v);
+    *da = _mm512_loadu_ps(w);
+}
+
+/* V D_i^2 |x_s|^2 of the block's rows: D = 2 x the half step */
+static inline __m512 var16(float V, const float * half, float nx2) {
+    const __m512 d = _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_load_ps(half));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(V), _mm512_mul_ps(d, d)), _mm512_set1_ps(nx2));
+}
 #endif
 
 /* scores of the rows of block `blk` for one token into sc[0..16) */
@@ -300,7 +374,21 @@ static void score_block(const ripple_sketch * s, const sketch_token * tk, int64_
 #ifdef RIPPLE_SKETCH_VNNI
     const __m512 u = estimate16(s, tk, s->cu + cb, s->hu + 16 * blk, s->ou + ob, tk->yu);
     __m512 r;
-    if (s->gated) {
+    if (s->var_g != 0.0f || s->var_u != 0.0f) {
+        const __m512 vu = var16(s->var_u, s->hu + 16 * blk, tk->nx2);
+        __m512 a, da;
+        if (s->gated) {
+            const __m512 g = estimate16(s, tk, s->cg + cb, s->hg + 16 * blk, s->og + ob, tk->yg);
+            act_dact16(s->act, g, &a, &da);
+            const __m512 vg = var16(s->var_g, s->hg + 16 * blk, tk->nx2);
+            const __m512 h = _mm512_mul_ps(a, u), du = _mm512_mul_ps(da, u);
+            const __m512 var = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(du, du), vg), _mm512_mul_ps(_mm512_mul_ps(a, a), vu));
+            r = _mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(h, h), var));
+        } else {
+            act_dact16(s->act, u, &a, &da);
+            r = _mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(a, a), _mm512_mul_ps(_mm512_mul_ps(da, da), vu)));
+        }
+    } else if (s->gated) {
         const __m512 g = estimate16(s, tk, s->cg + cb, s->hg + 16 * blk, s->og + ob, tk->yg);
         r = _mm512_mul_ps(act16(s->act, g), u);
     } else {
@@ -333,8 +421,8 @@ static void score_block(const ripple_sketch * s, const sketch_token * tk, int64_
         }
     }
     for (int l = 0; l < 16; l++) {
-        const float u = est[s->gated][l];
-        sc[l] = fabsf(s->gated ? act1(s->act, est[0][l]) * u : act1(s->act, u));
+        const float dg = 2.0f * (s->gated ? s->hg[16 * blk + l] : 0.0f), du = 2.0f * s->hu[16 * blk + l];
+        sc[l] = score1(s, est[0][l], est[s->gated][l], (s->var_g * (dg * dg)) * tk->nx2, (s->var_u * (du * du)) * tk->nx2);
     }
 #endif
     (void) rows;

@@ -16,6 +16,7 @@ struct ripple_pool;
 typedef struct ripple_sketch {
     uint8_t *           mem;
     int32_t             n_out, gated, act, n_pad, n_blk;
+    float               var_g, var_u; /* V_g, V_u: the estimates' variance per unit D^2 |x_s|^2 (0: plain |h~|) */
     const int32_t *     out;        /* n_out outlier channels, ascending */
     const float *       osg, * osu; /* per outlier channel: int8 weight scale (gate, up) */
     const float *       hg, * hu;   /* per row: half the 2-bit quantization step */

@@ -26,6 +26,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                                 active_fraction=args.active_fraction, predictor_rank=args.predictor_rank,
                                 predictor=args.predictor, sketch_outliers=args.sketch_outliers,
                                 sketch_budget=args.sketch_budget, sketch_allocation=args.sketch_allocation,
+                                sketch_uncertainty=args.sketch_uncertainty,
                                 predictor_recall=args.predictor_recall,
                                 predictor_fit_fraction=args.predictor_fit_fraction or None, seed=args.seed,
                                 threads=args.threads, quiet=args.quiet)
@@ -298,12 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "channels exact; default) or lowrank (a trained n_embd -> rank -> n_ff MLP)")
     c.add_argument("--sketch-outliers", type=int, default=12,
                    help="sketch: input channels kept exact per layer (default 12)")
-    c.add_argument("--sketch-budget", type=float, default=0.75,
+    c.add_argument("--sketch-budget", type=float, default=0.67,
                    help="sketch: mean fraction of the neurons selected, the threshold's calibration target "
-                        "(default 0.75)")
+                        "(default 0.67)")
     c.add_argument("--sketch-allocation", choices=("uniform", "relative"), default="uniform",
                    help="sketch: how the budget is shared among layers: uniform (each layer keeps the budget's "
                         "fraction; default) or relative (thresholds at one multiple of each layer's RMS score)")
+    c.add_argument("--sketch-uncertainty", type=float, default=0.5,
+                   help="sketch: weight of each estimate's fitted variance in its score, so that small but "
+                        "uncertain estimates rank higher (0: the plain |h~|; default 0.5)")
     c.add_argument("--predictor-rank", type=int, default=64,
                    help="lowrank: hidden width; 0 = no predictors, either kind (default 64)")
     c.add_argument("--predictor-recall", type=float, default=0.9,

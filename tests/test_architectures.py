@@ -142,7 +142,7 @@ def test_unknown_predictor_blob_version_refused_at_load(packed, tmp_path):
     shutil.copyfile(rf.path, path)
     with open(path, "r+b") as f:
         f.seek(rf.layers[0].predictor_offset + 4)
-        f.write((2).to_bytes(4, "little"))
+        f.write((3).to_bytes(4, "little"))
     reseal(path)  # a file written by that converter carries checksums of its own bytes
-    with pytest.raises(RippleFormatError, match="sketch predictor version 2 with 2 bits is not supported"):
+    with pytest.raises(RippleFormatError, match="sketch predictor version 3 with 2 bits is not supported"):
         quality.run(path, tokens=TOKENS[:4], n_ctx=64, n_threads=1)

@@ -18,16 +18,21 @@ def _layer(rng, n_embd, n_ff, gated=True, heavy=()):
     return W_up, W_gate, X
 
 
-@pytest.mark.parametrize("n_embd, n_ff, gated, act, k", [
-    (576, 256, True, "silu", 16),   # SmolLM2's width: 9 groups of 64 (2 blocks of 4 and a tail)
-    (256, 64, True, "gelu", 8),     # one whole block of 4 groups
-    (200, 96, False, "silu", 3),    # ungated, a width padded to 256
-    (64, 32, True, "silu", 0),      # no outlier channel
+@pytest.mark.parametrize("n_embd, n_ff, gated, act, k, weight", [
+    (576, 256, True, "silu", 16, 0.5),  # SmolLM2's width: 36 chunks of 16 channels, 16 blocks of 16 rows
+    (576, 256, True, "silu", 16, 0.0),  # the plain |h~| (version 1's score)
+    (256, 64, True, "gelu", 8, 0.5),
+    (256, 64, True, "relu", 8, 2.0),
+    (200, 90, False, "silu", 3, 0.5),   # ungated, a width padded to 256, a last block of 10 rows
+    (200, 96, False, "relu", 3, 0.0),
+    (64, 32, True, "silu", 0, 1.0),     # no outlier channel
 ])
-def test_c_scores_equal_the_reference(n_embd, n_ff, gated, act, k):
+def test_c_scores_equal_the_reference(n_embd, n_ff, gated, act, k, weight):
     rng = np.random.default_rng(n_embd + n_ff)
     W_up, W_gate, X = _layer(rng, n_embd, n_ff, gated, heavy=(3, n_embd - 5))
-    sk = SK.Sketch.build(W_up, W_gate, (X * X).mean(axis=0), n_out=k, act_name=act).calibrate(X, 0.4)
+    sk = SK.Sketch.build(W_up, W_gate, (X * X).mean(axis=0), n_out=k, act_name=act)
+    sk.fit_variance(X, W_up, W_gate, weight).calibrate(X, 0.4)
+    assert (sk.var_u > 0) == (weight > 0) and (sk.var_g > 0) == (weight > 0 and gated)
     if k:
         assert {3, n_embd - 5} <= set(sk.out.tolist())  # the heavy channels are kept exact
     blob = sk.to_bytes()
@@ -89,3 +94,25 @@ def test_allocation_shares_the_budget():
     assert SK.allocate(scores, 1.0, "relative") == {0: -1.0, 1: -1.0}
     with pytest.raises(ValueError, match="allocation 'bogus'"):
         SK.allocate(scores, 0.6, "bogus")
+
+
+def test_version_1_blobs_score_plainly():
+    """Blobs of version 1 (no variance coefficients) still load, in C and here, and score |h~|."""
+    rng = np.random.default_rng(4)
+    W_up, W_gate, X = _layer(rng, 128, 48, heavy=(5,))
+    sk = SK.Sketch.build(W_up, W_gate, (X * X).mean(axis=0), n_out=4).fit_variance(X, W_up, W_gate, 1.0)
+    blob = bytearray(sk.to_bytes())
+    assert int.from_bytes(blob[4:8], "little") == SK.VERSION == 2
+    blob[4:8] = (1).to_bytes(4, "little")  # a version 1 blob: offsets 40-47 were zero padding
+    blob[40:48] = bytes(8)
+    old = SK.Sketch.from_bytes(bytes(blob), 128, 48)
+    assert old.var_g == old.var_u == 0.0
+    plain = SK.Sketch.build(W_up, W_gate, (X * X).mean(axis=0), n_out=4).scores(X)
+    np.testing.assert_array_equal(old.scores(X), plain)
+    got, _ = binding.sketch_scores(bytes(blob), 128, 48, X)
+    np.testing.assert_allclose(got, plain, rtol=2e-5, atol=1e-6 * float(plain.max()))
+    assert not np.allclose(sk.scores(X), plain)  # the variance term moves the scores
+    bad = bytearray(sk.to_bytes())
+    bad[40:44] = np.float32(-1).tobytes()
+    with pytest.raises(ValueError, match="variance coefficients"):
+        binding.sketch_scores(bytes(bad), 128, 48, X)

@@ -217,7 +217,8 @@ def reusable(packed: Path, source_sha256: str) -> bool:
         return False
     if cfg.predictor == "sketch":
         return (abs(float(md.get(C.Keys.Predictor.SKETCH_BUDGET, -1)) - cfg.sketch_budget) < 1e-4
-                and int(md.get(C.Keys.Predictor.SKETCH_OUTLIERS, -1)) == cfg.sketch_outliers)
+                and int(md.get(C.Keys.Predictor.SKETCH_OUTLIERS, -1)) == cfg.sketch_outliers
+                and abs(float(pm.get("sketch_uncertainty", 0.0)) - cfg.sketch_uncertainty) < 1e-6)
     fit = pm.get("fit_fraction")
     return (abs(float(sp.get("active_fraction", -1)) - cfg.active_fraction) < 1e-4
             and (fit is None if cfg.predictor_fit_fraction is None

@@ -53,6 +53,8 @@ class OfflineConfig:
     # score, the constant set so the model's mean fraction is the budget (a layer whose scores are
     # spread keeps more neurons, one whose few large scores dominate keeps fewer)
     sketch_allocation: str = "uniform"
+    # sketch: weight of the estimate's fitted variance in the score (0: the plain |h~|; see sketch.py)
+    sketch_uncertainty: float = SK.UNCERTAINTY
     # the predictors are fitted to the neurons of the top fraction of |h| (magnitude rule; at most
     # active_fraction; None: the active ones) and tuned for recall of all active neurons
     predictor_fit_fraction: Optional[float] = 0.25
@@ -78,6 +80,8 @@ class OfflineConfig:
             raise ProfileError(f"--sketch-budget must be in (0, 1], got {self.sketch_budget}")
         if self.sketch_allocation not in SK.ALLOCATIONS:
             raise ProfileError(f"--sketch-allocation {self.sketch_allocation!r}: choose from {', '.join(SK.ALLOCATIONS)}")
+        if not (self.sketch_uncertainty >= 0 and math.isfinite(self.sketch_uncertainty)):
+            raise ProfileError(f"--sketch-uncertainty must be >= 0, got {self.sketch_uncertainty}")
         if self.sketch_outliers < 0:
             raise ProfileError(f"--sketch-outliers must be >= 0, got {self.sketch_outliers}")
         if self.predictor_rank < 0:
@@ -180,7 +184,7 @@ class _SketchSource:
             raw = np.frombuffer(f.read(t.nbytes), dtype=np.uint8)
         return np.asarray(to_f32(t.type, raw, t.shape[1], t.shape[0]), np.float32)
 
-    def build(self, block: int, X: np.ndarray, n_out: int, down_norm: bool) -> SK.Sketch:
+    def build(self, block: int, X: np.ndarray, n_out: int, down_norm: bool, uncertainty: float) -> SK.Sketch:
         W_up = self._rows(C.ffn_tensor_name(block, "up"))
         W_gate = self._rows(C.ffn_tensor_name(block, "gate"))
         norm = None
@@ -188,7 +192,10 @@ class _SketchSource:
             W_down = self._rows(C.ffn_tensor_name(block, "down"))  # (n_embd, n_ff): column i is neuron i's
             norm = np.sqrt(np.sum(np.square(W_down, dtype=np.float64), axis=0)).astype(np.float32)
         x2 = np.mean(np.square(X, dtype=np.float64), axis=0)
-        return SK.Sketch.build(W_up, W_gate, x2, n_out=n_out, act_name=self.act, down_norm=norm)
+        sk = SK.Sketch.build(W_up, W_gate, x2, n_out=n_out, act_name=self.act, down_norm=norm)
+        if norm is not None and (W_gate is not None or self.act == "relu"):
+            W_up = W_up * norm[:, None]  # as build scaled them
+        return sk.fit_variance(X, W_up, W_gate, uncertainty)
 
 
 def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
@@ -303,7 +310,8 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
         for b in progress(blocks, desc="sketches", unit="layer"):
             X_raw = np.concatenate(xs[b]).astype(np.float32) / np.float32(x_mul[b])
             try:
-                sketches[b] = sketch_src.build(b, X_raw, cfg.sketch_outliers, cfg.sketch_down_norm)
+                sketches[b] = sketch_src.build(b, X_raw, cfg.sketch_outliers, cfg.sketch_down_norm,
+                                               cfg.sketch_uncertainty)
             except ValueError as e:
                 raise ProfileError(f"{src}: layer {b}: predictor: {e}") from None
             sc = sketches[b].scores(X_raw).ravel()
@@ -319,8 +327,9 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
         try:
             if sketch_src is not None:
                 X_raw = X.astype(np.float32) / np.float32(x_mul[b])  # the sample is kept scaled (step 2)
-                pred = sketches.pop(b, None) or sketch_src.build(b, X_raw, cfg.sketch_outliers,
-                                                                  cfg.sketch_down_norm).calibrate(X_raw, cfg.sketch_budget)
+                pred = sketches.pop(b, None) or sketch_src.build(
+                    b, X_raw, cfg.sketch_outliers, cfg.sketch_down_norm,
+                    cfg.sketch_uncertainty).calibrate(X_raw, cfg.sketch_budget)
                 sample_pred = pred.predict(X_raw)
             else:
                 scaled, _ = PR.train(X, Y, rank=cfg.predictor_rank, n_ff=n_ff, recall_target=cfg.predictor_recall,
@@ -354,6 +363,8 @@ def run(src: os.PathLike, cfg: OfflineConfig) -> OfflineResult:
             "top2_recall": float(np.mean(pm["top2_recall"])), "min_top2_recall": min(pm["top2_recall"]),
             "per_layer": pm,
         }
+        if sketch_src is not None:
+            predictor_metrics["sketch_uncertainty"] = cfg.sketch_uncertainty
     else:
         read_eval, predictor_metrics = eval_m, {}
     times["predictors"] = time.perf_counter() - t0

@@ -9,7 +9,9 @@ the gate and up rows themselves. A sketch estimates h directly::
     d     = max|x_s| / 127,  xq = round(x_s / d)           sketch error, measured on calibration text)
     g~_i  = D_g[i] / 2 * d * (2 * sum_j cg[i, j] * xq[j] - 3 * sum_j xq[j]) + sum_k og[i, k] * (osg[k] * x[out[k]])
     u~_i  = the same with cu, D_u, ou, osu
-    score = |act(g~_i) * u~_i|       (gated FFN; ungated: |act(u~_i)|)
+    h~    = act(g~_i) * u~_i         (gated FFN; ungated: act(u~_i))
+    var   = act'(g~_i)^2 u~_i^2 V_g D_g[i]^2 |x_s|^2 + act(g~_i)^2 V_u D_u[i]^2 |x_s|^2   (ungated: act'(u~_i)^2 V_u ...)
+    score = sqrt(h~^2 + var)
     selected = score > threshold
 
 ``cg[i, j]`` in {0, 1, 2, 3} is row i of ffn_gate quantized to 2 bits, value (2c - 3) * D_g[i] / 2
@@ -19,13 +21,21 @@ kernel computes (integer sums exact; ``round`` is half away from zero), so ``sco
 reference. The threshold is calibrated per layer on calibration tokens to a mean selected fraction
 (the budget): per token the number of neurons kept varies with how many have large scores.
 
+``var`` is the variance of h~ that the sketch's error leaves (first order in the errors of g~ and
+u~): the error of a row's estimate grows with its step D and with |x_s|, and V_g, V_u (one each per
+layer) are fitted on calibration text as the mean squared error of g~, u~ per unit D^2 |x_s|^2,
+times ``UNCERTAINTY`` (:meth:`Sketch.fit_variance`). A neuron whose estimate is small but uncertain
+then ranks above one that is small for sure: on SmolLM2 this cuts the FFN output error that the
+dropped neurons cause by about a fifth at the same budget (docs/BENCHMARKS.md). V = 0 gives the
+plain score |h~| (version 1 blobs).
+
 Binary layout (``Sketch.to_bytes``), little-endian, every section at a multiple of 64 bytes:
 
 ====== ============================= ==========================================================
 offset field                         meaning
 ====== ============================= ==========================================================
 0      char[4] magic                 ``b"RPSK"``
-4      u32 version                   1
+4      u32 version                   2 (1: no V_g, V_u; read as 0)
 8      u32 n_embd
 12     u32 n_ff
 16     u32 bits                      2 (the only width this version stores)
@@ -34,6 +44,7 @@ offset field                         meaning
 28     u32 n_out                     k outlier channels
 32     u32 gated                     1: score |act(g~) u~|, 0 (no ffn_gate): |act(u~)|
 36     u32 act                       0 SiLU, 1 GELU (tanh form, as ggml), 2 ReLU
+40     f32 V_g, f32 V_u              variance coefficients (>= 0; version 2)
 64     i32 out[k]                    outlier channel indices, ascending
 ...    f32 osg[k], f32 osu[k]        outlier weight scales per channel (gate, up)
 ...    f16 D_g[n_ff], f16 D_u[n_ff]  quantization steps per row
@@ -58,15 +69,20 @@ from typing import Optional, Tuple
 import numpy as np
 
 MAGIC = b"RPSK"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # what this reader reads
 BITS = 2
 HEADER_SIZE = 64
 ACTS = ("silu", "gelu", "relu")
 _HEADER = struct.Struct("<4sIIIIfIIII")
+_VARIANCE = struct.Struct("<ff")  # at offset 40, version 2
+UNCERTAINTY = 0.5  # the fitted variances' weight in the score (0: the plain |h~|; docs/BENCHMARKS.md)
 
 ALLOCATIONS = ("uniform", "relative")
 DEFAULT_OUTLIERS = 12  # 29.3% of the FFN bytes in memory on SmolLM2; 8 lost more, 14 and 16 no less (docs/BENCHMARKS.md)
-DEFAULT_BUDGET = 0.75  # mean fraction of the neurons selected: the smallest budget within 3% perplexity on SmolLM2 (docs/BENCHMARKS.md)
+# mean fraction of the neurons selected: with UNCERTAINTY 0.5, the smallest budget measured on SmolLM2 that
+# keeps needed bytes <= 65% of dense, perplexity within 3% and top-2% recall >= 0.99 (docs/BENCHMARKS.md)
+DEFAULT_BUDGET = 0.67
 
 
 def _pad64(n: int) -> int:
@@ -145,6 +161,21 @@ def act(name: str, g: np.ndarray) -> np.ndarray:
     return np.float32(0.5) * g * (np.float32(1) + np.tanh(c * g * (np.float32(1) + np.float32(0.044715) * g * g)))
 
 
+def dact(name: str, g: np.ndarray) -> np.ndarray:
+    """The derivative of :func:`act`."""
+    g = g.astype(np.float32)
+    if name == "silu":
+        with np.errstate(over="ignore"):
+            s = np.float32(1) / (np.float32(1) + np.exp(-g))
+        return s * (np.float32(1) + g * (np.float32(1) - s))
+    if name == "relu":
+        return (g > 0).astype(np.float32)
+    c = np.float32(math.sqrt(2 / math.pi))
+    a = np.float32(0.044715)
+    t = np.tanh(c * g * (np.float32(1) + a * g * g))
+    return np.float32(0.5) * (np.float32(1) + t) + np.float32(0.5) * g * (np.float32(1) - t * t) * c * (np.float32(1) + np.float32(3) * a * g * g)
+
+
 def _int8_cols(W: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Columns of W as int8 with one float32 scale each (largest |w| -> 127)."""
     W = np.asarray(W, np.float32)
@@ -168,6 +199,8 @@ class Sketch:
     osg: Optional[np.ndarray] = None
     act: str = "silu"
     threshold: float = 0.0
+    var_g: float = 0.0  # V_g: variance of g~_i per unit D_g[i]^2 |x_s|^2
+    var_u: float = 0.0
 
     @property
     def gated(self) -> bool:
@@ -224,10 +257,54 @@ class Sketch:
         xq = _round_half_away(xs / d[:, None]).astype(np.float32)
         sx = xq.sum(axis=1)
         u = self._estimate(X, xq, d, sx, self.cu, self.du, self.ou, self.osu)
-        if not self.gated:
-            return np.abs(act(self.act, u))
-        g = self._estimate(X, xq, d, sx, self.cg, self.dg, self.og, self.osg)
-        return np.abs(act(self.act, g) * u)
+        g = self._estimate(X, xq, d, sx, self.cg, self.dg, self.og, self.osg) if self.gated else None
+        h = act(self.act, g) * u if self.gated else act(self.act, u)
+        if self.var_g == 0 and self.var_u == 0:
+            return np.abs(h)
+        nx2 = np.sum(xs * xs, axis=1, dtype=np.float32)[:, None]
+        vu = (np.float32(self.var_u) * np.square(self.du.astype(np.float32)))[None, :] * nx2
+        if self.gated:
+            vg = (np.float32(self.var_g) * np.square(self.dg.astype(np.float32)))[None, :] * nx2
+            var = np.square(dact(self.act, g) * u) * vg + np.square(act(self.act, g)) * vu
+        else:
+            var = np.square(dact(self.act, u)) * vu
+        return np.sqrt(h * h + var).astype(np.float32)
+
+    def estimates(self, X: np.ndarray) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+        """g~ (None when ungated), u~ and |x_s|^2 for FFN inputs X."""
+        X = np.asarray(X, np.float32)
+        xs = X.copy()
+        xs[:, self.out] = 0
+        m = np.abs(xs).max(axis=1)
+        d = np.where(m > 0, m / np.float32(127), np.float32(1)).astype(np.float32)
+        xq = _round_half_away(xs / d[:, None]).astype(np.float32)
+        sx = xq.sum(axis=1)
+        u = self._estimate(X, xq, d, sx, self.cu, self.du, self.ou, self.osu)
+        g = self._estimate(X, xq, d, sx, self.cg, self.dg, self.og, self.osg) if self.gated else None
+        return g, u, np.sum(xs * xs, axis=1, dtype=np.float32)
+
+    def fit_variance(self, X: np.ndarray, W_up: np.ndarray, W_gate: Optional[np.ndarray],
+                     weight: float = UNCERTAINTY) -> "Sketch":
+        """V_g, V_u from calibration inputs X and the rows the sketch was built from (as given to
+        :meth:`build`, up rows scaled the same way): the least-squares fit of the estimates' squared
+        errors by V D_i^2 |x_s|^2, times ``weight`` (0: no variance term)."""
+        if weight < 0 or not math.isfinite(weight):
+            raise ValueError(f"sketch uncertainty weight must be >= 0, got {weight}")
+        self.var_g = self.var_u = 0.0
+        if weight == 0 or not len(X):
+            return self
+        X = np.asarray(X, np.float32)
+        g, u, nx2 = self.estimates(X)
+
+        def fit(W, est, steps) -> float:
+            err = np.square(X @ np.asarray(W, np.float32).T - est, dtype=np.float64)
+            den = float(np.sum(nx2, dtype=np.float64) * np.sum(np.square(steps.astype(np.float64))))
+            return float(np.float32(weight * err.sum() / den)) if den > 0 else 0.0
+
+        self.var_u = fit(W_up, u, self.du)
+        if self.gated:
+            self.var_g = fit(W_gate, g, self.dg)
+        return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.scores(X) > np.float32(self.threshold)
@@ -245,6 +322,10 @@ class Sketch:
         """Raise ValueError naming the first part that holds inf or nan."""
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold is {self.threshold}")
+        for name in ("var_g", "var_u"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"sketch {name} is {v}")
         for name in ("du", "osu", "dg", "osg"):
             a = getattr(self, name)
             if a is not None and not np.isfinite(np.asarray(a, np.float32)).all():
@@ -260,6 +341,7 @@ class Sketch:
         buf = bytearray(size)
         _HEADER.pack_into(buf, 0, MAGIC, VERSION, self.n_embd, self.n_ff, BITS, self.threshold, size, k,
                           1 if self.gated else 0, ACTS.index(self.act))
+        _VARIANCE.pack_into(buf, 40, self.var_g, self.var_u)
         parts = [self.out.astype("<i4"), self.osg, self.osu.astype("<f4"), self.dg, self.du.astype("<f2"),
                  pack_codes(self.cg) if self.gated else None, pack_codes(self.cu), self.og, self.ou]
         casts = [None, "<f4", None, "<f2", None, None, None, np.int8, None]
@@ -277,8 +359,10 @@ class Sketch:
         magic, version, e, f, bits, thr, size, k, gated, act_id = _HEADER.unpack_from(b, 0)
         if magic != MAGIC:
             raise ValueError(f"sketch blob: magic {magic!r}, expected {MAGIC!r}")
-        if version != VERSION or bits != BITS:
-            raise ValueError(f"sketch blob: version {version}, {bits} bits; this reader knows version {VERSION}, {BITS} bits")
+        if version not in VERSIONS or bits != BITS:
+            raise ValueError(f"sketch blob: version {version}, {bits} bits; this reader knows versions "
+                             f"{', '.join(map(str, VERSIONS))}, {BITS} bits")
+        var_g, var_u = _VARIANCE.unpack_from(b, 40) if version >= 2 else (0.0, 0.0)
         if (e, f) != (n_embd, n_ff) or k > e or act_id >= len(ACTS) or gated > 1:
             raise ValueError(f"sketch blob: n_embd={e}, n_ff={f}, {k} outliers, gated={gated}, act={act_id}; the layer "
                              f"has n_embd={n_embd}, n_ff={n_ff}")
@@ -293,7 +377,8 @@ class Sketch:
                       cg=unpack_codes(a(5, np.uint8, f * row).reshape(f, row), e), og=a(7, np.int8, f * k).reshape(f, k))
         return cls(n_embd=e, n_ff=f, out=a(0, "<i4", k).astype(np.int32), osu=a(2, "<f4", k).astype(np.float32),
                    du=a(4, "<f2", f).astype(np.float16), cu=unpack_codes(a(6, np.uint8, f * row).reshape(f, row), e),
-                   ou=a(8, np.int8, f * k).reshape(f, k), act=ACTS[act_id], threshold=thr, **kw)
+                   ou=a(8, np.int8, f * k).reshape(f, k), act=ACTS[act_id], threshold=thr, var_g=var_g,
+                   var_u=var_u, **kw)
 
 
 def allocate(scores: "dict[int, np.ndarray]", budget: float, how: str) -> "dict[int, float]":

@@ -249,19 +249,11 @@ class Sketch:
 
     def scores(self, X: np.ndarray) -> np.ndarray:
         """(N, n_ff) float32 scores for FFN inputs X (N, n_embd)."""
-        X = np.asarray(X, np.float32)
-        xs = X.copy()
-        xs[:, self.out] = 0
-        m = np.abs(xs).max(axis=1)
-        d = np.where(m > 0, m / np.float32(127), np.float32(1)).astype(np.float32)
-        xq = _round_half_away(xs / d[:, None]).astype(np.float32)
-        sx = xq.sum(axis=1)
-        u = self._estimate(X, xq, d, sx, self.cu, self.du, self.ou, self.osu)
-        g = self._estimate(X, xq, d, sx, self.cg, self.dg, self.og, self.osg) if self.gated else None
+        g, u, nx2 = self.estimates(X)
         h = act(self.act, g) * u if self.gated else act(self.act, u)
         if self.var_g == 0 and self.var_u == 0:
             return np.abs(h)
-        nx2 = np.sum(xs * xs, axis=1, dtype=np.float32)[:, None]
+        nx2 = nx2[:, None]
         vu = (np.float32(self.var_u) * np.square(self.du.astype(np.float32)))[None, :] * nx2
         if self.gated:
             vg = (np.float32(self.var_g) * np.square(self.dg.astype(np.float32)))[None, :] * nx2

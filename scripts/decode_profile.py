@@ -2,7 +2,10 @@
 """Where a decoded token's time goes: end-to-end ms per token and the backend's I/O, FFN compute
 and predictor time, for held-out tokens evaluated one at a time on the default ripple file.
 
-    python scripts/decode_profile.py exact|sparse [RIPPLE.gguf] [--tokens 48] [--threads 2]
+    python scripts/decode_profile.py exact|sparse [RIPPLE.gguf] [--tokens 48] [--threads 2] [--collapse BYTES]
+
+Settings come from the RIPPLE_* variables as usual (e.g. RIPPLE_DIRECT_IO=1 RIPPLE_CACHE_FRACTION=0.1);
+--collapse fixes the collapse gap in bytes (``configure(collapse=N)``).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ def main() -> int:
     ap.add_argument("file", nargs="?", help="ripple-packed GGUF (default: the quickstart's)")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--collapse", type=int, help="collapse gap in bytes (default: the disk's cost model)")
     args = ap.parse_args()
 
     import ripple_gguf
@@ -24,7 +28,7 @@ def main() -> int:
     from ripple_gguf.quickstart import ensure_default_ripple
 
     path = args.file or str(ensure_default_ripple(quiet=True))
-    ripple_gguf.configure(mode=args.mode)
+    ripple_gguf.configure(mode=args.mode, **({"collapse": args.collapse} if args.collapse is not None else {}))
     llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=1, n_ubatch=1, n_threads=args.threads, verbose=False)
     toks = llm.tokenize(quality.heldout_text(4000).encode())[: args.tokens]
     llm.eval(toks[:8])  # warm the cache and the threads
@@ -37,7 +41,8 @@ def main() -> int:
     n = s["tokens"]
     print(f"{args.mode}: e2e {1e3 * wall / n:.1f} ms/token; backend I/O {1e3 * s['io_seconds'] / n:.2f}, FFN compute "
           f"{1e3 * s['compute_seconds'] / n:.2f}, predictors {1e3 * s['predictor_seconds'] / n:.2f} ms/token; "
-          f"cache hit rate {s['cache_hit_rate']:.3f}")
+          f"cache hit rate {s['cache_hit_rate']:.3f}; read {s['bytes_read'] / n / 1e6:.2f} MB in "
+          f"{s['read_ops'] / n:.0f} requests per token")
     return 0
 
 

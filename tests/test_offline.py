@@ -98,6 +98,9 @@ def test_predictor_fit_fraction(model, tmp_path):
     assert all(read_predictor(same, l).to_bytes() == read_predictor(act, l).to_bytes() for l in act.layers)
     with pytest.raises(ProfileError, match="predictor-fit-fraction"):
         convert(model, tmp_path / "x.gguf", offline=small_offline(predictor_fit_fraction=0.0), quiet=True)
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ProfileError, match="--sketch-uncertainty must be >= 0"):
+            convert(model, tmp_path / "x.gguf", offline=small_offline(sketch_uncertainty=bad), quiet=True)
 
 
 @pytest.mark.parametrize("method", ["original", "frequency"])

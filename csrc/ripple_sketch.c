@@ -14,6 +14,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define RIPPLE_SKETCH_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define RIPPLE_SKETCH_AVX2 1 /* the integer sums and estimates in 256-bit lanes, the scores per neuron */
 #endif
 
 #define SKETCH_VERSION 2 /* sketch.VERSION; version 1 (no variance terms) is read too */
@@ -403,6 +406,42 @@ static void score_block(const ripple_sketch * s, const sketch_token * tk, int64_
         const int8_t * ow = (up ? s->ou : s->og) + ob;
         const float * half = (up ? s->hu : s->hg) + 16 * blk;
         const float * y = up ? tk->yu : tk->yg;
+#ifdef RIPPLE_SKETCH_AVX2
+        /* per half of the block (8 rows, bytes 32h..32h+31 of each chunk): maddubs of the codes and
+         * the token's activations into 16-bit sums (at most 4 x 762 per chunk, so 8 chunks fit),
+         * widened to 32 bits every 8 chunks */
+        const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+        for (int h = 0; h < 2; h++) {
+            __m256i acc = _mm256_setzero_si256();
+            for (int64_t c0 = 0; c0 < nc; c0 += 8) {
+                __m256i a16 = _mm256_setzero_si256();
+                const int64_t c1 = c0 + 8 < nc ? c0 + 8 : nc;
+                for (int64_t c = c0; c < c1; c++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *) (codes + 64 * c + 32 * h));
+                    int32_t xd[4];
+                    memcpy(xd, tk->xq + 16 * c, 16);
+                    a16 = _mm256_add_epi16(a16, _mm256_maddubs_epi16(_mm256_and_si256(v, m3), _mm256_set1_epi32(xd[0])));
+                    a16 = _mm256_add_epi16(a16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3),
+                                                                     _mm256_set1_epi32(xd[1])));
+                    a16 = _mm256_add_epi16(a16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3),
+                                                                     _mm256_set1_epi32(xd[2])));
+                    a16 = _mm256_add_epi16(a16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3),
+                                                                     _mm256_set1_epi32(xd[3])));
+                }
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a16, ones));
+            }
+            const __m256 q = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(2.0f), _mm256_cvtepi32_ps(acc)), _mm256_set1_ps(tk->sx3));
+            __m256 e = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(half + 8 * h), _mm256_set1_ps(tk->d)), q);
+            __m256 o = _mm256_setzero_ps();
+            for (int32_t k = 0; k < s->n_out; k++) {
+                int64_t w8;
+                memcpy(&w8, ow + 16 * k + 8 * h, 8);
+                const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(w8)));
+                o = _mm256_fmadd_ps(w, _mm256_set1_ps(y[k]), o);
+            }
+            _mm256_storeu_ps(est[mi] + 8 * h, _mm256_add_ps(e, o));
+        }
+#else
         for (int l = 0; l < 16; l++) {
             int32_t acc = 0;
             for (int64_t c = 0; c < nc; c++) {
@@ -419,6 +458,7 @@ static void score_block(const ripple_sketch * s, const sketch_token * tk, int64_
             }
             est[mi][l] = (half[l] * tk->d) * (2.0f * (float) acc - tk->sx3) + o;
         }
+#endif
     }
     for (int l = 0; l < 16; l++) {
         const float dg = 2.0f * (s->gated ? s->hg[16 * blk + l] : 0.0f), du = 2.0f * s->hu[16 * blk + l];

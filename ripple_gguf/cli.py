@@ -242,11 +242,15 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
                    help=f"tokens to generate (default: {quickstart.DEFAULT_TOKENS})")
     p.add_argument("--cache-mb", type=float, help="neuron cache budget in MiB (default: the runtime's)")
     p.add_argument("--threads", type=int, help="llama.cpp threads (default: llama-cpp-python's)")
+    p.add_argument("--mode", choices=("auto", "exact", "sparse"),
+                   help="the runtime's mode (default: RIPPLE_MODE, else auto: the file's default mode)")
     q = p.parse_args(args.args)
 
     path = quickstart.ensure_default_ripple(q.out)
     if q.cache_mb is not None:
         ripple_gguf.configure(cache_mb=q.cache_mb)
+    if q.mode is not None:
+        ripple_gguf.configure(mode=q.mode)
     r = quickstart.generate(path, q.prompt, q.tokens, threads=q.threads)
     load, s, settings, usage = r["load"], r["stats"], r["settings"], r["usage"]
     if load.get("path") != str(path) or not load.get("bound_tensors"):
@@ -259,8 +263,9 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"tokens: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated in {r['gen_s']:.2f} s "
           f"({usage['completion_tokens'] / r['gen_s']:.1f} tokens/s)")
     mode = settings["mode"]
-    if mode == "auto":  # the file's own default
-        mode = f"{load.get('default_mode', 'sparse')} (the file's default)"
+    if mode == "auto":  # the file's own default, and why when the converter chose exact
+        why = load.get("default_mode_reason")
+        mode = f"{load.get('default_mode', 'sparse')} (the file's default{': ' + why if why else ''})"
     print(f"mode {mode}: FFN matmuls served {s['ffn_matmuls']:,}; neurons computed "
           f"{s['neurons_computed']:,} of {s['neurons_total']:,} ({s['neurons_computed'] / max(1, s['neurons_total']):.1%}); "
           f"needed bundles {s['needed_bytes'] / max(1, s['dense_bytes']):.1%} of the dense FFN bytes")
@@ -275,6 +280,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     if s["ffn_matmuls"] == 0:
         print("ripple-gguf: error: the backend served no FFN matmul", file=sys.stderr)
         return 1
+    if settings["mode"] == "auto" and load.get("default_mode") == "exact":
+        print("(sparse mode, the predictors: ripple-gguf quickstart --mode sparse)")
     return 0
 
 

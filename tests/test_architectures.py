@@ -96,6 +96,23 @@ def test_sparse_mode_runs_and_is_plausible(packed, mode):
     assert ppl_s < 1.5 * ppl_e
 
 
+def test_pages_touched_and_the_self_checks_page_limit(packed, monkeypatch):
+    """quality.page_fraction: the pages that hold the bundles sparse mode selects, per token decoded
+    one at a time; with 1-byte pages exactly the needed bytes, with larger pages more, never above
+    the whole FFN. The self-check makes exact the default mode when they pass PAGE_LIMIT."""
+    _, rf = packed
+    toks = TOKENS[:16]
+    exact_bytes = quality.page_fraction(rf.path, toks, page=1)
+    assert exact_bytes["pages"] == pytest.approx(exact_bytes["needed"], abs=1e-12)
+    assert 0 < exact_bytes["needed"] < 1 and exact_bytes["tokens"] == len(toks)
+    small, big = quality.page_fraction(rf.path, toks, page=256), quality.page_fraction(rf.path, toks, page=1 << 20)
+    assert exact_bytes["needed"] <= small["pages"] <= big["pages"] == pytest.approx(1.0)
+    monkeypatch.setattr(quality, "PAGE_LIMIT", 0.0)
+    r = quality.self_check(rf.path, n_tokens=64)
+    assert r["default_mode"] == "exact" and "cannot read less than exact mode" in r["reason"], r
+    assert f"bundles of {rf.layers[0].bundle_size} bytes" in r["reason"]
+
+
 def test_fused_gate_up_is_refused(tmp_path):
     """phi3 keeps gate and up in one ffn_up of 2 x n_ff rows: refused with a message naming the file."""
     src = make_model(tmp_path / "phi.gguf", arch="phi3", ffn_type="Q8_0")

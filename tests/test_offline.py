@@ -165,15 +165,40 @@ def test_real_model_defaults(real_model, tmp_path, exact_mode):
     (stock,) = stock_logits([real_model], TOKENS)
     assert ripple_gguf.stats()["ffn_matmuls"] > 0
     assert (got.argmax(-1) == stock.argmax(-1)).all()
-    # the quickstart's question, in the file's default mode (sparse): stock's greedy answer
+    # SmolLM2's 1008-byte bundles, four to a 4 KiB page: at the sketch's density nearly every page
+    # holds a needed bundle, so sparse mode cannot read less than exact mode and the self-check
+    # makes exact the file's default, saying why
+    assert rf.default_mode == "exact" and "touch 9" in rf.default_mode_reason, rf.default_mode_reason
+    assert "of its 4096-byte pages (bundles of 1008 bytes" in rf.default_mode_reason
+    # the quickstart's question in sparse mode at the default conversion: stock's greedy answer
     from ripple_gguf.quickstart import DEFAULT_PROMPT
 
     prompt = quality.tokenize(real_model, DEFAULT_PROMPT)
     want = quality.run(real_model, prompt_tokens=prompt, n_greedy=8, stock=True)["greedy"].tolist()
-    ripple_gguf.configure(mode="auto")
-    assert rf.default_mode == "sparse"
+    ripple_gguf.configure(mode="sparse")
     answer = quality.run(rf.path, prompt_tokens=prompt, n_greedy=8)["greedy"].tolist()
     assert answer[:3] == want[:3], (answer, want)  # " Paris." and what follows it
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_quickstart_says_which_mode_and_why(real_model, tmp_path, capsys):
+    """`ripple-gguf quickstart` (the README's main job) in the file's default mode says which it is
+    and why the converter chose exact; with --mode sparse it runs the predictors and still answers
+    " Paris"."""
+    before = ripple_gguf.settings()["mode"]
+    try:
+        ripple_gguf.configure(mode="auto")
+        assert main(["quickstart", "--out", str(tmp_path), "--tokens", "8"]) == 0
+        out = capsys.readouterr().out
+        assert "mode exact (the file's default: sparse mode cannot read less than exact mode" in out, out
+        assert "ripple-gguf quickstart --mode sparse" in out
+        assert main(["quickstart", "--out", str(tmp_path), "--tokens", "8", "--mode", "sparse"]) == 0
+        out = capsys.readouterr().out
+        assert "The capital of France is Paris" in out and "\nmode sparse:" in out, out
+        assert "--mode sparse)" not in out
+    finally:
+        ripple_gguf.configure(mode=before)
 
 
 def test_calibration_text_that_is_not_text_is_refused(model, tmp_path, capsys):

@@ -6,7 +6,7 @@ take their names from here; the native reader (csrc/ripple_file.c) spells the sa
 from __future__ import annotations
 
 TOOL_NAME = "ripple-gguf"
-TOOL_VERSION = "0.1.0"
+TOOL_VERSION = "0.2.0"  # pyproject.toml; 0.2: the self-check makes exact the default where sparse mode cannot read less
 
 FORMAT_VERSION = 4  # 2: split down columns and their scale tables; 3: checksum table, metadata hash;
 # 4: sketch predictors (ripple.predictor.kind)

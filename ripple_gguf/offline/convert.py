@@ -209,6 +209,8 @@ def reusable(packed: Path, source_sha256: str) -> bool:
         return False
     if any(l.frequency is None for l in rf.layers):  # packed before bundle frequencies were recorded
         return False
+    if rf.metadata.get(C.Keys.TOOL_VERSION) != f"{C.TOOL_NAME} {C.TOOL_VERSION}":  # an older converter's checks
+        return False
     # packed with today's default offline settings (older defaults: convert again)
     from .pipeline import OfflineConfig
 

@@ -242,14 +242,63 @@ RECALL_FLOOR = 0.8
 SPARSE_PPL_LIMIT = 0.05
 SELF_CHECK_TOKENS = 512
 SELF_CHECK_CHUNK = 256
+# ... and sparse mode must be able to read less than exact mode: its selections of PAGE_CHECK_TOKENS
+# held-out tokens decoded one at a time may touch at most PAGE_LIMIT of the FFN's PAGE_BYTES pages
+# (a read moves whole pages: bundles much smaller than a page, selected at a high density, leave
+# no page unread; SmolLM2-135M's 1008-byte bundles at 67% selected touch 97.6%, and there exact mode
+# was faster in every regime measured, docs/BENCHMARKS.md)
+PAGE_BYTES = 4096
+PAGE_LIMIT = 0.9
+PAGE_CHECK_TOKENS = 64
+
+
+def page_fraction(path: os.PathLike, tokens: Sequence[int], *, page: int = PAGE_BYTES,
+                  n_threads: Optional[int] = None) -> Dict[str, float]:
+    """Sparse mode's needed bundles for ``tokens`` decoded one at a time on ``path``, against the
+    ``page``-byte pages that hold them (each layer's bundles start page-aligned): {"needed": needed
+    bundle bytes / dense, "pages": bytes of the pages touched / dense, "tokens", "bundle_size"}."""
+    from ..format.reader import RippleFile
+    from ..runtime import backend as runtime
+    from ..runtime import trace
+
+    rf = RippleFile.open(path)
+    previous = runtime.settings()["mode"]
+    runtime.configure(mode="sparse")
+    trace.start()
+    try:
+        run(path, tokens=list(tokens), n_ctx=max(len(tokens), 8), n_batch=1, n_threads=n_threads or 2)
+    finally:
+        records = trace.stop()
+        runtime.configure(mode=previous)
+    need = pages = dense = 0
+    position: Dict[int, np.ndarray] = {}
+    for r in records:
+        L = rf.layers[r.layer]
+        if r.layer not in position:
+            order = np.asarray(L.order)
+            position[r.layer] = np.empty_like(order)
+            position[r.layer][order] = np.arange(len(order))
+        size = L.n_ff * L.bundle_size
+        start = position[r.layer][r.neurons].astype(np.int64) * L.bundle_size
+        n_pages = (size + page - 1) // page
+        edge = np.zeros(n_pages + 1, np.int64)  # +1 at a bundle's first page, -1 after its last
+        np.add.at(edge, start // page, 1)
+        np.add.at(edge, (start + L.bundle_size - 1) // page + 1, -1)
+        touched = np.cumsum(edge[:-1]) > 0
+        need += len(start) * L.bundle_size
+        pages += int(touched.sum()) * page - (page * n_pages - size if touched[-1] else 0)  # a last page may be partial
+        dense += size
+    return {"needed": need / dense if dense else 1.0, "pages": pages / dense if dense else 1.0,
+            "tokens": records.tokens, "bundle_size": rf.layers[0].bundle_size if rf.layers else 0}
 
 
 def self_check(path: os.PathLike, *, n_tokens: int = SELF_CHECK_TOKENS) -> Dict[str, object]:
     """Check a freshly written ripple file with predictors (any name: the runtime recognises ripple
     files by content): raises RippleFormatError when a predictor or threshold is not finite,
     else returns {"default_mode": "sparse"|"exact", "reason", "recall", "recall_floor",
-    "exact_ppl", "sparse_ppl", "tokens"}: exact when the predictors' held-out recall is below the
-    floor or sparse mode's perplexity exceeds exact mode's by more than SPARSE_PPL_LIMIT."""
+    "exact_ppl", "sparse_ppl", "tokens", "page_fraction", "needed_fraction"}: exact when the
+    predictors' held-out recall is below the floor, sparse mode's perplexity exceeds exact mode's by
+    more than SPARSE_PPL_LIMIT, or its selections touch more than PAGE_LIMIT of the FFN's pages."""
     from ..format.constants import Keys
     from ..format.layout import RippleFormatError
     from ..format.reader import RippleFile
@@ -271,8 +320,10 @@ def self_check(path: os.PathLike, *, n_tokens: int = SELF_CHECK_TOKENS) -> Dict[
     toks = heldout_tokens(p, n_tokens)
     exact = mode_perplexity(p, toks, "exact", chunk=SELF_CHECK_CHUNK)["ppl"]
     sparse = mode_perplexity(p, toks, "sparse", chunk=SELF_CHECK_CHUNK)["ppl"]
+    pf = page_fraction(p, toks[:PAGE_CHECK_TOKENS])
     out: Dict[str, object] = dict(recall=recall, recall_floor=floor, exact_ppl=exact, sparse_ppl=sparse,
-                                  tokens=len(toks), default_mode="sparse", reason="")
+                                  tokens=len(toks), default_mode="sparse", reason="", page_fraction=pf["pages"],
+                                  needed_fraction=pf["needed"])
     if not np.isfinite(sparse) or not np.isfinite(exact):
         out.update(default_mode="exact", reason=f"perplexity not finite (exact {exact}, sparse {sparse})")
     elif recall < floor:
@@ -282,6 +333,12 @@ def self_check(path: os.PathLike, *, n_tokens: int = SELF_CHECK_TOKENS) -> Dict[
         out.update(default_mode="exact", reason=f"sparse-mode perplexity {sparse:.4g} is {sparse / exact - 1:+.1%} "
                                                  f"over exact mode's {exact:.4g} on {len(toks)} held-out tokens "
                                                  f"(limit +{SPARSE_PPL_LIMIT:.0%})")
+    elif pf["pages"] > PAGE_LIMIT:
+        out.update(default_mode="exact", reason=f"sparse mode cannot read less than exact mode: the bundles its "
+                                                 f"predictors select for {pf['tokens']} held-out tokens decoded one at "
+                                                 f"a time are {pf['needed']:.1%} of the FFN's bytes but touch "
+                                                 f"{pf['pages']:.1%} of its {PAGE_BYTES}-byte pages (bundles of "
+                                                 f"{pf['bundle_size']} bytes; limit {PAGE_LIMIT:.0%})")
     return out
 
 
@@ -295,8 +352,9 @@ def check_output(path: str, offline: "OfflineData", *, quiet: bool, stage_second
     if r["default_mode"] == "sparse":
         if not quiet:
             log.info("self-check: sparse mode perplexity %.4g vs exact %.4g (%+.1f%%) on %d held-out tokens, "
-                     "predictor recall %.3f: default mode sparse", r["sparse_ppl"], r["exact_ppl"],
-                     100 * (r["sparse_ppl"] / r["exact_ppl"] - 1), r["tokens"], r["recall"])
+                     "predictor recall %.3f, pages touched %.1f%% of the FFN's: default mode sparse", r["sparse_ppl"],
+                     r["exact_ppl"], 100 * (r["sparse_ppl"] / r["exact_ppl"] - 1), r["tokens"], r["recall"],
+                     100 * r["page_fraction"])
         return offline
     log.warning("%s: the file's default mode is exact (sparse mode stays available with RIPPLE_MODE=sparse or "
                 "configure(mode='sparse'))", r["reason"])

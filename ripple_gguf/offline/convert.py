@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Mapping
@@ -170,8 +169,9 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, *, placement: str = 
         src_offsets[l.block] = tuple(hdr.data_offset + x.offset if x is not None else 0 for x in t)
 
     def progress(it):
-        from tqdm import tqdm
-        return tqdm(it, desc="ripple", unit="layer", disable=quiet or not sys.stderr.isatty())
+        from ..progress import progress as shown
+
+        return shown(it, desc="write", unit="layer", quiet=quiet)
 
     data = np.memmap(src, dtype=np.uint8, mode="r")
     try:

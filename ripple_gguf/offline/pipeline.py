@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -128,11 +127,9 @@ def _placement_quality(quality: Dict[str, dict], method: str, eval_tokens: int, 
 
 
 def _progress(quiet: bool) -> Callable[..., Iterable]:
-    def wrap(it, **kw):
-        from tqdm import tqdm
+    from ..progress import progress
 
-        return tqdm(it, disable=quiet or not sys.stderr.isatty(), **kw)
-    return wrap
+    return lambda it, **kw: progress(it, quiet=quiet, **kw)
 
 
 def activity_score(rule: str, h: np.ndarray) -> np.ndarray:

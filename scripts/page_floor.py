@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""What sparse mode can save on a page-granular read: the needed bundles of held-out tokens decoded
-one at a time (sparse mode, no cache) against the 4 KiB pages that hold them, both per token and
-as a fraction of the dense FFN. A read with O_DIRECT (or through the page cache) moves whole 4 KiB
-pages, so when most pages hold at least one needed bundle the reads cannot fall below that figure
-whatever the collapse threshold.
+"""What sparse mode can save: the needed bundles of held-out tokens decoded one at a time (sparse
+mode) against the 4 KiB pages that hold them and against the bytes the runtime reads for them with
+no neuron cache (O_DIRECT, the collapse threshold of the disk holding the file), as fractions of
+the dense FFN (``quality.page_fraction``, what the converter's self-check measures). A read moves
+whole pages, so when most pages hold a needed bundle the reads cannot fall below that figure.
 
     python scripts/page_floor.py [RIPPLE.gguf] [--tokens 64] [--page 4096]
 """
@@ -29,8 +29,9 @@ def main() -> int:
     toks = quality.heldout_tokens(path, args.tokens)
     r = quality.page_fraction(path, toks, page=args.page)
     print(f"{r['tokens']} tokens, bundles of {r['bundle_size']} bytes: needed {r['needed']:.1%} of the dense FFN's "
-          f"bytes; the {args.page}-byte pages holding them {r['pages']:.1%} (the converter's self-check makes exact "
-          f"the default mode above {quality.PAGE_LIMIT:.0%})")
+          f"bytes; the {args.page}-byte pages holding them {r['pages']:.1%}; read with no cache (O_DIRECT, collapse "
+          f"threshold {r['collapse_bytes']:,} bytes) {r['read']:.1%} in {r['requests']:.0f} requests per token (the "
+          f"converter's self-check makes exact the default mode when either is above {quality.PAGE_LIMIT:.0%})")
     return 0
 
 

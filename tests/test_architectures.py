@@ -82,7 +82,10 @@ def test_exact_mode_equals_stock(packed, mode):
 
 def test_sparse_mode_runs_and_is_plausible(packed, mode):
     _, rf = packed
-    assert rf.default_mode == "sparse"
+    # the self-check's perplexity test passed; a tiny model's bundles are all read anyway (its
+    # selections touch every page), so its default may be exact for that reason alone
+    assert rf.default_mode == "sparse" or "cannot read less than exact mode" in rf.default_mode_reason, \
+        rf.default_mode_reason
     mode("exact")
     exact = quality.run(rf.path, tokens=TOKENS, n_ctx=256, n_threads=1, n_batch=64)["logits"]
     mode("sparse")
@@ -107,6 +110,8 @@ def test_pages_touched_and_the_self_checks_page_limit(packed, monkeypatch):
     assert 0 < exact_bytes["needed"] < 1 and exact_bytes["tokens"] == len(toks)
     small, big = quality.page_fraction(rf.path, toks, page=256), quality.page_fraction(rf.path, toks, page=1 << 20)
     assert exact_bytes["needed"] <= small["pages"] <= big["pages"] == pytest.approx(1.0)
+    # read with no cache: every needed bundle, and the gaps the collapse threshold merges
+    assert exact_bytes["needed"] - 1e-9 <= exact_bytes["read"] <= 1 + 1e-9 and exact_bytes["requests"] >= 1
     monkeypatch.setattr(quality, "PAGE_LIMIT", 0.0)
     r = quality.self_check(rf.path, n_tokens=64)
     assert r["default_mode"] == "exact" and "cannot read less than exact mode" in r["reason"], r

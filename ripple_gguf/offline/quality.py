@@ -242,11 +242,14 @@ RECALL_FLOOR = 0.8
 SPARSE_PPL_LIMIT = 0.05
 SELF_CHECK_TOKENS = 512
 SELF_CHECK_CHUNK = 256
-# ... and sparse mode must be able to read less than exact mode: its selections of PAGE_CHECK_TOKENS
-# held-out tokens decoded one at a time may touch at most PAGE_LIMIT of the FFN's PAGE_BYTES pages
-# (a read moves whole pages: bundles much smaller than a page, selected at a high density, leave
-# no page unread; SmolLM2-135M's 1008-byte bundles at 67% selected touch 97.6%, and there exact mode
-# was faster in every regime measured, docs/BENCHMARKS.md)
+# ... and sparse mode must be able to read less than exact mode: for PAGE_CHECK_TOKENS held-out
+# tokens decoded one at a time, neither the PAGE_BYTES pages holding the bundles its predictors
+# select nor the bytes the runtime reads for them with no cache (O_DIRECT, the collapse threshold of
+# the disk holding the file) may exceed PAGE_LIMIT of the layers' bundle bytes. A read moves whole
+# pages, and runs of needed bundles are merged across short gaps: SmolLM2-135M's 1008-byte bundles
+# at 67% selected touch 97.7% of the pages, a random-weight 1B model's 3584-byte ones 88% of the
+# pages but 98% of the bytes once collapsed, and exact mode was faster on both in every regime
+# measured (docs/BENCHMARKS.md)
 PAGE_BYTES = 4096
 PAGE_LIMIT = 0.9
 PAGE_CHECK_TOKENS = 64
@@ -255,8 +258,11 @@ PAGE_CHECK_TOKENS = 64
 def page_fraction(path: os.PathLike, tokens: Sequence[int], *, page: int = PAGE_BYTES,
                   n_threads: Optional[int] = None) -> Dict[str, float]:
     """Sparse mode's needed bundles for ``tokens`` decoded one at a time on ``path``, against the
-    ``page``-byte pages that hold them (each layer's bundles start page-aligned): {"needed": needed
-    bundle bytes / dense, "pages": bytes of the pages touched / dense, "tokens", "bundle_size"}."""
+    ``page``-byte pages that hold them (each layer's bundles start page-aligned) and against what
+    the runtime reads for them with no neuron cache, with O_DIRECT and the collapse threshold of the
+    disk holding the file (a replay of those tokens' selections): {"needed": needed bundle bytes /
+    dense, "pages": bytes of the pages touched / dense, "read": bytes read / dense, "requests" per
+    token, "collapse_bytes", "tokens", "bundle_size"}; dense is the layers' bundle bytes."""
     from ..format.reader import RippleFile
     from ..runtime import backend as runtime
     from ..runtime import trace
@@ -288,8 +294,21 @@ def page_fraction(path: os.PathLike, tokens: Sequence[int], *, page: int = PAGE_
         need += len(start) * L.bundle_size
         pages += int(touched.sum()) * page - (page * n_pages - size if touched[-1] else 0)  # a last page may be partial
         dense += size
+    before = runtime.settings()
+    runtime.configure(cache_mb=0, direct_io=True)
+    try:
+        st = trace.replay(path, records, drop_page_cache=False)
+        collapse = runtime.settings()["collapse_bytes"]
+    finally:
+        if before["cache_fraction"] > 0:
+            runtime.configure(cache_fraction=before["cache_fraction"], direct_io=before["direct_io"])
+        else:
+            runtime.configure(cache_mb=before["cache_mb"], direct_io=before["direct_io"])
+    n = max(1, records.tokens)
     return {"needed": need / dense if dense else 1.0, "pages": pages / dense if dense else 1.0,
-            "tokens": records.tokens, "bundle_size": rf.layers[0].bundle_size if rf.layers else 0}
+            "read": st["bytes_read"] / dense if dense else 1.0, "requests": st["read_ops"] / n,
+            "collapse_bytes": collapse, "tokens": records.tokens,
+            "bundle_size": rf.layers[0].bundle_size if rf.layers else 0}
 
 
 def self_check(path: os.PathLike, *, n_tokens: int = SELF_CHECK_TOKENS) -> Dict[str, object]:
@@ -323,7 +342,7 @@ def self_check(path: os.PathLike, *, n_tokens: int = SELF_CHECK_TOKENS) -> Dict[
     pf = page_fraction(p, toks[:PAGE_CHECK_TOKENS])
     out: Dict[str, object] = dict(recall=recall, recall_floor=floor, exact_ppl=exact, sparse_ppl=sparse,
                                   tokens=len(toks), default_mode="sparse", reason="", page_fraction=pf["pages"],
-                                  needed_fraction=pf["needed"])
+                                  read_fraction=pf["read"], needed_fraction=pf["needed"])
     if not np.isfinite(sparse) or not np.isfinite(exact):
         out.update(default_mode="exact", reason=f"perplexity not finite (exact {exact}, sparse {sparse})")
     elif recall < floor:
@@ -333,12 +352,14 @@ def self_check(path: os.PathLike, *, n_tokens: int = SELF_CHECK_TOKENS) -> Dict[
         out.update(default_mode="exact", reason=f"sparse-mode perplexity {sparse:.4g} is {sparse / exact - 1:+.1%} "
                                                  f"over exact mode's {exact:.4g} on {len(toks)} held-out tokens "
                                                  f"(limit +{SPARSE_PPL_LIMIT:.0%})")
-    elif pf["pages"] > PAGE_LIMIT:
+    elif max(pf["pages"], pf["read"]) > PAGE_LIMIT:
         out.update(default_mode="exact", reason=f"sparse mode cannot read less than exact mode: the bundles its "
                                                  f"predictors select for {pf['tokens']} held-out tokens decoded one at "
                                                  f"a time are {pf['needed']:.1%} of the FFN's bytes but touch "
                                                  f"{pf['pages']:.1%} of its {PAGE_BYTES}-byte pages (bundles of "
-                                                 f"{pf['bundle_size']} bytes; limit {PAGE_LIMIT:.0%})")
+                                                 f"{pf['bundle_size']} bytes), and reading them takes {pf['read']:.1%} "
+                                                 f"of its bytes (collapse threshold {pf['collapse_bytes']:,} bytes; "
+                                                 f"limit {PAGE_LIMIT:.0%})")
     return out
 
 
@@ -352,9 +373,9 @@ def check_output(path: str, offline: "OfflineData", *, quiet: bool, stage_second
     if r["default_mode"] == "sparse":
         if not quiet:
             log.info("self-check: sparse mode perplexity %.4g vs exact %.4g (%+.1f%%) on %d held-out tokens, "
-                     "predictor recall %.3f, pages touched %.1f%% of the FFN's: default mode sparse", r["sparse_ppl"],
-                     r["exact_ppl"], 100 * (r["sparse_ppl"] / r["exact_ppl"] - 1), r["tokens"], r["recall"],
-                     100 * r["page_fraction"])
+                     "predictor recall %.3f, pages touched %.1f%% and bytes read %.1f%% of the FFN's: default mode "
+                     "sparse", r["sparse_ppl"], r["exact_ppl"], 100 * (r["sparse_ppl"] / r["exact_ppl"] - 1), r["tokens"],
+                     r["recall"], 100 * r["page_fraction"], 100 * r["read_fraction"])
         return offline
     log.warning("%s: the file's default mode is exact (sparse mode stays available with RIPPLE_MODE=sparse or "
                 "configure(mode='sparse'))", r["reason"])

@@ -81,7 +81,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"placement: {rf.placement_method}; n_embd {rf.n_embd}; {rf.n_layers} layers")
     p = rf.predictor_metrics or {}
     if p:
+        md = rf.metadata
+        kind = md.get(C.Keys.Predictor.KIND, "lowrank")
+        if kind == "sketch":
+            kind += (f" (budget {float(md.get(C.Keys.Predictor.SKETCH_BUDGET, 0)):.2f}, "
+                     f"{int(md.get(C.Keys.Predictor.SKETCH_OUTLIERS, 0))} outlier channels, "
+                     f"uncertainty {float(p.get('sketch_uncertainty', 0.0)):g})")
+        print(f"predictor: {kind}")
         print(_predictor_summary(p, [l["block"] for l in info["layers"]]))
+    runtime = info.get("runtime") or {}
+    if runtime.get("default_mode"):
+        why = runtime.get("default_mode_reason")
+        print(f"default mode: {runtime['default_mode']}" + (f" ({why})" if why else ""))
     per = p.get("per_layer", {})
     cols = [k for k in ("recall", "top2_recall") if k in per]
     names = {"recall": "recall", "top2_recall": "top2"}

@@ -141,6 +141,9 @@ def test_cli_convert_and_inspect(model, tmp_path, capsys):
     assert main(["inspect", str(dst)]) == 0
     out = capsys.readouterr().out
     assert f"min {j['predictor']['min_top2_recall']:.3f}" in out and "top-2% recall" in out
+    assert "predictor: sketch (budget 0.67, 12 outlier channels, uncertainty 0.5)" in out
+    mode = j["runtime"]["default_mode"]
+    assert f"default mode: {mode}" in out and (mode == "sparse" or j["runtime"]["default_mode_reason"] in out)
     rows = [l.split() for l in out.splitlines() if l.split()[:1] in (["0"], ["1"])]
     assert [float(r[-1]) for r in rows] == [round(t, 3) for t in j["predictor"]["per_layer"]["top2_recall"]]
 
@@ -169,7 +172,7 @@ def test_real_model_defaults(real_model, tmp_path, exact_mode):
     # holds a needed bundle, so sparse mode cannot read less than exact mode and the self-check
     # makes exact the file's default, saying why
     assert rf.default_mode == "exact" and "touch 9" in rf.default_mode_reason, rf.default_mode_reason
-    assert "of its 4096-byte pages (bundles of 1008 bytes" in rf.default_mode_reason
+    assert "of its 4 KiB pages (1008-byte bundles) and take 9" in rf.default_mode_reason
     # the quickstart's question in sparse mode at the default conversion: stock's greedy answer
     from ripple_gguf.quickstart import DEFAULT_PROMPT
 

@@ -353,13 +353,13 @@ def self_check(path: os.PathLike, *, n_tokens: int = SELF_CHECK_TOKENS) -> Dict[
                                                  f"over exact mode's {exact:.4g} on {len(toks)} held-out tokens "
                                                  f"(limit +{SPARSE_PPL_LIMIT:.0%})")
     elif max(pf["pages"], pf["read"]) > PAGE_LIMIT:
-        out.update(default_mode="exact", reason=f"sparse mode cannot read less than exact mode: the bundles its "
-                                                 f"predictors select for {pf['tokens']} held-out tokens decoded one at "
-                                                 f"a time are {pf['needed']:.1%} of the FFN's bytes but touch "
-                                                 f"{pf['pages']:.1%} of its {PAGE_BYTES}-byte pages (bundles of "
-                                                 f"{pf['bundle_size']} bytes), and reading them takes {pf['read']:.1%} "
-                                                 f"of its bytes (collapse threshold {pf['collapse_bytes']:,} bytes; "
-                                                 f"limit {PAGE_LIMIT:.0%})")
+        # (under 256 characters: the runtime keeps the reason in a fixed buffer, ripple.h)
+        out.update(default_mode="exact", reason=f"sparse mode cannot read less than exact mode: on {pf['tokens']} "
+                                                 f"held-out tokens its selections are {pf['needed']:.1%} of the FFN's "
+                                                 f"bytes but touch {pf['pages']:.1%} of its {PAGE_BYTES // 1024} KiB "
+                                                 f"pages ({pf['bundle_size']}-byte bundles) and take {pf['read']:.1%} "
+                                                 f"to read (collapse {pf['collapse_bytes']:,} bytes; limit "
+                                                 f"{PAGE_LIMIT:.0%})")
     return out
 
 
